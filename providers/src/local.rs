@@ -1,0 +1,309 @@
+//! The `local` provider: one child process per session, for development and the embedded default.
+//!
+//! The child gets the same environment contract as a cloud machine (never argv), runs in its own
+//! process group so a stop reaches everything it spawned, and is reaped as soon as it exits. The
+//! process table lives in this process only, which is fine for a provider that cannot outlive it;
+//! `APP_ENV=production` refuses this provider.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use crate::{
+    LaunchSpec, Launched, MachineProvider, MachineState, MachineStatus, ProviderError,
+    SessionLabels,
+};
+
+const NAME: &str = "local";
+/// How long an ended process stays readable through `status`.
+const KEEP_ENDED: Duration = Duration::from_secs(3600);
+
+/// Settings of the `local` provider.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// Time between SIGTERM and SIGKILL when stopping a bot.
+    pub stop_grace: Duration,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            stop_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    pid: Option<u32>,
+    state: MachineState,
+    labels: SessionLabels,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    ended_at: Option<DateTime<Utc>>,
+    detail: Option<String>,
+    /// Set when we asked it to stop, so a signal exit reads as `ended`, not `failed`.
+    stopping: bool,
+}
+
+impl Entry {
+    fn status(&self, handle: &str) -> MachineStatus {
+        MachineStatus {
+            handle: handle.to_owned(),
+            state: self.state,
+            provider_state: match self.state {
+                MachineState::Starting => "spawning",
+                MachineState::Started => "running",
+                MachineState::Ended => "exited",
+                MachineState::Failed => "failed",
+            }
+            .to_owned(),
+            region: Some("local".to_owned()),
+            created_at: Some(self.created_at),
+            started_at: self.started_at,
+            ended_at: self.ended_at,
+            labels: Some(self.labels.clone()),
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+/// Runs each session's bot as a child process of the dispatcher.
+pub struct LocalProvider {
+    config: LocalConfig,
+    table: Arc<Mutex<HashMap<String, Entry>>>,
+    /// Bumped on every state change, so waits need no polling.
+    changed: watch::Sender<u64>,
+}
+
+impl LocalProvider {
+    pub fn new(config: LocalConfig) -> Self {
+        Self {
+            config,
+            table: Arc::default(),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A poisoned table only means a panic elsewhere; the data is still consistent per entry.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state_of(&self, handle: &str) -> Option<MachineState> {
+        self.lock().get(handle).map(|e| e.state)
+    }
+
+    /// Waits until `handle` satisfies `done`, or `timeout` passes. Returns the last state seen.
+    async fn wait_for(
+        &self,
+        handle: &str,
+        timeout: Duration,
+        done: impl Fn(Option<MachineState>) -> bool,
+    ) -> Option<MachineState> {
+        let mut rx = self.changed.subscribe();
+        let wait = async {
+            loop {
+                let state = self.state_of(handle);
+                if done(state) {
+                    return state;
+                }
+                if rx.changed().await.is_err() {
+                    return state;
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(state) => state,
+            Err(_) => self.state_of(handle),
+        }
+    }
+
+    fn signal(&self, handle: &str, signal: Signal) {
+        let mut table = self.lock();
+        if let Some(entry) = table.get_mut(handle) {
+            entry.stopping = true;
+            if let (Some(pid), false) = (entry.pid, entry.state.is_terminal()) {
+                // The child leads its own process group: signal the group so the bot's own
+                // children stop too. ESRCH (already gone) is fine.
+                let _ = killpg(Pid::from_raw(pid as i32), signal);
+            }
+        }
+    }
+
+    fn prune(&self) {
+        let cutoff = Utc::now() - chrono::Duration::from_std(KEEP_ENDED).unwrap_or_default();
+        self.lock()
+            .retain(|_, e| !e.state.is_terminal() || e.ended_at.is_none_or(|t| t > cutoff));
+    }
+}
+
+#[async_trait]
+impl MachineProvider for LocalProvider {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, ProviderError> {
+        self.prune();
+        let argv: Vec<String> = match &spec.cmd {
+            Some(cmd) if !cmd.is_empty() => cmd.clone(),
+            _ => vec![spec.image.clone()],
+        };
+        let handle = spec.name.clone();
+        {
+            let table = self.lock();
+            if table.get(&handle).is_some_and(|e| !e.state.is_terminal()) {
+                return Err(ProviderError::Conflict {
+                    provider: NAME,
+                    name: handle,
+                });
+            }
+        }
+        let mut command = Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .envs(&spec.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|e| ProviderError::Rejected {
+            provider: NAME,
+            status: 0,
+            message: format!("cannot run {:?}: {e}", argv[0]),
+        })?;
+        let pid = child.id();
+        let now = Utc::now();
+        self.lock().insert(
+            handle.clone(),
+            Entry {
+                pid,
+                state: MachineState::Started,
+                labels: spec.labels.clone(),
+                created_at: now,
+                started_at: Some(now),
+                ended_at: None,
+                detail: None,
+                stopping: false,
+            },
+        );
+        self.changed.send_modify(|v| *v += 1);
+
+        // Reap the child as soon as it exits and record how it ended.
+        let table = Arc::clone(&self.table);
+        let changed = self.changed.clone();
+        let key = handle.clone();
+        tokio::spawn(async move {
+            let result = child.wait().await;
+            let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(entry) = table.get_mut(&key) {
+                entry.ended_at = Some(Utc::now());
+                let (state, detail) = match result {
+                    Ok(status) if status.success() => {
+                        (MachineState::Ended, "bot exited with code 0".to_owned())
+                    }
+                    Ok(status) => match status.code() {
+                        Some(code) => (MachineState::Failed, format!("bot exited with code {code}")),
+                        None if entry.stopping => {
+                            (MachineState::Ended, "bot stopped by signal".to_owned())
+                        }
+                        None => (MachineState::Failed, "bot killed by a signal".to_owned()),
+                    },
+                    Err(e) => (MachineState::Failed, format!("cannot wait for bot: {e}")),
+                };
+                // Exiting non-zero after we asked it to stop is still a normal end.
+                entry.state = if entry.stopping { MachineState::Ended } else { state };
+                entry.detail = Some(detail);
+            }
+            drop(table);
+            changed.send_modify(|v| *v += 1);
+        });
+
+        Ok(Launched {
+            handle,
+            region: Some("local".to_owned()),
+            version: None,
+        })
+    }
+
+    async fn wait_started(&self, launched: &Launched, timeout: Duration) -> Result<(), ProviderError> {
+        match self
+            .wait_for(&launched.handle, timeout, |s| s != Some(MachineState::Starting))
+            .await
+        {
+            Some(MachineState::Started) => Ok(()),
+            Some(MachineState::Starting) => Err(ProviderError::Timeout { provider: NAME }),
+            Some(_) | None => {
+                let detail = self
+                    .lock()
+                    .get(&launched.handle)
+                    .and_then(|e| e.detail.clone())
+                    .unwrap_or_else(|| "process is gone".to_owned());
+                Err(ProviderError::StartFailed {
+                    provider: NAME,
+                    message: detail,
+                })
+            }
+        }
+    }
+
+    async fn status(&self, handle: &str) -> Result<Option<MachineStatus>, ProviderError> {
+        Ok(self.lock().get(handle).map(|e| e.status(handle)))
+    }
+
+    async fn terminate(&self, handle: &str) -> Result<(), ProviderError> {
+        if self.state_of(handle).is_none_or(MachineState::is_terminal) {
+            return Ok(());
+        }
+        self.signal(handle, Signal::SIGTERM);
+        let ended = |s: Option<MachineState>| s.is_none_or(MachineState::is_terminal);
+        if ended(self.wait_for(handle, self.config.stop_grace, ended).await) {
+            return Ok(());
+        }
+        tracing::warn!(handle, "bot ignored SIGTERM; sending SIGKILL");
+        self.signal(handle, Signal::SIGKILL);
+        self.wait_for(handle, Duration::from_secs(5), ended).await;
+        Ok(())
+    }
+
+    async fn find(&self, session_key: &str) -> Result<Option<MachineStatus>, ProviderError> {
+        Ok(self
+            .lock()
+            .iter()
+            .find(|(_, e)| e.labels.session_key == session_key)
+            .map(|(h, e)| e.status(h)))
+    }
+
+    async fn list_managed(&self) -> Result<Vec<MachineStatus>, ProviderError> {
+        Ok(self
+            .lock()
+            .iter()
+            .filter(|(_, e)| !e.state.is_terminal())
+            .map(|(h, e)| e.status(h))
+            .collect())
+    }
+
+    async fn check(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    async fn shutdown(&self) {
+        let running: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, e)| !e.state.is_terminal())
+            .map(|(h, _)| h.clone())
+            .collect();
+        futures_util::future::join_all(running.iter().map(|h| self.terminate(h))).await;
+    }
+}

@@ -1,0 +1,123 @@
+//! The HTTP layer: routes, extractors that answer in the project's error shape, and the fallback.
+//! Handlers are thin: parse, call [`crate::sessions`], map errors.
+
+mod health;
+mod sessions;
+mod start;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use tower_http::trace::TraceLayer;
+
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::sessions::MAX_BODY_BYTES;
+
+/// Whole request bodies may exceed the bot `body` limit by this much (the other fields).
+const REQUEST_OVERHEAD_BYTES: usize = 16 * 1024;
+
+/// The whole HTTP API; `main` and the tests both call this.
+pub fn build_router(state: AppState) -> Router {
+    Router::new()
+        .route("/start", post(start::start))
+        .route("/v1/public/{agent}/start", post(start::start_agent))
+        .route("/sessions/{id}", get(sessions::get).delete(sessions::delete))
+        .route("/v1/agents/{agent}/sessions/{id}", delete(sessions::delete_alias))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES + REQUEST_OVERHEAD_BYTES))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// JSON body extractor whose rejections use the project's error shape. An empty body reads as
+/// `{}` (every start field is optional); a non-JSON content type is refused.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
+            let essence = ct.split(';').next().unwrap_or_default().trim();
+            if !(essence == "application/json" || essence.ends_with("+json")) {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    format!("send the body as application/json, not {essence:?}"),
+                ));
+            }
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e: BytesRejection| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!(
+                        "request body is larger than {} bytes",
+                        MAX_BODY_BYTES + REQUEST_OVERHEAD_BYTES
+                    ),
+                )
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
+        })?;
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Path extractor whose rejections use the project's error shape.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e| ApiError::bad_request(format!("invalid path: {e}")))
+    }
+}
+
+/// The authenticated caller, from the `Authorization: Bearer` header.
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().unwrap_or("\u{0}"));
+        Ok(state.auth.authenticate(header)?)
+    }
+}

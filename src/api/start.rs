@@ -1,0 +1,90 @@
+//! `POST /start` and `POST /v1/public/{agent}/start`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::{ApiJson, ApiPath};
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::sessions::{StartRequest, Started};
+
+/// Every spelling a Pipecat client reads: `dailyRoom`/`dailyToken` (Pipecat Cloud, client-js),
+/// `room_url`/`token` (older examples), `sessionId` (SmallWebRTC).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StartResponse {
+    pub session_id: String,
+    pub daily_room: Option<String>,
+    pub daily_token: Option<String>,
+    #[serde(rename = "room_url")]
+    pub room_url: Option<String>,
+    #[serde(rename = "token")]
+    pub token: Option<String>,
+    pub status: &'static str,
+    pub status_url: String,
+}
+
+impl From<Started> for StartResponse {
+    fn from(s: Started) -> Self {
+        Self {
+            status_url: format!("/sessions/{}", s.session_id),
+            session_id: s.session_id,
+            daily_room: s.room_url.clone(),
+            daily_token: s.user_token.clone(),
+            room_url: s.room_url,
+            token: s.user_token,
+            status: if s.ready { "ready" } else { "starting" },
+        }
+    }
+}
+
+pub async fn start(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<StartRequest>,
+) -> Result<Response, ApiError> {
+    run(state, caller, None, req).await
+}
+
+pub async fn start_agent(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(agent): ApiPath<String>,
+    ApiJson(req): ApiJson<StartRequest>,
+) -> Result<Response, ApiError> {
+    run(state, caller, Some(agent), req).await
+}
+
+async fn run(
+    state: AppState,
+    caller: Caller,
+    agent: Option<String>,
+    req: StartRequest,
+) -> Result<Response, ApiError> {
+    let plan = state.sessions.plan(&caller, agent.as_deref(), req)?;
+    // The start runs as its own tracked task: if the client disconnects, this handler is
+    // dropped, the guard cancels the token, and the task cleans up what it created.
+    let cancel = CancellationToken::new();
+    let guard = cancel.clone().drop_guard();
+    let app = state.0.clone();
+    let task = state
+        .tasks
+        .spawn(async move { app.sessions.start(plan, cancel).await });
+    let result = task.await;
+    guard.disarm();
+    let started = result.map_err(|e| {
+        tracing::error!(error = %e, "start task panicked");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+    })??;
+    let status = if started.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(StartResponse::from(started))).into_response())
+}

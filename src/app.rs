@@ -1,0 +1,158 @@
+//! The application object shared by every handler: configuration, authenticator, the session
+//! flow with its provider and rooms, the tracker of in-flight starts, and the readiness cache.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, ProviderKind, RoomsKind};
+use crate::rooms::daily::DailyRooms;
+use crate::rooms::local::LocalRooms;
+use crate::rooms::RoomService;
+use crate::session_id::SessionIds;
+use crate::sessions::{SessionSettings, Sessions};
+use providers::fly::{FlyConfig, FlyProvider};
+use providers::local::{LocalConfig, LocalProvider};
+use providers::MachineProvider;
+
+/// How long a readiness answer is reused, so probes never hammer the providers.
+const READY_TTL: Duration = Duration::from_secs(10);
+
+pub struct App {
+    pub config: Config,
+    pub auth: Authenticator,
+    pub sessions: Sessions,
+    /// Every start runs as a tracked task, so shutdown can let it finish (or clean up).
+    pub tasks: TaskTracker,
+    ready: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+/// Handler state: one `App` behind an `Arc`.
+#[derive(Clone)]
+pub struct AppState(pub Arc<App>);
+
+impl std::ops::Deref for AppState {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+/// The one HTTP client every outbound call shares (pooling, TLS).
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("botdispatch/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("cannot build the HTTP client")
+}
+
+impl App {
+    /// Builds everything from a validated config, with the network I/O start-up needs (Daily's
+    /// domain). `config` must have its secrets filled ([`Config::fill_dev_secrets`]).
+    pub async fn build(config: Config, http: reqwest::Client) -> anyhow::Result<Self> {
+        let auth = Authenticator::new(&config.auth, config.auth.jwt_secret.as_ref())?;
+        let provider = build_provider(&config, http.clone())?;
+        let rooms = build_rooms(&config, http).await?;
+        let ids = SessionIds::new(&session_key(&config), provider.name());
+        let sessions = Sessions::new(provider, rooms, ids, SessionSettings::from(&config));
+        Ok(Self {
+            config,
+            auth,
+            sessions,
+            tasks: TaskTracker::new(),
+            ready: Mutex::new(None),
+        })
+    }
+
+    /// Readiness: provider and rooms reachable with our credentials. Cached for [`READY_TTL`];
+    /// concurrent probes share one check.
+    pub async fn readiness(&self) -> Result<(), String> {
+        let mut cached = self.ready.lock().await;
+        if let Some((at, result)) = cached.as_ref() {
+            if at.elapsed() < READY_TTL {
+                return result.clone();
+            }
+        }
+        let (provider, rooms) = tokio::join!(
+            self.sessions.provider().check(),
+            self.sessions.rooms().check()
+        );
+        let result = match (provider, rooms) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(e), _) => Err(e.to_string()),
+            (_, Err(e)) => Err(e.to_string()),
+        };
+        *cached = Some((Instant::now(), result.clone()));
+        result
+    }
+}
+
+fn build_provider(config: &Config, http: reqwest::Client) -> anyhow::Result<Arc<dyn MachineProvider>> {
+    Ok(match config.provider {
+        ProviderKind::Local => Arc::new(LocalProvider::new(LocalConfig {
+            stop_grace: Duration::from_secs(config.local.stop_grace_secs),
+        })),
+        ProviderKind::Fly => Arc::new(FlyProvider::new(
+            http,
+            FlyConfig {
+                api_url: config.fly.api_url.clone(),
+                api_token: config.fly.api_token.clone().unwrap_or_default(),
+                app_name: config.fly.app_name.clone().unwrap_or_default(),
+                default_region: config.fly.default_region.clone(),
+                request_timeout: config.request_timeout(),
+            },
+        )?),
+    })
+}
+
+async fn build_rooms(config: &Config, http: reqwest::Client) -> anyhow::Result<Arc<dyn RoomService>> {
+    Ok(match config.rooms_kind() {
+        RoomsKind::Local => Arc::new(LocalRooms::default()),
+        RoomsKind::Daily => {
+            let domain = config
+                .daily
+                .domain_id
+                .clone()
+                .zip(config.daily.domain_name.clone());
+            let rooms = DailyRooms::connect(
+                http,
+                &config.daily.api_url,
+                config.daily.api_key.clone().unwrap_or_default(),
+                domain,
+                config.request_timeout(),
+            )
+            .await
+            .context("cannot read the Daily domain (check DAILY_API_KEY and DAILY_API_URL)")?;
+            Arc::new(rooms)
+        }
+    })
+}
+
+/// The key that signs session ids: configured, else derived from the shared JWT secret (so
+/// replicas sharing it agree), else random (single-replica development only).
+fn session_key(config: &Config) -> Vec<u8> {
+    if let Some(secret) = &config.session_secret {
+        return secret.expose().as_bytes().to_vec();
+    }
+    if let Some(secret) = config.auth.jwt_secret.as_ref().filter(|s| !s.is_empty()) {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes())
+            .expect("HMAC takes keys of any length");
+        mac.update(b"botdispatch session ids v1");
+        return mac.finalize().into_bytes().to_vec();
+    }
+    let mut key = vec![0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    tracing::warn!("no session_secret configured: session ids are valid on this replica only");
+    key
+}
+

@@ -1,0 +1,161 @@
+//! The one API error type: it alone decides status codes and the JSON error shape
+//! `{"error": "<code>", "detail": "<text>", "info": "<text>"}` (Pipecat clients show
+//! `info ?? detail`). Internal details are logged where the error is handled, never sent.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::auth::AuthError;
+use crate::rooms::RoomError;
+use crate::sessions::SessionError;
+use providers::ProviderError;
+
+/// Retry hint sent with provider trouble that has no hint of its own.
+const DEFAULT_RETRY_AFTER_SECS: u64 = 2;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+    pub retry_after: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    detail: &'a str,
+    info: &'a str,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", detail)
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", detail)
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.code,
+            detail: &self.detail,
+            info: &self.detail,
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+    }
+}
+
+fn secs(d: Option<std::time::Duration>) -> u64 {
+    d.map(|d| d.as_secs_f64().ceil() as u64)
+        .unwrap_or(DEFAULT_RETRY_AFTER_SECS)
+}
+
+impl From<ProviderError> for ApiError {
+    fn from(e: ProviderError) -> Self {
+        let detail = e.to_string();
+        match e {
+            ProviderError::Throttled { retry_after, .. } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "provider_throttled", detail)
+                    .retry_after(secs(retry_after))
+            }
+            ProviderError::Timeout { .. } => {
+                Self::new(StatusCode::GATEWAY_TIMEOUT, "start_timeout", detail)
+                    .retry_after(DEFAULT_RETRY_AFTER_SECS)
+            }
+            ProviderError::Unavailable { .. } => {
+                Self::new(StatusCode::BAD_GATEWAY, "provider_unavailable", detail)
+                    .retry_after(DEFAULT_RETRY_AFTER_SECS)
+            }
+            ProviderError::StartFailed { .. } => {
+                Self::new(StatusCode::BAD_GATEWAY, "bot_start_failed", detail)
+            }
+            ProviderError::Rejected { .. }
+            | ProviderError::Conflict { .. }
+            | ProviderError::Config { .. } => {
+                Self::new(StatusCode::BAD_GATEWAY, "provider_error", detail)
+            }
+        }
+    }
+}
+
+impl From<RoomError> for ApiError {
+    fn from(e: RoomError) -> Self {
+        let detail = e.to_string();
+        match e {
+            RoomError::Throttled { retry_after } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "rooms_throttled", detail)
+                    .retry_after(secs(retry_after))
+            }
+            RoomError::Unavailable { .. } => {
+                Self::new(StatusCode::BAD_GATEWAY, "rooms_unavailable", detail)
+                    .retry_after(DEFAULT_RETRY_AFTER_SECS)
+            }
+            RoomError::Rejected { .. } | RoomError::Token(_) => {
+                Self::new(StatusCode::BAD_GATEWAY, "rooms_error", detail)
+            }
+        }
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        let detail = e.to_string();
+        match e {
+            SessionError::Invalid(_) => Self::bad_request(detail),
+            SessionError::TooLarge(_) => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", detail)
+            }
+            SessionError::UnknownAgent(_) => Self::new(StatusCode::NOT_FOUND, "unknown_agent", detail),
+            SessionError::AgentForbidden(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", detail),
+            SessionError::NotFound => Self::new(StatusCode::NOT_FOUND, "session_not_found", detail),
+            SessionError::StartTimeout(_) => {
+                Self::new(StatusCode::GATEWAY_TIMEOUT, "start_timeout", detail)
+                    .retry_after(DEFAULT_RETRY_AFTER_SECS)
+            }
+            SessionError::Provider(e) => e.into(),
+            SessionError::Room(e) => e.into(),
+            // Nobody reads this answer; the status is for access logs.
+            SessionError::ClientGone => Self::new(
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                "client_closed_request",
+                detail,
+            ),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The `botdispatch` binary: CLI, config, tracing, serve with graceful shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use botdispatch::auth::Authenticator;
+use botdispatch::config::Config;
+use botdispatch::{app, build_router, telemetry, App, AppState};
+
+#[derive(Parser)]
+#[command(
+    name = "botdispatch",
+    version,
+    about = "Starts one isolated bot machine per voice-AI session.",
+    long_about = "Starts one isolated bot machine per voice-AI session: authenticates POST /start, \
+creates a Daily room and tokens, launches the bot on the configured provider and answers with \
+the join URL. With no configuration it runs locally: bots are child processes, rooms are fake."
+)]
+struct Cli {
+    /// TOML config file (environment variables override it).
+    #[arg(long, env = "BOTDISPATCH_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API (the default).
+    Serve,
+    /// Mint a bearer token from the configured BOTDISPATCH_JWT_SECRET.
+    Token {
+        /// The caller's identity (JWT `sub`); sessions are owned by it.
+        #[arg(long)]
+        sub: String,
+        /// How long the token is valid, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+        /// Space-separated scopes, e.g. "admin" or "agent:support".
+        #[arg(long)]
+        scope: Option<String>,
+    },
+}
+
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(Config::load(path, &|name| std::env::var(name).ok())?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.config).await,
+        Command::Token { sub, ttl, scope } => {
+            let config = load_config(cli.config.as_deref())?;
+            anyhow::ensure!(
+                config.auth.jwt_secret.is_some(),
+                "set BOTDISPATCH_JWT_SECRET (or auth.jwt_secret) to mint tokens; \
+                 the embedded default prints a development token when it starts"
+            );
+            let auth = Authenticator::new(&config.auth, config.auth.jwt_secret.as_ref())?;
+            println!("{}", auth.mint(&sub, ttl.into(), scope.as_deref())?);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut config = load_config(config_path.as_deref())?;
+    let generated_secret = config.fill_dev_secrets();
+    telemetry::init();
+    let addr = config.listen_addr()?;
+    let shutdown_grace = config.start_timeout() + Duration::from_secs(10);
+    let app = Arc::new(App::build(config, app::http_client()?).await?);
+    let state = AppState(app.clone());
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(
+        listen = %local,
+        provider = app.sessions.provider().name(),
+        rooms = app.sessions.rooms().kind(),
+        "botdispatch ready"
+    );
+    if generated_secret {
+        print_dev_banner(&app, local)?;
+    }
+
+    axum::serve(listener, build_router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+
+    // No new starts arrive now; let in-flight ones finish or clean up, within the grace period.
+    app.tasks.close();
+    if tokio::time::timeout(shutdown_grace, app.tasks.wait()).await.is_err() {
+        tracing::warn!("starts still running after the grace period; exiting");
+    }
+    app.sessions.provider().shutdown().await;
+    tracing::info!("botdispatch stopped");
+    Ok(())
+}
+
+fn print_dev_banner(app: &App, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let token = app.auth.mint("dev", Duration::from_secs(3600), None)?;
+    println!(
+        "\nbotdispatch is running in development mode (local bots, fake rooms, generated JWT secret).\n\
+         Start a session (this token is valid for one hour):\n\n  \
+         curl -s -X POST http://{addr}/start -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{\"body\": {{\"hello\": \"world\"}}}}'\n\n\
+         Then GET or DELETE the statusUrl it returns with the same header.\n"
+    );
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received: no new requests; finishing in-flight starts");
+}

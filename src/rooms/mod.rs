@@ -1,0 +1,167 @@
+//! Rooms and meeting tokens: the [`RoomService`] trait, Daily's implementation, and local
+//! development rooms. Tokens are minted locally (Daily self-signed JWTs), never with an API call.
+
+pub mod daily;
+pub mod local;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Room properties a client may set in `dailyRoomProperties`. Expiry and eject settings are the
+/// dispatcher's: they are what guarantees that no room outlives its session.
+pub const CLIENT_ROOM_PROPERTIES: &[&str] = &[
+    "enable_recording",
+    "start_video_off",
+    "start_audio_off",
+    "enable_chat",
+    "enable_screenshare",
+    "enable_prejoin_ui",
+    "enable_knocking",
+    "enable_people_ui",
+    "max_participants",
+    "lang",
+    "geo",
+    "enable_dialout",
+    "sip",
+    "enable_transcription_storage",
+];
+
+/// User-token properties a client may set in `dailyMeetingTokenProperties`, with the claim each
+/// becomes in a self-signed token.
+pub const CLIENT_TOKEN_PROPERTIES: &[(&str, &str)] = &[
+    ("user_name", "u"),
+    ("user_id", "ud"),
+    ("start_video_off", "vo"),
+    ("start_audio_off", "ao"),
+    ("enable_screenshare", "ss"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoomError {
+    /// Daily refused (bad property, duplicate name, bad key). Retrying will not help.
+    #[error("Daily refused the request: {message}")]
+    Rejected { status: u16, message: String },
+    #[error("Daily is throttling requests")]
+    Throttled { retry_after: Option<Duration> },
+    #[error("Daily is unavailable: {message}")]
+    Unavailable { message: String },
+    #[error("cannot sign the meeting token: {0}")]
+    Token(String),
+}
+
+/// What the dispatcher asks for: the name and expiry are its own, the properties are the
+/// client's whitelisted extras.
+#[derive(Debug, Clone)]
+pub struct RoomRequest {
+    pub name: String,
+    pub exp: DateTime<Utc>,
+    pub properties: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Room {
+    pub name: String,
+    pub url: String,
+}
+
+/// One meeting token to mint.
+#[derive(Debug, Clone)]
+pub struct TokenRequest<'a> {
+    pub room: &'a str,
+    pub owner: bool,
+    pub exp: DateTime<Utc>,
+    /// Whitelisted user properties (`user_name`, ...).
+    pub properties: &'a Map<String, Value>,
+}
+
+/// Self-signed Daily meeting-token claims.
+#[derive(Debug, Serialize)]
+pub(crate) struct TokenClaims<'a> {
+    r: &'a str,
+    d: &'a str,
+    iat: i64,
+    exp: i64,
+    o: bool,
+    ejt: bool,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+impl<'a> TokenClaims<'a> {
+    pub(crate) fn new(domain_id: &'a str, req: &TokenRequest<'a>) -> Self {
+        let extra = CLIENT_TOKEN_PROPERTIES
+            .iter()
+            .filter_map(|(prop, claim)| {
+                req.properties
+                    .get(*prop)
+                    .map(|v| ((*claim).to_owned(), v.clone()))
+            })
+            .collect();
+        Self {
+            r: req.room,
+            d: domain_id,
+            iat: Utc::now().timestamp(),
+            exp: req.exp.timestamp(),
+            o: req.owner,
+            ejt: true,
+            extra,
+        }
+    }
+}
+
+#[async_trait]
+pub trait RoomService: Send + Sync + 'static {
+    /// `daily` or `local`.
+    fn kind(&self) -> &'static str;
+    /// The URL a room of this name has (known before it is created, so the bot can be launched
+    /// concurrently with the room creation).
+    fn room_url(&self, name: &str) -> String;
+    async fn create(&self, req: &RoomRequest) -> Result<Room, RoomError>;
+    /// Deletes a room; a room that does not exist is success.
+    async fn delete(&self, name: &str) -> Result<(), RoomError>;
+    /// Whether the room still exists (for the reaper).
+    async fn exists(&self, name: &str) -> Result<bool, RoomError>;
+    fn mint_token(&self, req: &TokenRequest<'_>) -> Result<String, RoomError>;
+    /// One cheap read proving the API key works.
+    async fn check(&self) -> Result<(), RoomError>;
+}
+
+/// Checks client-supplied room and token properties against the whitelists; the error names the
+/// offending key.
+pub fn validate_client_properties(
+    room: &Map<String, Value>,
+    token: &Map<String, Value>,
+) -> Result<(), String> {
+    if let Some(key) = room.keys().find(|k| !CLIENT_ROOM_PROPERTIES.contains(&k.as_str())) {
+        return Err(format!(
+            "dailyRoomProperties.{key} is not allowed (allowed: {}); expiry and eject settings are set by botdispatch",
+            CLIENT_ROOM_PROPERTIES.join(", ")
+        ));
+    }
+    if let Some(key) = token
+        .keys()
+        .find(|k| !CLIENT_TOKEN_PROPERTIES.iter().any(|(p, _)| p == k))
+    {
+        let allowed: Vec<&str> = CLIENT_TOKEN_PROPERTIES.iter().map(|(p, _)| *p).collect();
+        return Err(format!(
+            "dailyMeetingTokenProperties.{key} is not allowed (allowed: {})",
+            allowed.join(", ")
+        ));
+    }
+    for (key, value) in token {
+        let ok = match key.as_str() {
+            "user_name" | "user_id" => value.as_str().is_some_and(|s| s.len() <= 256),
+            _ => value.is_boolean(),
+        };
+        if !ok {
+            return Err(format!(
+                "dailyMeetingTokenProperties.{key} has the wrong type or is too long"
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,520 @@
+//! The session flow: start (room ∥ machine, then wait), status and stop. No HTTP types here.
+//!
+//! Everything a start creates is cleaned up on every failure path before the error is returned:
+//! provider refusal, throttling, timeout, room failure, and the client going away (the caller
+//! cancels the [`CancellationToken`]; the flow itself always runs to its end).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, instrument, warn, Instrument};
+
+use crate::auth::Caller;
+use crate::config::{AgentConfig, Config};
+use crate::rooms::{validate_client_properties, RoomError, RoomRequest, RoomService, TokenRequest};
+use crate::session_id::{new_session_key, resource_name, SessionIds};
+use providers::{
+    LaunchSpec, MachineProvider, MachineState, ProviderError, SessionLabels,
+};
+
+/// Most bytes the `body` passed to the bot may take, serialized.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// `POST /start` request. Every field is optional; unknown fields are refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StartRequest {
+    /// Passed to the bot unchanged as `BOTDISPATCH_BODY`.
+    pub body: Option<Map<String, Value>>,
+    pub create_daily_room: Option<bool>,
+    pub daily_room_properties: Option<Map<String, Value>>,
+    pub daily_meeting_token_properties: Option<Map<String, Value>>,
+    pub region: Option<String>,
+    pub wait: Option<bool>,
+}
+
+/// A validated start, before anything exists.
+#[derive(Debug)]
+pub struct StartPlan {
+    pub key: String,
+    pub agent: String,
+    pub owner: String,
+    agent_config: AgentConfig,
+    body_json: String,
+    create_room: bool,
+    room_properties: Map<String, Value>,
+    token_properties: Map<String, Value>,
+    region: Option<String>,
+    pub wait: bool,
+}
+
+/// A successful start.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub session_id: String,
+    pub room_url: Option<String>,
+    pub user_token: Option<String>,
+    pub ready: bool,
+}
+
+/// `GET /sessions/{id}`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionView {
+    pub session_id: String,
+    pub status: &'static str,
+    pub provider: &'static str,
+    pub agent: Option<String>,
+    pub region: Option<String>,
+    pub machine_id: String,
+    pub created_at: Option<DateTime<Utc>>,
+    pub ready_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub bot_start_seconds: Option<f64>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("no agent named {0:?} is configured")]
+    UnknownAgent(String),
+    #[error("this token may not start agent {0:?}")]
+    AgentForbidden(String),
+    #[error("no such session")]
+    NotFound,
+    #[error("the bot machine did not start within {0} s")]
+    StartTimeout(u64),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Room(#[from] RoomError),
+    #[error("the client went away before the session started")]
+    ClientGone,
+}
+
+/// Settings the flow reads, copied out of [`Config`] once.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub start_timeout: Duration,
+    pub max_session: Duration,
+    pub default_agent: String,
+    pub agents: BTreeMap<String, AgentConfig>,
+    pub allowed_regions: Vec<String>,
+}
+
+impl From<&Config> for SessionSettings {
+    fn from(c: &Config) -> Self {
+        Self {
+            start_timeout: c.start_timeout(),
+            max_session: c.max_session(),
+            default_agent: c.default_agent.clone(),
+            agents: c.agents.clone(),
+            allowed_regions: c.allowed_regions.clone(),
+        }
+    }
+}
+
+pub struct Sessions {
+    provider: Arc<dyn MachineProvider>,
+    rooms: Arc<dyn RoomService>,
+    ids: SessionIds,
+    settings: SessionSettings,
+}
+
+/// What a failed start must clean up.
+enum MachineCleanup {
+    Nothing,
+    Handle(String),
+    /// The create may or may not have happened (timeout, connection lost): look it up by key.
+    Find,
+}
+
+impl Sessions {
+    pub fn new(
+        provider: Arc<dyn MachineProvider>,
+        rooms: Arc<dyn RoomService>,
+        ids: SessionIds,
+        settings: SessionSettings,
+    ) -> Self {
+        Self {
+            provider,
+            rooms,
+            ids,
+            settings,
+        }
+    }
+
+    pub fn provider(&self) -> &Arc<dyn MachineProvider> {
+        &self.provider
+    }
+
+    pub fn rooms(&self) -> &Arc<dyn RoomService> {
+        &self.rooms
+    }
+
+    /// Validates a start request. Pure: nothing is created, so a refusal loses nothing.
+    pub fn plan(
+        &self,
+        caller: &Caller,
+        agent: Option<&str>,
+        req: StartRequest,
+    ) -> Result<StartPlan, SessionError> {
+        let agent = agent.unwrap_or(&self.settings.default_agent).to_owned();
+        let agent_config = self
+            .settings
+            .agents
+            .get(&agent)
+            .cloned()
+            .ok_or_else(|| SessionError::UnknownAgent(agent.clone()))?;
+        if !caller.may_start(&agent) {
+            return Err(SessionError::AgentForbidden(agent));
+        }
+        let body_json = serde_json::to_string(&req.body.unwrap_or_default())
+            .map_err(|e| SessionError::Invalid(format!("body: {e}")))?;
+        if body_json.len() > MAX_BODY_BYTES {
+            return Err(SessionError::TooLarge(format!(
+                "body is {} bytes serialized; the limit is {MAX_BODY_BYTES}",
+                body_json.len()
+            )));
+        }
+        let room_properties = req.daily_room_properties.unwrap_or_default();
+        let token_properties = req.daily_meeting_token_properties.unwrap_or_default();
+        validate_client_properties(&room_properties, &token_properties)
+            .map_err(SessionError::Invalid)?;
+        let create_room = req.create_daily_room.unwrap_or(true);
+        if !create_room && !(room_properties.is_empty() && token_properties.is_empty()) {
+            return Err(SessionError::Invalid(
+                "dailyRoomProperties and dailyMeetingTokenProperties need createDailyRoom: true"
+                    .into(),
+            ));
+        }
+        if let Some(region) = &req.region {
+            if !self.settings.allowed_regions.contains(region) {
+                return Err(SessionError::Invalid(if self.settings.allowed_regions.is_empty() {
+                    format!("region {region:?} is not allowed: this dispatcher accepts no region hints")
+                } else {
+                    format!(
+                        "region {region:?} is not allowed (allowed: {})",
+                        self.settings.allowed_regions.join(", ")
+                    )
+                }));
+            }
+        }
+        Ok(StartPlan {
+            key: new_session_key(),
+            agent,
+            owner: caller.sub.clone(),
+            agent_config,
+            body_json,
+            create_room,
+            room_properties,
+            token_properties,
+            region: req.region,
+            wait: req.wait.unwrap_or(true),
+        })
+    }
+
+    /// Runs a planned start to its end. `cancel` signals that the client went away: whatever
+    /// was created is then destroyed.
+    #[instrument(name = "start", skip_all, fields(session.key = %plan.key, agent = %plan.agent, provider = self.provider.name()))]
+    pub async fn start(&self, plan: StartPlan, cancel: CancellationToken) -> Result<Started, SessionError> {
+        let t0 = Instant::now();
+        let start_deadline = t0 + self.settings.start_timeout;
+        let name = resource_name(&plan.key);
+        let session_end = Utc::now()
+            + chrono::Duration::from_std(self.settings.max_session).unwrap_or(chrono::Duration::hours(1));
+
+        // Tokens are signed locally from the deterministic room name: the bot gets its token at
+        // launch while the room is still being created.
+        let (room_url, bot_token, user_token) = if plan.create_room {
+            let no_props = Map::new();
+            let bot = self.rooms.mint_token(&TokenRequest {
+                room: &name,
+                owner: true,
+                exp: session_end,
+                properties: &no_props,
+            })?;
+            let user = self.rooms.mint_token(&TokenRequest {
+                room: &name,
+                owner: false,
+                exp: session_end,
+                properties: &plan.token_properties,
+            })?;
+            (Some(self.rooms.room_url(&name)), Some(bot), Some(user))
+        } else {
+            (None, None, None)
+        };
+
+        let mut env = plan.agent_config.env.clone();
+        if let (Some(url), Some(token)) = (&room_url, &bot_token) {
+            env.insert("DAILY_ROOM_URL".into(), url.clone());
+            env.insert("DAILY_ROOM_TOKEN".into(), token.clone());
+        }
+        env.insert("BOTDISPATCH_SESSION_ID".into(), plan.key.clone());
+        env.insert("BOTDISPATCH_BODY".into(), plan.body_json.clone());
+        let spec = LaunchSpec {
+            name: name.clone(),
+            image: plan.agent_config.image.clone().unwrap_or_default(),
+            cmd: plan.agent_config.cmd.clone(),
+            env,
+            guest: plan.agent_config.guest.clone(),
+            region: plan.region.clone(),
+            labels: SessionLabels {
+                session_key: plan.key.clone(),
+                owner: plan.owner.clone(),
+                room: name.clone(),
+                agent: plan.agent.clone(),
+                deadline: session_end,
+            },
+        };
+
+        // Room and machine concurrently: the critical path is the slower of the two.
+        let room_phase = async {
+            if !plan.create_room {
+                return None;
+            }
+            let t = Instant::now();
+            let req = RoomRequest {
+                name: name.clone(),
+                exp: session_end,
+                properties: plan.room_properties.clone(),
+            };
+            let result = match tokio::time::timeout_at(start_deadline, self.rooms.create(&req)).await {
+                Ok(r) => r,
+                Err(_) => Err(RoomError::Unavailable {
+                    message: "create room: timed out".into(),
+                }),
+            };
+            Some((result, t.elapsed()))
+        };
+        let launch_phase = async {
+            let t = Instant::now();
+            let result = match tokio::time::timeout_at(start_deadline, self.provider.launch(&spec)).await {
+                Ok(r) => r,
+                Err(_) => Err(ProviderError::Timeout {
+                    provider: self.provider.name(),
+                }),
+            };
+            (result, t.elapsed())
+        };
+        let (room_result, (launch_result, launch_time)) = tokio::join!(room_phase, launch_phase);
+
+        let room_cleanup = match &room_result {
+            // Refused: nothing was created.
+            Some((Err(RoomError::Rejected { .. }), _)) | None => None,
+            Some(_) => Some(name.as_str()),
+        };
+        let launched = match launch_result {
+            Ok(launched) => launched,
+            Err(e) => {
+                let cleanup = match &e {
+                    ProviderError::Timeout { .. } | ProviderError::Unavailable { .. } => MachineCleanup::Find,
+                    _ => MachineCleanup::Nothing,
+                };
+                warn!(error = %e, "launch failed; cleaning up");
+                self.compensate(&plan.key, cleanup, room_cleanup).await;
+                return Err(match e {
+                    ProviderError::Timeout { .. } => {
+                        SessionError::StartTimeout(self.settings.start_timeout.as_secs())
+                    }
+                    e => e.into(),
+                });
+            }
+        };
+        let room_time = match room_result {
+            Some((Err(e), _)) => {
+                warn!(error = %e, "room creation failed; cleaning up");
+                self.compensate(&plan.key, MachineCleanup::Handle(launched.handle.clone()), room_cleanup)
+                    .await;
+                return Err(e.into());
+            }
+            Some((Ok(_), t)) => Some(t),
+            None => None,
+        };
+        if cancel.is_cancelled() {
+            info!("client went away during launch; cleaning up");
+            self.compensate(&plan.key, MachineCleanup::Handle(launched.handle.clone()), room_cleanup)
+                .await;
+            return Err(SessionError::ClientGone);
+        }
+
+        let mut wait_time = None;
+        if plan.wait {
+            let t = Instant::now();
+            let remaining = start_deadline.saturating_duration_since(t);
+            let waited = tokio::select! {
+                r = tokio::time::timeout(remaining, self.provider.wait_started(&launched, remaining)) => match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(ProviderError::Timeout { .. })) | Err(_) => {
+                        Err(SessionError::StartTimeout(self.settings.start_timeout.as_secs()))
+                    }
+                    Ok(Err(e)) => Err(e.into()),
+                },
+                () = cancel.cancelled() => Err(SessionError::ClientGone),
+            };
+            if let Err(e) = waited {
+                warn!(error = %e, "machine did not start; cleaning up");
+                self.compensate(&plan.key, MachineCleanup::Handle(launched.handle.clone()), room_cleanup)
+                    .await;
+                return Err(e);
+            }
+            wait_time = Some(t.elapsed());
+        }
+
+        info!(
+            machine.id = %launched.handle,
+            room_ms = room_time.map(|t| t.as_millis() as u64),
+            launch_ms = launch_time.as_millis() as u64,
+            wait_ms = wait_time.map(|t| t.as_millis() as u64),
+            total_ms = t0.elapsed().as_millis() as u64,
+            ready = plan.wait,
+            "session started"
+        );
+        Ok(Started {
+            session_id: self.ids.encode(&plan.key, &launched.handle, &plan.owner),
+            room_url,
+            user_token,
+            ready: plan.wait,
+        })
+    }
+
+    /// Destroys what a failed start created, concurrently. Failures are logged: the reaper
+    /// reconciles what could not be removed now (the room expires by itself regardless).
+    async fn compensate(&self, key: &str, machine: MachineCleanup, room: Option<&str>) {
+        let machine_cleanup = async {
+            let handle = match machine {
+                MachineCleanup::Nothing => return,
+                MachineCleanup::Handle(h) => h,
+                MachineCleanup::Find => match with_retries(|| self.provider.find(key)).await {
+                    Ok(Some(m)) => m.handle,
+                    Ok(None) => return,
+                    Err(e) => {
+                        warn!(error = %e, "cannot look up the machine of a failed start; left for the reaper");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = with_retries(|| self.provider.terminate(&handle)).await {
+                warn!(machine.id = %handle, error = %e, "cannot destroy the machine of a failed start; left for the reaper");
+            }
+        };
+        let room_cleanup = async {
+            if let Some(room) = room {
+                if let Err(e) = with_retries(|| self.rooms.delete(room)).await {
+                    warn!(room, error = %e, "cannot delete the room of a failed start; it expires by itself");
+                }
+            }
+        };
+        tokio::join!(machine_cleanup.in_current_span(), room_cleanup.in_current_span());
+    }
+
+    /// Verifies an id and its owner. Another caller's session reads as not found.
+    fn resolve(&self, caller: &Caller, id: &str) -> Result<crate::session_id::SessionRef, SessionError> {
+        let session = self.ids.decode(id).ok_or(SessionError::NotFound)?;
+        if !(caller.is_admin() || self.ids.is_owner(&session, &caller.sub)) {
+            return Err(SessionError::NotFound);
+        }
+        Ok(session)
+    }
+
+    /// The session's state, read from the provider (works on any replica).
+    #[instrument(name = "status", skip_all)]
+    pub async fn get(&self, caller: &Caller, id: &str) -> Result<SessionView, SessionError> {
+        let session = self.resolve(caller, id)?;
+        let status = self.provider.status(&session.handle).await?;
+        let mut view = SessionView {
+            session_id: id.to_owned(),
+            status: "ended",
+            provider: self.provider.name(),
+            agent: None,
+            region: None,
+            machine_id: session.handle.clone(),
+            created_at: None,
+            ready_at: None,
+            ended_at: None,
+            bot_start_seconds: None,
+            detail: Some("the machine is gone".to_owned()),
+        };
+        if let Some(m) = status {
+            view.status = match m.state {
+                MachineState::Starting => "starting",
+                MachineState::Started => "ready",
+                MachineState::Ended => "ended",
+                MachineState::Failed => "failed",
+            };
+            view.agent = m.labels.map(|l| l.agent).filter(|a| !a.is_empty());
+            view.region = m.region;
+            view.created_at = m.created_at;
+            view.ready_at = m.started_at;
+            view.ended_at = m.ended_at;
+            view.bot_start_seconds = match (m.created_at, m.started_at) {
+                (Some(c), Some(s)) => Some((s - c).num_milliseconds().max(0) as f64 / 1000.0),
+                _ => None,
+            };
+            view.detail = m.detail;
+        }
+        Ok(view)
+    }
+
+    /// Stops the machine and deletes the room. Idempotent.
+    #[instrument(name = "stop", skip_all)]
+    pub async fn stop(&self, caller: &Caller, id: &str) -> Result<(), SessionError> {
+        let session = self.resolve(caller, id)?;
+        let room = resource_name(&session.key);
+        let (machine, room) = tokio::join!(
+            self.provider.terminate(&session.handle),
+            self.rooms.delete(&room)
+        );
+        machine?;
+        room?;
+        info!(session.key = %session.key, "session stopped");
+        Ok(())
+    }
+}
+
+/// A few quick retries for clean-up calls on transient errors.
+async fn with_retries<T, E, F, Fut>(mut call: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: Transient,
+{
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(e) if e.is_transient() && attempt < 3 => {
+                tokio::time::sleep(delay).await;
+                delay *= 4;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+trait Transient {
+    fn is_transient(&self) -> bool;
+}
+
+impl Transient for ProviderError {
+    fn is_transient(&self) -> bool {
+        ProviderError::is_transient(self)
+    }
+}
+
+impl Transient for RoomError {
+    fn is_transient(&self) -> bool {
+        matches!(self, RoomError::Throttled { .. } | RoomError::Unavailable { .. })
+    }
+}
