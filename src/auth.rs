@@ -144,7 +144,14 @@ impl Authenticator {
         // Only the configured algorithm: a token claiming another one (HS256 signed with an RSA
         // public key, `none`) is refused before any signature check.
         let mut validation = Validation::new(algorithm);
-        validation.set_required_spec_claims(&["sub", "exp"]);
+        let mut required = vec!["sub", "exp"];
+        if config.audience.is_some() {
+            required.push("aud");
+        }
+        if config.issuer.is_some() {
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
         validation.leeway = config.leeway_secs.unwrap_or(30);
         validation.validate_nbf = true;
         match &config.audience {

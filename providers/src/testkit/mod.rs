@@ -90,7 +90,9 @@ mod tests {
     fn identifiers_have_the_documented_shapes() {
         let hex = random_hex(14);
         assert_eq!(hex.len(), 14);
-        assert!(hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(hex
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
 
         let ulid = ulid_like();
         assert_eq!(ulid.len(), 26);

@@ -118,10 +118,7 @@ impl OpenApiValidator {
             .ok_or("spec has no `paths` object")?;
 
         let mut components = doc.get("components").cloned().unwrap_or_else(|| json!({}));
-        if let Some(schemas) = components
-            .get_mut("schemas")
-            .and_then(Value::as_object_mut)
-        {
+        if let Some(schemas) = components.get_mut("schemas").and_then(Value::as_object_mut) {
             schemas.values_mut().for_each(make_strict);
         }
 
@@ -258,9 +255,7 @@ impl OpenApiValidator {
             (None, Some(_)) => Err(format!(
                 "{at}: the operation takes no request body, but one was sent"
             )),
-            (Some(spec), None) if spec.required => {
-                Err(format!("{at}: a request body is required"))
-            }
+            (Some(spec), None) if spec.required => Err(format!("{at}: a request body is required")),
             (Some(_), None) => Ok(()),
             (Some(spec), Some(body)) => {
                 let Some(schema) = &spec.schema else {
@@ -273,12 +268,7 @@ impl OpenApiValidator {
                     .map_err(|e| format!("{at}: cannot compile the body schema: {e}"))?;
                 let errors: Vec<String> = validator
                     .iter_errors(body)
-                    .map(|e| {
-                        format!(
-                            "body at pointer \"{}\": {e}",
-                            e.instance_path().as_str()
-                        )
-                    })
+                    .map(|e| format!("body at pointer \"{}\": {e}", e.instance_path().as_str()))
                     .collect();
                 if errors.is_empty() {
                     Ok(())
@@ -423,10 +413,7 @@ fn check_scalar(schema: &Value, value: &str) -> Result<(), String> {
     if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
         if !allowed.contains(&typed) {
             let allowed: Vec<String> = allowed.iter().map(Value::to_string).collect();
-            return Err(format!(
-                "{value:?} is not one of [{}]",
-                allowed.join(", ")
-            ));
+            return Err(format!("{value:?} is not one of [{}]", allowed.join(", ")));
         }
     }
     Ok(())
@@ -450,7 +437,10 @@ fn resolve_schema(components: &Value, schema: &Value) -> Value {
             continue;
         }
         if current.get("type").is_none() {
-            if let Some([only]) = current.get("allOf").and_then(Value::as_array).map(Vec::as_slice)
+            if let Some([only]) = current
+                .get("allOf")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
             {
                 current = only.clone();
                 continue;
@@ -524,15 +514,12 @@ fn parse_template(template: &str) -> Result<Vec<Segment>, String> {
         .ok_or_else(|| format!("path {template:?} does not start with `/`"))?;
     Ok(rest
         .split('/')
-        .map(|segment| {
-            match segment
-                .strip_prefix('{')
-                .and_then(|s| s.strip_suffix('}'))
-            {
+        .map(
+            |segment| match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
                 Some(name) => Segment::Param(name.to_owned()),
                 None => Segment::Literal(segment.to_owned()),
-            }
-        })
+            },
+        )
         .collect())
 }
 
@@ -691,8 +678,13 @@ mod tests {
         let v = OpenApiValidator::fly();
         let stop = "/apps/a/machines/148e1234567890/stop";
         v.validate("POST", stop, &[], None).unwrap();
-        v.validate("POST", stop, &[], Some(&json!({"signal": "SIGTERM", "timeout": "5s"})))
-            .unwrap();
+        v.validate(
+            "POST",
+            stop,
+            &[],
+            Some(&json!({"signal": "SIGTERM", "timeout": "5s"})),
+        )
+        .unwrap();
         assert!(v
             .validate("POST", stop, &[], Some(&json!({"signal": "SIGFOO"})))
             .is_err());
@@ -713,7 +705,11 @@ mod tests {
         v.validate(
             "GET",
             wait,
-            &q(&[("state", "started"), ("timeout", "30"), ("instance_id", "X")]),
+            &q(&[
+                ("state", "started"),
+                ("timeout", "30"),
+                ("instance_id", "X"),
+            ]),
             None,
         )
         .unwrap();
@@ -757,8 +753,13 @@ mod tests {
         assert!(v
             .validate("GET", MACHINES, &q(&[("include_deleted", "1")]), None)
             .is_err());
-        v.validate("DELETE", "/apps/a/machines/m1", &q(&[("force", "false")]), None)
-            .unwrap();
+        v.validate(
+            "DELETE",
+            "/apps/a/machines/m1",
+            &q(&[("force", "false")]),
+            None,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -853,7 +854,9 @@ mod tests {
         assert!(v
             .validate("PUT", "/things/7", &dry, Some(&json!({"n": 1, "m": 2})))
             .is_err());
-        assert!(v.validate("PUT", "/things/7", &dry, Some(&json!({}))).is_err());
+        assert!(v
+            .validate("PUT", "/things/7", &dry, Some(&json!({})))
+            .is_err());
         assert!(OpenApiValidator::from_json("{").is_err());
     }
 }

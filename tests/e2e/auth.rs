@@ -1,0 +1,183 @@
+//! The authentication matrix: every kind of bad token is a 401 in the error shape, and nothing
+//! is created for it.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+fn hs256(claims: Value, secret: &str) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+async fn assert_401(env: &TestEnv, header: Option<&str>, why: &str) {
+    let mut req = env.http.post(format!("{}/start", env.base)).json(&start_body());
+    if let Some(h) = header {
+        req = req.header("authorization", h);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{why}");
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer", "{why}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "unauthorized", "{why}");
+    assert!(body["detail"].is_string() && body["info"] == body["detail"], "{why}");
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_401() {
+    let env = TestEnv::start().await;
+    let exp = now() + 600;
+    let cases: Vec<(Option<String>, &str)> = vec![
+        (None, "missing header"),
+        (Some("Basic YWxpY2U6cHc=".into()), "not a bearer"),
+        (Some("Bearer".into()), "empty bearer"),
+        (Some("Bearer not.a.jwt".into()), "malformed"),
+        (
+            Some(format!("Bearer {}", hs256(json!({"sub": "a", "exp": now() - 120}), JWT_SECRET))),
+            "expired",
+        ),
+        (
+            Some(format!(
+                "Bearer {}",
+                hs256(json!({"sub": "a", "exp": exp}), "another-secret-0123456789abcdef0123")
+            )),
+            "wrong signature",
+        ),
+        (
+            Some(format!("Bearer {}", hs256(json!({"exp": exp}), JWT_SECRET))),
+            "no sub",
+        ),
+        (
+            Some(format!("Bearer {}", hs256(json!({"sub": "a"}), JWT_SECRET))),
+            "no exp",
+        ),
+        (
+            Some(format!(
+                "Bearer {}",
+                hs256(json!({"sub": "a", "exp": exp, "nbf": now() + 600}), JWT_SECRET)
+            )),
+            "not yet valid",
+        ),
+        (
+            Some(format!("Bearer {}", hs256(json!({"sub": "", "exp": exp}), JWT_SECRET))),
+            "empty sub",
+        ),
+    ];
+    // alg: none, with and without a signature part.
+    let none_header = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    let claims = URL_SAFE_NO_PAD.encode(json!({"sub": "a", "exp": exp}).to_string());
+    let none_tokens = [
+        format!("Bearer {none_header}.{claims}."),
+        format!("Bearer {none_header}.{claims}"),
+    ];
+    for (header, why) in &cases {
+        assert_401(&env, header.as_deref(), why).await;
+    }
+    for token in &none_tokens {
+        assert_401(&env, Some(token), "alg none").await;
+    }
+    assert_eq!(env.fly.machines().len(), 0);
+    assert!(env.daily.rooms().is_empty());
+
+    // And the control: a good token works.
+    let good = format!("Bearer {}", hs256(json!({"sub": "a", "exp": exp}), JWT_SECRET));
+    let resp = env
+        .http
+        .post(format!("{}/start", env.base))
+        .header("authorization", good)
+        .json(&start_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn audience_and_issuer_are_checked_when_configured() {
+    let mut opts = Options::default();
+    opts.env.push(("BOTDISPATCH_JWT_AUDIENCE", "botdispatch".into()));
+    opts.env.push(("BOTDISPATCH_JWT_ISSUER", "https://auth.example".into()));
+    let env = TestEnv::with(opts).await;
+    let exp = now() + 600;
+    for (claims, why) in [
+        (json!({"sub": "a", "exp": exp, "iss": "https://auth.example"}), "no aud"),
+        (json!({"sub": "a", "exp": exp, "aud": "other", "iss": "https://auth.example"}), "wrong aud"),
+        (json!({"sub": "a", "exp": exp, "aud": "botdispatch", "iss": "https://evil.example"}), "wrong iss"),
+    ] {
+        assert_401(&env, Some(&format!("Bearer {}", hs256(claims, JWT_SECRET))), why).await;
+    }
+    let good = hs256(
+        json!({"sub": "a", "exp": exp, "aud": "botdispatch", "iss": "https://auth.example"}),
+        JWT_SECRET,
+    );
+    let (status, _) = env.call("POST", "/start", Some(&good), Some(start_body())).await;
+    assert_eq!(status, StatusCode::OK);
+    // Tokens minted by the service carry the configured aud/iss.
+    let (status, _) = env.post_start("b", start_body()).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn rs256_public_key_and_algorithm_confusion() {
+    let mut opts = Options::default();
+    opts.env.push(("BOTDISPATCH_JWT_PUBLIC_KEY_FILE", fixture("rsa-public.pem")));
+    opts.env.push(("BOTDISPATCH_JWT_ALGORITHM", "RS256".into()));
+    opts.env.push(("BOTDISPATCH_SESSION_SECRET", "session-secret-0123456789abcdef0123".into()));
+    let env = TestEnv::with_without_jwt_secret(opts).await;
+    let exp = now() + 600;
+    let private = std::fs::read(fixture("rsa-private.pem")).unwrap();
+    let rs = encode(
+        &Header::new(Algorithm::RS256),
+        &json!({"sub": "alice", "exp": exp}),
+        &EncodingKey::from_rsa_pem(&private).unwrap(),
+    )
+    .unwrap();
+    let (status, resp) = env.call("POST", "/start", Some(&rs), Some(start_body())).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+
+    // HS256 signed with the public key's PEM bytes as the secret: the classic confusion.
+    let public = std::fs::read_to_string(fixture("rsa-public.pem")).unwrap();
+    let confused = hs256(json!({"sub": "alice", "exp": exp}), &public);
+    assert_401(&env, Some(&format!("Bearer {confused}")), "HS/RS confusion").await;
+    // A token from a different key pair.
+    let ec_private = std::fs::read(fixture("ec-private.pem")).unwrap();
+    let es = encode(
+        &Header::new(Algorithm::ES256),
+        &json!({"sub": "alice", "exp": exp}),
+        &EncodingKey::from_ec_pem(&ec_private).unwrap(),
+    )
+    .unwrap();
+    assert_401(&env, Some(&format!("Bearer {es}")), "other algorithm").await;
+}
+
+#[tokio::test]
+async fn es256_public_key() {
+    let mut opts = Options::default();
+    opts.env.push(("BOTDISPATCH_JWT_PUBLIC_KEY_FILE", fixture("ec-public.pem")));
+    opts.env.push(("BOTDISPATCH_JWT_ALGORITHM", "ES256".into()));
+    let env = TestEnv::with_without_jwt_secret(opts).await;
+    let ec_private = std::fs::read(fixture("ec-private.pem")).unwrap();
+    let es = encode(
+        &Header::new(Algorithm::ES256),
+        &json!({"sub": "alice", "exp": now() + 600}),
+        &EncodingKey::from_ec_pem(&ec_private).unwrap(),
+    )
+    .unwrap();
+    let (status, resp) = env.call("POST", "/start", Some(&es), Some(start_body())).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    let url = resp["statusUrl"].as_str().unwrap();
+    let (status, _) = env.call("GET", url, Some(&es), None).await;
+    assert_eq!(status, StatusCode::OK);
+}

@@ -1,0 +1,234 @@
+//! Test harness: a real botdispatch HTTP server on 127.0.0.1:0 in front of the stateful fakes of
+//! Fly and Daily, with helpers to call it as a client would.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use botdispatch::config::Config;
+use botdispatch::{app, build_router, App, AppState};
+use providers::testkit::daily_fake::{FakeDaily, FakeDailyConfig};
+use providers::testkit::fly_fake::{FakeFly, FakeFlyConfig};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+pub const JWT_SECRET: &str = "test-secret-0123456789abcdef0123456789";
+pub const FLY_TOKEN: &str = "fly-test-token";
+pub const FLY_APP: &str = "bots";
+pub const DAILY_KEY: &str = "daily-test-key";
+pub const DAILY_DOMAIN: &str = "botdispatch-test";
+pub const DAILY_DOMAIN_ID: &str = "5f1b3c0e-domain";
+pub const BOT_IMAGE: &str = "registry.fly.io/bots:v1";
+
+/// How a test environment is set up.
+pub struct Options {
+    pub fly: FakeFlyConfig,
+    /// Extra TOML appended to the generated config.
+    pub toml: String,
+    /// Extra environment overrides.
+    pub env: Vec<(&'static str, String)>,
+    /// Where the Fly provider sends requests (defaults to the fake itself).
+    pub fly_url: Option<String>,
+    /// Leave `BOTDISPATCH_JWT_SECRET` unset (public-key set-ups).
+    pub no_jwt_secret: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            fly: FakeFlyConfig {
+                token: FLY_TOKEN.to_owned(),
+                apps: vec![FLY_APP.to_owned()],
+                ..FakeFlyConfig::default()
+            },
+            toml: String::new(),
+            env: Vec::new(),
+            fly_url: None,
+            no_jwt_secret: false,
+        }
+    }
+}
+
+pub struct TestEnv {
+    pub fly: FakeFly,
+    pub daily: FakeDaily,
+    pub app: Arc<App>,
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl TestEnv {
+    pub async fn start() -> Self {
+        Self::with(Options::default()).await
+    }
+
+    pub async fn with_without_jwt_secret(opts: Options) -> Self {
+        Self::with(Options {
+            no_jwt_secret: true,
+            ..opts
+        })
+        .await
+    }
+
+    pub async fn with(opts: Options) -> Self {
+        let fly = FakeFly::start(opts.fly.clone()).await;
+        let daily = FakeDaily::start(FakeDailyConfig {
+            api_key: DAILY_KEY.to_owned(),
+            domain_name: DAILY_DOMAIN.to_owned(),
+            domain_id: DAILY_DOMAIN_ID.to_owned(),
+        })
+        .await;
+        let mut env: BTreeMap<&str, String> = BTreeMap::from([
+            ("BOTDISPATCH_PROVIDER", "fly".to_owned()),
+            ("BOTDISPATCH_ROOMS", "daily".to_owned()),
+            ("BOTDISPATCH_JWT_SECRET", JWT_SECRET.to_owned()),
+            ("BOTDISPATCH_BOT_IMAGE", BOT_IMAGE.to_owned()),
+            ("BOTDISPATCH_START_TIMEOUT_SECS", "10".to_owned()),
+            ("BOTDISPATCH_LISTEN", "127.0.0.1:0".to_owned()),
+            ("FLY_API_TOKEN", FLY_TOKEN.to_owned()),
+            ("FLY_APP_NAME", FLY_APP.to_owned()),
+            ("FLY_API_URL", opts.fly_url.clone().unwrap_or_else(|| fly.base_url())),
+            ("DAILY_API_KEY", DAILY_KEY.to_owned()),
+            ("DAILY_API_URL", daily.base_url()),
+        ]);
+        if opts.no_jwt_secret {
+            env.remove("BOTDISPATCH_JWT_SECRET");
+        }
+        env.extend(opts.env.iter().map(|(k, v)| (*k, v.clone())));
+        let config = config_from(&opts.toml, &env).expect("test config is valid");
+        let app = Arc::new(
+            App::build(config, app::http_client().unwrap())
+                .await
+                .expect("app builds"),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let router = build_router(AppState(app.clone()));
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Self {
+            fly,
+            daily,
+            app,
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A valid token for `sub` from the configured secret.
+    pub fn token(&self, sub: &str) -> String {
+        self.app
+            .auth
+            .mint(sub, Duration::from_secs(600), None)
+            .unwrap()
+    }
+
+    pub fn admin_token(&self) -> String {
+        self.app
+            .auth
+            .mint("ops", Duration::from_secs(600), Some("admin"))
+            .unwrap()
+    }
+
+    pub async fn post_start(&self, sub: &str, body: Value) -> (StatusCode, Value) {
+        self.call("POST", "/start", Some(&self.token(sub)), Some(body)).await
+    }
+
+    /// Any call with an optional bearer token and JSON body; answers status and JSON body.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("botdispatch answers");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("non-JSON answer {status}: {text:?}: {e}"));
+        (status, json)
+    }
+
+    pub async fn get_session(&self, sub: &str, status_url: &str) -> (StatusCode, Value) {
+        self.call("GET", status_url, Some(&self.token(sub)), None).await
+    }
+
+    /// Live (not destroyed) machines and existing rooms in the fakes.
+    pub fn leftovers(&self) -> (usize, usize) {
+        (self.fly.live_machines().len(), self.daily.rooms().len())
+    }
+
+    /// Waits until the fakes hold no live machine and no room (clean-up may still be running
+    /// when a client gave up); panics with what is left after `timeout`.
+    pub async fn assert_nothing_left_within(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = self.leftovers();
+            if left == (0, 0) {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "leaked {} machine(s) and {} room(s): {:?} {:?}",
+                    left.0,
+                    left.1,
+                    self.fly.live_machines(),
+                    self.daily.rooms()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn assert_spec_clean(&self) {
+        let violations = self.fly.spec_violations();
+        assert!(violations.is_empty(), "Fly spec violations: {violations:#?}");
+    }
+}
+
+/// Builds a validated config from TOML and an environment map, as `main` does.
+pub fn config_from(toml: &str, env: &BTreeMap<&str, String>) -> Result<Config, String> {
+    let mut config = Config::from_toml(toml).map_err(|e| e.to_string())?;
+    config
+        .apply_env(&|k| env.get(k).cloned())
+        .map_err(|e| e.to_string())?;
+    config.fill_defaults();
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// Decodes a JWT's claims after checking its HS256 signature with `key`.
+pub fn decode_hs256(token: &str, key: &str) -> Value {
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    jsonwebtoken::decode::<Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(key.as_bytes()),
+        &validation,
+    )
+    .expect("token verifies with the key")
+    .claims
+}
+
+/// The plain session key: the first part of a session id.
+pub fn session_key(session_id: &str) -> &str {
+    session_id.split('.').next().unwrap()
+}
+
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+pub fn start_body() -> Value {
+    json!({ "body": { "hello": "world" } })
+}

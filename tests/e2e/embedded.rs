@@ -1,0 +1,235 @@
+//! The embedded default as a newcomer runs it: the real binary with no configuration at all
+//! starts a real local bot process from the printed curl command's token, and stops it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// The dispatcher process; killed if the test fails half-way.
+struct Dispatcher {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Dispatcher {
+    fn spawn(extra_env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_botdispatch"));
+        // A clean environment: nothing configured, as on a fresh machine.
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("BOTDISPATCH_LISTEN", "127.0.0.1:0")
+            .env("BOTDISPATCH_LOG_FORMAT", "json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("botdispatch binary runs");
+        let (tx, lines) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for an output line containing `needle`.
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no line with {needle:?} within {timeout:?}; output:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    fn output(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
+    }
+}
+
+#[tokio::test]
+async fn embedded_default_runs_a_real_local_bot_and_stops_it() {
+    let mut d = Dispatcher::spawn(&[]);
+    let curl = d.wait_for("curl -s -X POST http://", Duration::from_secs(30));
+    let url = curl
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_owned();
+    let base = url.trim_end_matches("/start").to_owned();
+    let token = curl
+        .split("Bearer ")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap()
+        .to_owned();
+    let http = reqwest::Client::new();
+
+    let resp = http
+        .post(&url)
+        .bearer_auth(&token)
+        .json(&json!({"body": {"hello": "world"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let started: Value = resp.json().await.unwrap();
+    assert_eq!(started["status"], "ready");
+    assert!(started["dailyRoom"].as_str().unwrap().starts_with("https://local-rooms.invalid/bd-"));
+    let key = started["sessionId"].as_str().unwrap().split('.').next().unwrap().to_owned();
+
+    // The bot is a real process that got the contract through its environment.
+    d.wait_for(&format!("[local-bot {key}] started: DAILY_ROOM_URL=https://local-rooms.invalid/bd-{key}"), Duration::from_secs(10));
+    d.wait_for(&format!("[local-bot {key}] BOTDISPATCH_BODY={{\"hello\":\"world\"}}"), Duration::from_secs(5));
+    let status_url = format!("{base}{}", started["statusUrl"].as_str().unwrap());
+    let view: Value = http.get(&status_url).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(view["status"], "ready", "{view}");
+    assert_eq!(view["provider"], "local");
+
+    let resp = http.delete(&status_url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    d.wait_for(&format!("[local-bot {key}] SIGTERM: leaving the room"), Duration::from_secs(10));
+    let view: Value = http.get(&status_url).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(view["status"], "ended", "{view}");
+
+    // The tokens never reach the output (the bot prints only their length).
+    let output = d.output();
+    let user_token = started["dailyToken"].as_str().unwrap();
+    assert!(!output.contains(user_token), "user token leaked into the output");
+
+    // SIGTERM: a clean exit.
+    nix_kill(d.child.id(), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.wait_for("botdispatch stopped", Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn local_bots_are_stopped_when_the_dispatcher_shuts_down() {
+    let mut d = Dispatcher::spawn(&[]);
+    let curl = d.wait_for("curl -s -X POST http://", Duration::from_secs(30));
+    let url = curl.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_owned();
+    let token = curl.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_owned();
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(&token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let started: Value = resp.json().await.unwrap();
+    let key = started["sessionId"].as_str().unwrap().split('.').next().unwrap().to_owned();
+    d.wait_for(&format!("[local-bot {key}] started"), Duration::from_secs(10));
+    nix_kill(d.child.id(), "TERM");
+    d.wait_for(&format!("[local-bot {key}] SIGTERM: leaving the room"), Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while d.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn token_command_mints_a_token_for_the_configured_secret() {
+    let out = Command::new(env!("CARGO_BIN_EXE_botdispatch"))
+        .args(["token", "--sub", "alice", "--ttl", "2h", "--scope", "admin"])
+        .env_clear()
+        .env("BOTDISPATCH_JWT_SECRET", crate::common::JWT_SECRET)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap();
+    let claims = crate::common::decode_hs256(token.trim(), crate::common::JWT_SECRET);
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["scope"], "admin");
+    let ttl = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
+    assert_eq!(ttl, 7200);
+
+    // Without a secret it explains what to set, and fails.
+    let out = Command::new(env!("CARGO_BIN_EXE_botdispatch"))
+        .args(["token", "--sub", "alice"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BOTDISPATCH_JWT_SECRET"));
+}
+
+#[test]
+fn bad_configuration_refuses_to_start_naming_the_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_botdispatch"))
+        .env_clear()
+        .env("BOTDISPATCH_PROVIDER", "fly")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("FLY_API_TOKEN"), "{stderr}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_botdispatch"))
+        .env_clear()
+        .env("APP_ENV", "production")
+        .env("BOTDISPATCH_JWT_SECRET", crate::common::JWT_SECRET)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refused when APP_ENV=production"), "{stderr}");
+}
+
+fn nix_kill(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}

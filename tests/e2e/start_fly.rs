@@ -1,0 +1,355 @@
+//! The cold path against the stateful Fly and Daily fakes: happy path, polling, ownership,
+//! idempotent delete, every failure path leaving nothing behind, and start latency.
+
+use std::time::{Duration, Instant};
+
+use providers::testkit::fly_fake::FlyOp;
+use providers::testkit::Fault;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+#[tokio::test]
+async fn happy_path_starts_a_machine_with_the_bot_contract() {
+    let env = TestEnv::start().await;
+    let (status, resp) = env
+        .post_start(
+            "alice",
+            json!({
+                "body": {"hello": "world", "n": 1},
+                "dailyRoomProperties": {"enable_recording": "cloud"},
+                "dailyMeetingTokenProperties": {"user_name": "Ann"},
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["status"], "ready");
+    let session_id = resp["sessionId"].as_str().unwrap();
+    let key = session_key(session_id);
+    let room_name = format!("bd-{key}");
+    let room_url = format!("https://{DAILY_DOMAIN}.daily.co/{room_name}");
+    assert_eq!(resp["dailyRoom"], room_url);
+    assert_eq!(resp["room_url"], room_url);
+    assert_eq!(resp["dailyToken"], resp["token"]);
+    assert_eq!(resp["statusUrl"], format!("/sessions/{session_id}"));
+
+    // The user's token: self-signed with the Daily key, for this room, not an owner.
+    let user = decode_hs256(resp["dailyToken"].as_str().unwrap(), DAILY_KEY);
+    assert_eq!(user["r"], room_name);
+    assert_eq!(user["d"], DAILY_DOMAIN_ID);
+    assert_eq!(user["o"], false);
+    assert_eq!(user["ejt"], true);
+    assert_eq!(user["u"], "Ann");
+    let exp = user["exp"].as_i64().unwrap();
+    assert!((exp - (now() + 3600)).abs() < 10, "token exp {exp}");
+
+    // The room: private, named after the session, expiring with it, ejecting at expiry.
+    let rooms = env.daily.rooms();
+    assert_eq!(rooms.len(), 1);
+    assert_eq!(rooms[0].name, room_name);
+    assert_eq!(rooms[0].privacy, "private");
+    assert_eq!(rooms[0].properties["eject_at_room_exp"], true);
+    assert_eq!(rooms[0].properties["enable_recording"], "cloud");
+    assert!((rooms[0].properties["exp"].as_i64().unwrap() - exp).abs() <= 1);
+
+    // The machine: started, auto-destroyed, never restarted, contract in env (not argv).
+    let machines = env.fly.live_machines();
+    assert_eq!(machines.len(), 1);
+    let m = &machines[0];
+    assert_eq!(m.state, "started");
+    assert_eq!(m.name, room_name);
+    let config = &m.config;
+    assert_eq!(config["image"], BOT_IMAGE);
+    assert_eq!(config["auto_destroy"], true);
+    assert_eq!(config["restart"]["policy"], "no");
+    assert_eq!(config["guest"]["cpus"], 1);
+    assert_eq!(config["guest"]["memory_mb"], 1024);
+    let env_vars = &config["env"];
+    assert_eq!(env_vars["DAILY_ROOM_URL"], room_url);
+    assert_eq!(env_vars["BOTDISPATCH_SESSION_ID"], key);
+    let body: Value = serde_json::from_str(env_vars["BOTDISPATCH_BODY"].as_str().unwrap()).unwrap();
+    assert_eq!(body, json!({"hello": "world", "n": 1}));
+    let bot = decode_hs256(env_vars["DAILY_ROOM_TOKEN"].as_str().unwrap(), DAILY_KEY);
+    assert_eq!(bot["r"], room_name);
+    assert_eq!(bot["o"], true);
+    assert!(config.get("init").is_none(), "no argv carries the contract");
+    let meta = &config["metadata"];
+    assert_eq!(meta["managed_by"], "botdispatch");
+    assert_eq!(meta["botdispatch_session"], key);
+    assert_eq!(meta["botdispatch_owner"], "alice");
+    assert_eq!(meta["botdispatch_room"], room_name);
+    assert!((meta["botdispatch_deadline"].as_str().unwrap().parse::<i64>().unwrap() - exp).abs() <= 1);
+
+    // Status from the provider.
+    let (status, view) = env.get_session("alice", resp["statusUrl"].as_str().unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["status"], "ready");
+    assert_eq!(view["provider"], "fly");
+    assert_eq!(view["machineId"], m.id);
+    assert_eq!(view["region"], m.region);
+    assert!(view["readyAt"].is_string() && view["createdAt"].is_string());
+    env.assert_spec_clean();
+}
+
+#[tokio::test]
+async fn wait_false_answers_202_then_polls_to_ready() {
+    let mut opts = Options::default();
+    opts.fly.boot_delay = Duration::from_millis(400);
+    let env = TestEnv::with(opts).await;
+    let (status, resp) = env
+        .post_start("alice", json!({"wait": false, "body": {}}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
+    assert_eq!(resp["status"], "starting");
+    let url = resp["statusUrl"].as_str().unwrap();
+    let (_, first) = env.get_session("alice", url).await;
+    assert_eq!(first["status"], "starting", "{first}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let view = loop {
+        let (status, view) = env.get_session("alice", url).await;
+        assert_eq!(status, StatusCode::OK);
+        if view["status"] == "ready" {
+            break view;
+        }
+        assert!(Instant::now() < deadline, "never became ready: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(view["botStartSeconds"].as_f64().unwrap() >= 0.3, "{view}");
+
+    // The bot exits by itself: the machine is auto-destroyed and the session reads ended.
+    let machine = env.fly.live_machines().remove(0);
+    env.fly.exit_machine(&machine.id, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, view) = env.get_session("alice", url).await;
+        if view["status"] == "ended" {
+            assert!(view["endedAt"].is_string(), "{view}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ended: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(env.fly.live_machines().len(), 0);
+    env.assert_spec_clean();
+}
+
+#[tokio::test]
+async fn sessions_are_owned_by_their_sub() {
+    let env = TestEnv::start().await;
+    let (_, resp) = env.post_start("alice", start_body()).await;
+    let url = resp["statusUrl"].as_str().unwrap().to_owned();
+    let bob = env.token("bob");
+
+    let (status, err) = env.call("GET", &url, Some(&bob), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
+    assert_eq!(err["error"], "session_not_found");
+    let (status, _) = env.call("DELETE", &url, Some(&bob), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(env.fly.live_machines().len(), 1, "bob stopped nothing");
+
+    // An admin may read it; a tampered id is not found for anyone.
+    let (status, _) = env.call("GET", &url, Some(&env.admin_token()), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let tampered = format!("{}x", &url[..url.len() - 1]);
+    let (status, _) = env.get_session("alice", &tampered).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = env.get_session("alice", "/sessions/not-a-session").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn delete_stops_the_machine_and_room_and_is_idempotent() {
+    let env = TestEnv::start().await;
+    let (_, resp) = env.post_start("alice", start_body()).await;
+    let id = resp["sessionId"].as_str().unwrap();
+    let url = format!("/sessions/{id}");
+    let alice = env.token("alice");
+
+    let (status, out) = env.call("DELETE", &url, Some(&alice), None).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(out["status"], "ended");
+    assert_eq!(env.leftovers(), (0, 0));
+
+    // Again, and through the Pipecat-Cloud-style alias.
+    let (status, _) = env.call("DELETE", &url, Some(&alice), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let alias = format!("/v1/agents/default/sessions/{id}");
+    let (status, _) = env.call("DELETE", &alias, Some(&alice), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, view) = env.call("GET", &url, Some(&alice), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(view["status"], "ended", "{view}");
+    env.assert_spec_clean();
+}
+
+#[tokio::test]
+async fn provider_refusal_cleans_up_the_room() {
+    let env = TestEnv::start().await;
+    env.fly
+        .set_fail_create(Some((422, "image not found".to_owned())));
+    let (status, err) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{err}");
+    assert_eq!(err["error"], "provider_error");
+    assert!(err["info"].as_str().unwrap().contains("image not found"), "{err}");
+    assert_eq!(err["detail"], err["info"]);
+    env.assert_nothing_left_within(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn machine_that_never_starts_times_out_with_504_and_is_destroyed() {
+    let mut opts = Options::default();
+    opts.env.push(("BOTDISPATCH_START_TIMEOUT_SECS", "2".into()));
+    let env = TestEnv::with(opts).await;
+    env.fly.set_never_start(true);
+    let t = Instant::now();
+    let (status, err) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{err}");
+    assert_eq!(err["error"], "start_timeout");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    env.assert_nothing_left_within(Duration::ZERO).await;
+    assert_eq!(env.fly.machines().len(), 1, "one machine was created and destroyed");
+    env.assert_spec_clean();
+}
+
+#[tokio::test]
+async fn room_failure_destroys_the_machine() {
+    let env = TestEnv::start().await;
+    env.daily
+        .set_fail_create(Some((500, "internal".to_owned())));
+    let (status, err) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{err}");
+    assert_eq!(err["error"], "rooms_unavailable");
+    env.assert_nothing_left_within(Duration::ZERO).await;
+    assert_eq!(env.fly.machines().len(), 1);
+}
+
+#[tokio::test]
+async fn throttled_create_is_503_with_retry_after() {
+    let env = TestEnv::start().await;
+    env.fly.set_fault(
+        FlyOp::Create,
+        Fault::Status {
+            status: 429,
+            retry_after: Some(3),
+        },
+        1,
+    );
+    let resp = env
+        .http
+        .post(format!("{}/start", env.base))
+        .bearer_auth(env.token("alice"))
+        .json(&start_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "3");
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"], "provider_throttled");
+    env.assert_nothing_left_within(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn ghost_create_is_found_and_destroyed() {
+    let env = TestEnv::start().await;
+    env.fly
+        .set_fault(FlyOp::Create, Fault::GhostCreate { status: 502 }, 1);
+    let (status, err) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{err}");
+    env.assert_nothing_left_within(Duration::ZERO).await;
+    assert_eq!(env.fly.machines().len(), 1, "the ghost machine existed");
+}
+
+#[tokio::test]
+async fn client_disconnect_mid_start_leaves_nothing() {
+    let mut opts = Options::default();
+    opts.fly.boot_delay = Duration::from_millis(1500);
+    let env = TestEnv::with(opts).await;
+    let result = env
+        .http
+        .post(format!("{}/start", env.base))
+        .bearer_auth(env.token("alice"))
+        .json(&start_body())
+        .timeout(Duration::from_millis(400))
+        .send()
+        .await;
+    assert!(result.unwrap_err().is_timeout());
+    // The machine was created and was booting when the client left.
+    env.assert_nothing_left_within(Duration::from_secs(5)).await;
+    assert_eq!(env.fly.machines().len(), 1);
+}
+
+#[tokio::test]
+async fn agents_are_chosen_by_path_and_limited_by_scope() {
+    let mut opts = Options::default();
+    opts.toml = r#"
+[agents.support]
+image = "registry.fly.io/support-bot:v2"
+cmd = ["python", "bot.py"]
+env = { VOICE = "calm" }
+guest = { cpus = 2, memory_mb = 2048, cpu_kind = "performance" }
+"#
+    .into();
+    let env = TestEnv::with(opts).await;
+    let alice = env.token("alice");
+    let (status, resp) = env
+        .call("POST", "/v1/public/support/start", Some(&alice), Some(start_body()))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    let m = env.fly.live_machines().remove(0);
+    assert_eq!(m.config["image"], "registry.fly.io/support-bot:v2");
+    assert_eq!(m.config["init"]["cmd"], json!(["python", "bot.py"]));
+    assert_eq!(m.config["env"]["VOICE"], "calm");
+    assert_eq!(m.config["guest"], json!({"cpus": 2, "memory_mb": 2048, "cpu_kind": "performance"}));
+    assert_eq!(m.config["metadata"]["botdispatch_agent"], "support");
+
+    let (status, err) = env
+        .call("POST", "/v1/public/nope/start", Some(&alice), Some(start_body()))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(err["error"], "unknown_agent");
+
+    let scoped = env
+        .app
+        .auth
+        .mint("carol", Duration::from_secs(60), Some("agent:default"))
+        .unwrap();
+    let (status, err) = env
+        .call("POST", "/v1/public/support/start", Some(&scoped), Some(start_body()))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{err}");
+    assert_eq!(env.fly.machines().len(), 1, "nothing created for the refused start");
+    env.assert_spec_clean();
+}
+
+/// Room creation and machine launch run concurrently: a start costs about
+/// max(room latency, create + boot), not their sum.
+#[tokio::test]
+async fn start_latency_is_the_slower_of_room_and_machine_not_the_sum() {
+    let boot = Duration::from_millis(900);
+    let room = Duration::from_millis(700);
+    let mut opts = Options::default();
+    opts.fly.boot_delay = boot;
+    opts.fly.starting_for = Duration::ZERO;
+    let env = TestEnv::with(opts).await;
+    env.daily.set_create_delay(room);
+    // Warm the connection pools so the figure is the flow, not TCP set-up.
+    env.call("GET", "/healthz", None, None).await;
+    let t = Instant::now();
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    let elapsed = t.elapsed();
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    println!(
+        "start latency: {} ms with boot delay B = {} ms and room latency R = {} ms (B + R = {} ms)",
+        elapsed.as_millis(),
+        boot.as_millis(),
+        room.as_millis(),
+        (boot + room).as_millis()
+    );
+    assert!(elapsed >= boot, "cannot be faster than the boot");
+    assert!(
+        elapsed < boot + room - Duration::from_millis(300),
+        "{elapsed:?} looks sequential"
+    );
+}
