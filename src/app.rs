@@ -97,7 +97,10 @@ impl App {
     }
 }
 
-fn build_provider(config: &Config, http: reqwest::Client) -> anyhow::Result<Arc<dyn MachineProvider>> {
+fn build_provider(
+    config: &Config,
+    http: reqwest::Client,
+) -> anyhow::Result<Arc<dyn MachineProvider>> {
     Ok(match config.provider {
         ProviderKind::Local => Arc::new(LocalProvider::new(LocalConfig {
             stop_grace: Duration::from_secs(config.local.stop_grace_secs),
@@ -115,7 +118,10 @@ fn build_provider(config: &Config, http: reqwest::Client) -> anyhow::Result<Arc<
     })
 }
 
-async fn build_rooms(config: &Config, http: reqwest::Client) -> anyhow::Result<Arc<dyn RoomService>> {
+async fn build_rooms(
+    config: &Config,
+    http: reqwest::Client,
+) -> anyhow::Result<Arc<dyn RoomService>> {
     Ok(match config.rooms_kind() {
         RoomsKind::Local => Arc::new(LocalRooms::default()),
         RoomsKind::Daily => {
@@ -155,4 +161,3 @@ fn session_key(config: &Config) -> Vec<u8> {
     tracing::warn!("no session_secret configured: session ids are valid on this replica only");
     key
 }
-

@@ -185,8 +185,8 @@ impl Authenticator {
 
     pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(
-            |e| match e.kind() {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => AuthError::WrongAudience,
@@ -198,8 +198,7 @@ impl Authenticator {
                     AuthError::Invalid("the sub and exp claims are required")
                 }
                 _ => AuthError::Invalid("not a well-formed JWT"),
-            },
-        )?;
+            })?;
         let claims = data.claims;
         if claims.sub.trim().is_empty() || claims.sub.len() > 256 {
             return Err(AuthError::Invalid("sub must be 1 to 256 characters"));
@@ -214,7 +213,12 @@ impl Authenticator {
     }
 
     /// Mints a token for `sub` valid for `ttl` (development and `botdispatch token`).
-    pub fn mint(&self, sub: &str, ttl: Duration, scope: Option<&str>) -> Result<String, AuthSetupError> {
+    pub fn mint(
+        &self,
+        sub: &str,
+        ttl: Duration,
+        scope: Option<&str>,
+    ) -> Result<String, AuthSetupError> {
         let key = self.encoding.as_ref().ok_or(AuthSetupError::NoSigningKey)?;
         let now = jsonwebtoken::get_current_timestamp();
         let claims = Claims {
@@ -226,7 +230,8 @@ impl Authenticator {
             aud: self.audience.clone(),
             iss: self.issuer.clone(),
         };
-        jsonwebtoken::encode(&Header::new(self.algorithm), &claims, key).map_err(AuthSetupError::Sign)
+        jsonwebtoken::encode(&Header::new(self.algorithm), &claims, key)
+            .map_err(AuthSetupError::Sign)
     }
 }
 

@@ -394,8 +394,7 @@ impl Config {
                 RoomsKind::Local
             });
         }
-        if self.provider == ProviderKind::Local && !self.agents.contains_key(&self.default_agent)
-        {
+        if self.provider == ProviderKind::Local && !self.agents.contains_key(&self.default_agent) {
             self.agents.insert(
                 self.default_agent.clone(),
                 AgentConfig {
@@ -473,7 +472,9 @@ impl Config {
             return err("max_sessions (BOTDISPATCH_MAX_SESSIONS) must be at least 1");
         }
         if self.request_timeout_secs == 0 {
-            return err("request_timeout_secs (BOTDISPATCH_REQUEST_TIMEOUT_SECS) must be at least 1");
+            return err(
+                "request_timeout_secs (BOTDISPATCH_REQUEST_TIMEOUT_SECS) must be at least 1",
+            );
         }
         for region in &self.allowed_regions {
             if !is_slug(region, 32) {
@@ -482,7 +483,10 @@ impl Config {
                 ));
             }
         }
-        if !matches!(self.app_env.to_ascii_lowercase().as_str(), "development" | "production" | "test") {
+        if !matches!(
+            self.app_env.to_ascii_lowercase().as_str(),
+            "development" | "production" | "test"
+        ) {
             return err(format!(
                 "app_env (APP_ENV) = {:?} must be development, test or production",
                 self.app_env
@@ -527,7 +531,9 @@ impl Config {
         }
         if let Some(s) = &self.session_secret {
             if s.expose().len() < 32 {
-                return err("session_secret (BOTDISPATCH_SESSION_SECRET) must be at least 32 bytes");
+                return err(
+                    "session_secret (BOTDISPATCH_SESSION_SECRET) must be at least 32 bytes",
+                );
             }
         }
         Ok(())
@@ -611,7 +617,9 @@ impl Config {
                     && !key.starts_with(|c: char| c.is_ascii_digit())
                     && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                 if !valid {
-                    return err(format!("agents.{name}.env: {key:?} is not an environment variable name"));
+                    return err(format!(
+                        "agents.{name}.env: {key:?} is not an environment variable name"
+                    ));
                 }
             }
         }
@@ -630,8 +638,7 @@ fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
 pub fn is_slug(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
@@ -641,8 +648,10 @@ mod tests {
 
     fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let mut c = Config::from_toml(toml)?;
-        let env: BTreeMap<String, String> =
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         c.apply_env(&|k| env.get(k).cloned())?;
         c.fill_defaults();
         c.validate()?;
@@ -666,7 +675,10 @@ mod tests {
     fn env_overrides_file() {
         let c = load(
             "provider = \"local\"\nmax_sessions = 5\n",
-            &[("BOTDISPATCH_MAX_SESSIONS", "7"), ("BOTDISPATCH_LISTEN", "0.0.0.0:8080")],
+            &[
+                ("BOTDISPATCH_MAX_SESSIONS", "7"),
+                ("BOTDISPATCH_LISTEN", "0.0.0.0:8080"),
+            ],
         )
         .unwrap();
         assert_eq!(c.max_sessions, 7);
@@ -683,7 +695,11 @@ mod tests {
         .contains("FLY_APP_NAME"));
         assert!(message(load(
             "",
-            &[("BOTDISPATCH_PROVIDER", "fly"), ("FLY_API_TOKEN", "t"), ("FLY_APP_NAME", "bots")]
+            &[
+                ("BOTDISPATCH_PROVIDER", "fly"),
+                ("FLY_API_TOKEN", "t"),
+                ("FLY_APP_NAME", "bots")
+            ]
         ))
         .contains("BOTDISPATCH_BOT_IMAGE"));
         assert!(message(load("", &[("BOTDISPATCH_MAX_SESSIONS", "lots")]))
@@ -703,7 +719,10 @@ mod tests {
         let secret = "0123456789abcdef0123456789abcdef";
         let m = message(load(
             "",
-            &[("APP_ENV", "production"), ("BOTDISPATCH_JWT_SECRET", secret)],
+            &[
+                ("APP_ENV", "production"),
+                ("BOTDISPATCH_JWT_SECRET", secret),
+            ],
         ));
         assert!(m.contains("local"), "{m}");
         let m = message(load(
@@ -746,7 +765,14 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        let c = load("", &[("BOTDISPATCH_JWT_SECRET", "0123456789abcdef0123456789abcdef-x")]).unwrap();
+        let c = load(
+            "",
+            &[(
+                "BOTDISPATCH_JWT_SECRET",
+                "0123456789abcdef0123456789abcdef-x",
+            )],
+        )
+        .unwrap();
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
     }
 }

@@ -90,10 +90,12 @@ impl From<ProviderError> for ApiError {
     fn from(e: ProviderError) -> Self {
         let detail = e.to_string();
         match e {
-            ProviderError::Throttled { retry_after, .. } => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "provider_throttled", detail)
-                    .retry_after(secs(retry_after))
-            }
+            ProviderError::Throttled { retry_after, .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "provider_throttled",
+                detail,
+            )
+            .retry_after(secs(retry_after)),
             ProviderError::Timeout { .. } => {
                 Self::new(StatusCode::GATEWAY_TIMEOUT, "start_timeout", detail)
                     .retry_after(DEFAULT_RETRY_AFTER_SECS)
@@ -141,8 +143,12 @@ impl From<SessionError> for ApiError {
             SessionError::TooLarge(_) => {
                 Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", detail)
             }
-            SessionError::UnknownAgent(_) => Self::new(StatusCode::NOT_FOUND, "unknown_agent", detail),
-            SessionError::AgentForbidden(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", detail),
+            SessionError::UnknownAgent(_) => {
+                Self::new(StatusCode::NOT_FOUND, "unknown_agent", detail)
+            }
+            SessionError::AgentForbidden(_) => {
+                Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
+            }
             SessionError::NotFound => Self::new(StatusCode::NOT_FOUND, "session_not_found", detail),
             SessionError::StartTimeout(_) => {
                 Self::new(StatusCode::GATEWAY_TIMEOUT, "start_timeout", detail)

@@ -97,7 +97,10 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
 
     // No new starts arrive now; let in-flight ones finish or clean up, within the grace period.
     app.tasks.close();
-    if tokio::time::timeout(shutdown_grace, app.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(shutdown_grace, app.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("starts still running after the grace period; exiting");
     }
     app.sessions.provider().shutdown().await;

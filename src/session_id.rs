@@ -57,7 +57,13 @@ impl SessionIds {
 
     fn body_mac(&self, key: &str, handle: &str, owner_tag: &[u8]) -> HmacSha256 {
         let mut mac = self.mac();
-        for part in [b"v1".as_slice(), self.provider.as_bytes(), key.as_bytes(), handle.as_bytes(), owner_tag] {
+        for part in [
+            b"v1".as_slice(),
+            self.provider.as_bytes(),
+            key.as_bytes(),
+            handle.as_bytes(),
+            owner_tag,
+        ] {
             mac.update(&(part.len() as u32).to_be_bytes());
             mac.update(part);
         }
@@ -67,7 +73,10 @@ impl SessionIds {
     /// The id handed to the owner `sub` for a session.
     pub fn encode(&self, key: &str, handle: &str, sub: &str) -> String {
         let owner_tag = self.owner_tag(sub);
-        let mac = self.body_mac(key, handle, &owner_tag).finalize().into_bytes();
+        let mac = self
+            .body_mac(key, handle, &owner_tag)
+            .finalize()
+            .into_bytes();
         let mut tag = owner_tag.to_vec();
         tag.extend_from_slice(&mac[..MAC_LEN]);
         format!(
@@ -93,7 +102,9 @@ impl SessionIds {
             return None;
         }
         let (owner_tag, mac) = tag.split_at(OWNER_TAG_LEN);
-        self.body_mac(key, &handle, owner_tag).verify_truncated_left(mac).ok()?;
+        self.body_mac(key, &handle, owner_tag)
+            .verify_truncated_left(mac)
+            .ok()?;
         Some(SessionRef {
             key: key.to_owned(),
             handle,
@@ -118,7 +129,10 @@ pub fn new_session_key() -> String {
 }
 
 fn is_session_key(key: &str) -> bool {
-    key.len() == 26 && key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    key.len() == 26
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// The Daily room (and machine) name of a session: `bd-<key>`, valid in Daily

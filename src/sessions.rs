@@ -19,9 +19,7 @@ use crate::auth::Caller;
 use crate::config::{AgentConfig, Config};
 use crate::rooms::{validate_client_properties, RoomError, RoomRequest, RoomService, TokenRequest};
 use crate::session_id::{new_session_key, resource_name, SessionIds};
-use providers::{
-    LaunchSpec, MachineProvider, MachineState, ProviderError, SessionLabels,
-};
+use providers::{LaunchSpec, MachineProvider, MachineState, ProviderError, SessionLabels};
 
 /// Most bytes the `body` passed to the bot may take, serialized.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -192,7 +190,8 @@ impl Sessions {
         validate_client_properties(&room_properties, &token_properties)
             .map_err(SessionError::Invalid)?;
         let create_room = req.create_daily_room.unwrap_or(true);
-        if !create_room && !(room_properties.is_empty() && token_properties.is_empty()) {
+        let has_room_options = !room_properties.is_empty() || !token_properties.is_empty();
+        if !create_room && has_room_options {
             return Err(SessionError::Invalid(
                 "dailyRoomProperties and dailyMeetingTokenProperties need createDailyRoom: true"
                     .into(),
@@ -200,14 +199,16 @@ impl Sessions {
         }
         if let Some(region) = &req.region {
             if !self.settings.allowed_regions.contains(region) {
-                return Err(SessionError::Invalid(if self.settings.allowed_regions.is_empty() {
-                    format!("region {region:?} is not allowed: this dispatcher accepts no region hints")
-                } else {
-                    format!(
-                        "region {region:?} is not allowed (allowed: {})",
-                        self.settings.allowed_regions.join(", ")
-                    )
-                }));
+                return Err(SessionError::Invalid(
+                    if self.settings.allowed_regions.is_empty() {
+                        format!("region {region:?} is not allowed: this dispatcher accepts no region hints")
+                    } else {
+                        format!(
+                            "region {region:?} is not allowed (allowed: {})",
+                            self.settings.allowed_regions.join(", ")
+                        )
+                    },
+                ));
             }
         }
         Ok(StartPlan {
@@ -227,12 +228,20 @@ impl Sessions {
     /// Runs a planned start to its end. `cancel` signals that the client went away: whatever
     /// was created is then destroyed.
     #[instrument(name = "start", skip_all, fields(session.key = %plan.key, agent = %plan.agent, provider = self.provider.name()))]
-    pub async fn start(&self, plan: StartPlan, cancel: CancellationToken) -> Result<Started, SessionError> {
+    pub async fn start(
+        &self,
+        plan: StartPlan,
+        cancel: CancellationToken,
+    ) -> Result<Started, SessionError> {
         let t0 = Instant::now();
         let start_deadline = t0 + self.settings.start_timeout;
         let name = resource_name(&plan.key);
-        let session_end = Utc::now()
-            + chrono::Duration::from_std(self.settings.max_session).unwrap_or(chrono::Duration::hours(1));
+        // Whole seconds: room `exp`, token `exp` and machine labels all carry unix seconds.
+        let session_end = DateTime::from_timestamp(
+            Utc::now().timestamp() + self.settings.max_session.as_secs() as i64,
+            0,
+        )
+        .unwrap_or_else(Utc::now);
 
         // Tokens are signed locally from the deterministic room name: the bot gets its token at
         // launch while the room is still being created.
@@ -289,22 +298,24 @@ impl Sessions {
                 exp: session_end,
                 properties: plan.room_properties.clone(),
             };
-            let result = match tokio::time::timeout_at(start_deadline, self.rooms.create(&req)).await {
-                Ok(r) => r,
-                Err(_) => Err(RoomError::Unavailable {
-                    message: "create room: timed out".into(),
-                }),
-            };
+            let result =
+                match tokio::time::timeout_at(start_deadline, self.rooms.create(&req)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(RoomError::Unavailable {
+                        message: "create room: timed out".into(),
+                    }),
+                };
             Some((result, t.elapsed()))
         };
         let launch_phase = async {
             let t = Instant::now();
-            let result = match tokio::time::timeout_at(start_deadline, self.provider.launch(&spec)).await {
-                Ok(r) => r,
-                Err(_) => Err(ProviderError::Timeout {
-                    provider: self.provider.name(),
-                }),
-            };
+            let result =
+                match tokio::time::timeout_at(start_deadline, self.provider.launch(&spec)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ProviderError::Timeout {
+                        provider: self.provider.name(),
+                    }),
+                };
             (result, t.elapsed())
         };
         let (room_result, (launch_result, launch_time)) = tokio::join!(room_phase, launch_phase);
@@ -318,7 +329,9 @@ impl Sessions {
             Ok(launched) => launched,
             Err(e) => {
                 let cleanup = match &e {
-                    ProviderError::Timeout { .. } | ProviderError::Unavailable { .. } => MachineCleanup::Find,
+                    ProviderError::Timeout { .. } | ProviderError::Unavailable { .. } => {
+                        MachineCleanup::Find
+                    }
                     _ => MachineCleanup::Nothing,
                 };
                 warn!(error = %e, "launch failed; cleaning up");
@@ -334,8 +347,12 @@ impl Sessions {
         let room_time = match room_result {
             Some((Err(e), _)) => {
                 warn!(error = %e, "room creation failed; cleaning up");
-                self.compensate(&plan.key, MachineCleanup::Handle(launched.handle.clone()), room_cleanup)
-                    .await;
+                self.compensate(
+                    &plan.key,
+                    MachineCleanup::Handle(launched.handle.clone()),
+                    room_cleanup,
+                )
+                .await;
                 return Err(e.into());
             }
             Some((Ok(_), t)) => Some(t),
@@ -343,8 +360,12 @@ impl Sessions {
         };
         if cancel.is_cancelled() {
             info!("client went away during launch; cleaning up");
-            self.compensate(&plan.key, MachineCleanup::Handle(launched.handle.clone()), room_cleanup)
-                .await;
+            self.compensate(
+                &plan.key,
+                MachineCleanup::Handle(launched.handle.clone()),
+                room_cleanup,
+            )
+            .await;
             return Err(SessionError::ClientGone);
         }
 
@@ -364,8 +385,12 @@ impl Sessions {
             };
             if let Err(e) = waited {
                 warn!(error = %e, "machine did not start; cleaning up");
-                self.compensate(&plan.key, MachineCleanup::Handle(launched.handle.clone()), room_cleanup)
-                    .await;
+                self.compensate(
+                    &plan.key,
+                    MachineCleanup::Handle(launched.handle.clone()),
+                    room_cleanup,
+                )
+                .await;
                 return Err(e);
             }
             wait_time = Some(t.elapsed());
@@ -415,11 +440,18 @@ impl Sessions {
                 }
             }
         };
-        tokio::join!(machine_cleanup.in_current_span(), room_cleanup.in_current_span());
+        tokio::join!(
+            machine_cleanup.in_current_span(),
+            room_cleanup.in_current_span()
+        );
     }
 
     /// Verifies an id and its owner. Another caller's session reads as not found.
-    fn resolve(&self, caller: &Caller, id: &str) -> Result<crate::session_id::SessionRef, SessionError> {
+    fn resolve(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<crate::session_id::SessionRef, SessionError> {
         let session = self.ids.decode(id).ok_or(SessionError::NotFound)?;
         if !(caller.is_admin() || self.ids.is_owner(&session, &caller.sub)) {
             return Err(SessionError::NotFound);
@@ -515,6 +547,9 @@ impl Transient for ProviderError {
 
 impl Transient for RoomError {
     fn is_transient(&self) -> bool {
-        matches!(self, RoomError::Throttled { .. } | RoomError::Unavailable { .. })
+        matches!(
+            self,
+            RoomError::Throttled { .. } | RoomError::Unavailable { .. }
+        )
     }
 }

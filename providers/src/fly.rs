@@ -88,7 +88,10 @@ impl FlyProvider {
 
     async fn get_machine(&self, id: &str) -> Result<Option<FlyMachine>, ProviderError> {
         let resp = self
-            .send(self.request(Method::GET, &format!("/machines/{id}")), "get machine")
+            .send(
+                self.request(Method::GET, &format!("/machines/{id}")),
+                "get machine",
+            )
             .await?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
@@ -163,7 +166,11 @@ impl MachineProvider for FlyProvider {
         })
     }
 
-    async fn wait_started(&self, launched: &Launched, timeout: Duration) -> Result<(), ProviderError> {
+    async fn wait_started(
+        &self,
+        launched: &Launched,
+        timeout: Duration,
+    ) -> Result<(), ProviderError> {
         let deadline = Instant::now() + timeout;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -172,7 +179,10 @@ impl MachineProvider for FlyProvider {
             }
             // Whole seconds, at least one, never past our own deadline by more than a second.
             let secs = remaining.as_secs().clamp(1, MAX_WAIT_SECS);
-            let mut query = vec![("state", "started".to_owned()), ("timeout", secs.to_string())];
+            let mut query = vec![
+                ("state", "started".to_owned()),
+                ("timeout", secs.to_string()),
+            ];
             if let Some(version) = &launched.version {
                 query.push(("instance_id", version.clone()));
             }
@@ -180,10 +190,11 @@ impl MachineProvider for FlyProvider {
                 .request(Method::GET, &format!("/machines/{}/wait", launched.handle))
                 .query(&query)
                 .timeout(Duration::from_secs(secs) + self.config.request_timeout);
-            let resp = match tokio::time::timeout(remaining, self.send(req, "wait for machine")).await {
-                Ok(resp) => resp?,
-                Err(_) => return Err(ProviderError::Timeout { provider: NAME }),
-            };
+            let resp =
+                match tokio::time::timeout(remaining, self.send(req, "wait for machine")).await {
+                    Ok(resp) => resp?,
+                    Err(_) => return Err(ProviderError::Timeout { provider: NAME }),
+                };
             match resp.status() {
                 s if s.is_success() => return Ok(()),
                 StatusCode::REQUEST_TIMEOUT => continue,
@@ -195,12 +206,14 @@ impl MachineProvider for FlyProvider {
                     let wait_error = error_from(resp, "wait for machine").await;
                     return Err(match self.status(&launched.handle).await {
                         Ok(Some(status)) if status.state == MachineState::Started => return Ok(()),
-                        Ok(Some(status)) if status.state.is_terminal() => ProviderError::StartFailed {
-                            provider: NAME,
-                            message: status
-                                .detail
-                                .unwrap_or_else(|| format!("machine is {}", status.provider_state)),
-                        },
+                        Ok(Some(status)) if status.state.is_terminal() => {
+                            ProviderError::StartFailed {
+                                provider: NAME,
+                                message: status.detail.unwrap_or_else(|| {
+                                    format!("machine is {}", status.provider_state)
+                                }),
+                            }
+                        }
                         Ok(None) => ProviderError::StartFailed {
                             provider: NAME,
                             message: "machine disappeared while starting".into(),
@@ -249,13 +262,20 @@ impl MachineProvider for FlyProvider {
 
     async fn find(&self, session_key: &str) -> Result<Option<MachineStatus>, ProviderError> {
         let machines = self
-            .list(&[(label::MANAGED_BY, MANAGED_BY), (label::SESSION, session_key)])
+            .list(&[
+                (label::MANAGED_BY, MANAGED_BY),
+                (label::SESSION, session_key),
+            ])
             .await?;
         Ok(machines
             .into_iter()
             .map(FlyMachine::into_status)
             // The filter is the server's; check again so a provider that ignores it cannot fool us.
-            .find(|m| m.labels.as_ref().is_some_and(|l| l.session_key == session_key)))
+            .find(|m| {
+                m.labels
+                    .as_ref()
+                    .is_some_and(|l| l.session_key == session_key)
+            }))
     }
 
     async fn list_managed(&self) -> Result<Vec<MachineStatus>, ProviderError> {
@@ -271,7 +291,10 @@ impl MachineProvider for FlyProvider {
         let resp = self
             .send(
                 self.http
-                    .get(format!("{}/apps/{}", self.config.api_url, self.config.app_name))
+                    .get(format!(
+                        "{}/apps/{}",
+                        self.config.api_url, self.config.app_name
+                    ))
                     .bearer_auth(self.config.api_token.expose())
                     .timeout(self.config.request_timeout),
                 "get app",
@@ -357,7 +380,10 @@ impl FlyMachine {
             events
                 .iter()
                 .rev()
-                .find(|e| matches!(e.status.as_str(), "stopped" | "destroyed" | "failed") || e.kind == "exit")
+                .find(|e| {
+                    matches!(e.status.as_str(), "stopped" | "destroyed" | "failed")
+                        || e.kind == "exit"
+                })
                 .and_then(FlyEvent::at)
         } else {
             None
@@ -430,10 +456,12 @@ async fn error_from(resp: Response, what: &str) -> ProviderError {
             provider: NAME,
             retry_after,
         },
-        s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => ProviderError::Unavailable {
-            provider: NAME,
-            message,
-        },
+        s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => {
+            ProviderError::Unavailable {
+                provider: NAME,
+                message,
+            }
+        }
         s => ProviderError::Rejected {
             provider: NAME,
             status: s.as_u16(),

@@ -30,8 +30,8 @@ pub use retry_after::parse_retry_after;
 pub const MANAGED_BY: &str = "botdispatch";
 
 /// Label keys, shared by every provider so listings and the reaper read the same names.
+/// Lowercase with underscores: valid as Fly metadata keys, ECS tag keys and Cloud Run labels.
 pub mod label {
-    //! Lowercase with underscores: valid as Fly metadata keys, ECS tag keys and Cloud Run labels.
     pub const MANAGED_BY: &str = "managed_by";
     pub const SESSION: &str = "botdispatch_session";
     pub const OWNER: &str = "botdispatch_owner";
@@ -129,7 +129,10 @@ impl SessionLabels {
             (label::OWNER.to_owned(), self.owner.clone()),
             (label::ROOM.to_owned(), self.room.clone()),
             (label::AGENT.to_owned(), self.agent.clone()),
-            (label::DEADLINE.to_owned(), self.deadline.timestamp().to_string()),
+            (
+                label::DEADLINE.to_owned(),
+                self.deadline.timestamp().to_string(),
+            ),
         ])
     }
 
@@ -286,7 +289,11 @@ pub trait MachineProvider: Send + Sync + 'static {
 
     /// Waits until the machine is started, at most `timeout`. Must fail with
     /// [`ProviderError::StartFailed`] as soon as the machine can no longer start.
-    async fn wait_started(&self, launched: &Launched, timeout: Duration) -> Result<(), ProviderError>;
+    async fn wait_started(
+        &self,
+        launched: &Launched,
+        timeout: Duration,
+    ) -> Result<(), ProviderError>;
 
     /// Reads a machine by handle. `Ok(None)` when the provider no longer knows it.
     async fn status(&self, handle: &str) -> Result<Option<MachineStatus>, ProviderError>;

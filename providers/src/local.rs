@@ -213,7 +213,9 @@ impl MachineProvider for LocalProvider {
                         (MachineState::Ended, "bot exited with code 0".to_owned())
                     }
                     Ok(status) => match status.code() {
-                        Some(code) => (MachineState::Failed, format!("bot exited with code {code}")),
+                        Some(code) => {
+                            (MachineState::Failed, format!("bot exited with code {code}"))
+                        }
                         None if entry.stopping => {
                             (MachineState::Ended, "bot stopped by signal".to_owned())
                         }
@@ -222,7 +224,11 @@ impl MachineProvider for LocalProvider {
                     Err(e) => (MachineState::Failed, format!("cannot wait for bot: {e}")),
                 };
                 // Exiting non-zero after we asked it to stop is still a normal end.
-                entry.state = if entry.stopping { MachineState::Ended } else { state };
+                entry.state = if entry.stopping {
+                    MachineState::Ended
+                } else {
+                    state
+                };
                 entry.detail = Some(detail);
             }
             drop(table);
@@ -236,9 +242,15 @@ impl MachineProvider for LocalProvider {
         })
     }
 
-    async fn wait_started(&self, launched: &Launched, timeout: Duration) -> Result<(), ProviderError> {
+    async fn wait_started(
+        &self,
+        launched: &Launched,
+        timeout: Duration,
+    ) -> Result<(), ProviderError> {
         match self
-            .wait_for(&launched.handle, timeout, |s| s != Some(MachineState::Starting))
+            .wait_for(&launched.handle, timeout, |s| {
+                s != Some(MachineState::Starting)
+            })
             .await
         {
             Some(MachineState::Started) => Ok(()),

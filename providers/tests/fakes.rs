@@ -535,17 +535,31 @@ async fn fly_slow_create_exists_before_it_answers() {
     let fly = Fly::start(fly_config()).await;
     fly.fake.set_create_delay(Duration::from_millis(300));
     let body = create_body("slow", "s", true);
+    let answered = std::sync::atomic::AtomicBool::new(false);
     let began = Instant::now();
-    let request = fly.create(&body);
-    let observer = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        fly.fake.machines().len()
+    let request = async {
+        let created = fly.create(&body).await;
+        answered.store(true, std::sync::atomic::Ordering::SeqCst);
+        created
     };
-    let (created, seen_early) = tokio::join!(request, observer);
+    // Whether the machine was visible while the create was still pending.
+    let observer = async {
+        loop {
+            let done = answered.load(std::sync::atomic::Ordering::SeqCst);
+            if !fly.fake.machines().is_empty() {
+                return !done;
+            }
+            if done {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let (created, seen_while_pending) = tokio::join!(request, observer);
     assert_eq!(created.status, 200);
     assert!(began.elapsed() >= Duration::from_millis(300));
-    assert_eq!(
-        seen_early, 1,
+    assert!(
+        seen_while_pending,
         "the machine exists while the create is pending"
     );
 }
@@ -924,6 +938,17 @@ async fn prism_in_front_of_fake_fly_rejects_invalid_requests() {
     assert_eq!(got.status, 200, "{}\n{}", got.body, prism.log());
     let listed = answer(http.get(&url).bearer_auth(TOKEN).send().await.unwrap()).await;
     assert_eq!(listed.status, 200, "{}\n{}", listed.body, prism.log());
+    let waited = answer(
+        http.get(format!("{url}/{id}/wait"))
+            .query(&[("state", "started"), ("timeout", "30")])
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(waited.status, 200, "{}\n{}", waited.body, prism.log());
+    assert_eq!(waited.body["state"], "started");
 
     // Only the valid requests reached the fake.
     let creates = fly

@@ -28,13 +28,21 @@ pub fn build_router(state: AppState) -> Router {
     Router::new()
         .route("/start", post(start::start))
         .route("/v1/public/{agent}/start", post(start::start_agent))
-        .route("/sessions/{id}", get(sessions::get).delete(sessions::delete))
-        .route("/v1/agents/{agent}/sessions/{id}", delete(sessions::delete_alias))
+        .route(
+            "/sessions/{id}",
+            get(sessions::get).delete(sessions::delete),
+        )
+        .route(
+            "/v1/agents/{agent}/sessions/{id}",
+            delete(sessions::delete_alias),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES + REQUEST_OVERHEAD_BYTES))
+        .layer(DefaultBodyLimit::max(
+            MAX_BODY_BYTES + REQUEST_OVERHEAD_BYTES,
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -70,20 +78,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 ));
             }
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e: BytesRejection| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!(
-                        "request body is larger than {} bytes",
-                        MAX_BODY_BYTES + REQUEST_OVERHEAD_BYTES
-                    ),
-                )
-            } else {
-                ApiError::bad_request(format!("cannot read the request body: {e}"))
-            }
-        })?;
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e: BytesRejection| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        format!(
+                            "request body is larger than {} bytes",
+                            MAX_BODY_BYTES + REQUEST_OVERHEAD_BYTES
+                        ),
+                    )
+                } else {
+                    ApiError::bad_request(format!("cannot read the request body: {e}"))
+                }
+            })?;
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
             b"{}"
         } else {

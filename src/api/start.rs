@@ -79,7 +79,11 @@ async fn run(
     guard.disarm();
     let started = result.map_err(|e| {
         tracing::error!(error = %e, "start task panicked");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
     })??;
     let status = if started.ready {
         StatusCode::OK

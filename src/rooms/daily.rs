@@ -64,7 +64,9 @@ impl DailyRooms {
             Some(d) => d,
             None => {
                 let info: DomainInfo = json_or_error(
-                    rooms.send(rooms.request(Method::GET, "/"), "read domain").await?,
+                    rooms
+                        .send(rooms.request(Method::GET, "/"), "read domain")
+                        .await?,
                     "read domain",
                 )
                 .await?;
@@ -89,7 +91,16 @@ impl DailyRooms {
 
     async fn send(&self, req: RequestBuilder, what: &str) -> Result<Response, RoomError> {
         req.send().await.map_err(|e| RoomError::Unavailable {
-            message: format!("{what}: {}", if e.is_timeout() { "timed out".to_owned() } else if e.is_connect() { "connection failed".to_owned() } else { e.to_string() }),
+            message: format!(
+                "{what}: {}",
+                if e.is_timeout() {
+                    "timed out".to_owned()
+                } else if e.is_connect() {
+                    "connection failed".to_owned()
+                } else {
+                    e.to_string()
+                }
+            ),
         })
     }
 }
@@ -110,7 +121,10 @@ impl RoomService for DailyRooms {
         properties.insert("eject_at_room_exp".into(), json!(true));
         let body = json!({ "name": req.name, "privacy": "private", "properties": properties });
         let resp = self
-            .send(self.request(Method::POST, "/rooms").json(&body), "create room")
+            .send(
+                self.request(Method::POST, "/rooms").json(&body),
+                "create room",
+            )
             .await?;
         let room: DailyRoom = json_or_error(resp, "create room").await?;
         Ok(Room {
@@ -121,7 +135,10 @@ impl RoomService for DailyRooms {
 
     async fn delete(&self, name: &str) -> Result<(), RoomError> {
         let resp = self
-            .send(self.request(Method::DELETE, &format!("/rooms/{name}")), "delete room")
+            .send(
+                self.request(Method::DELETE, &format!("/rooms/{name}")),
+                "delete room",
+            )
             .await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(()),
@@ -132,7 +149,10 @@ impl RoomService for DailyRooms {
 
     async fn exists(&self, name: &str) -> Result<bool, RoomError> {
         let resp = self
-            .send(self.request(Method::GET, &format!("/rooms/{name}")), "get room")
+            .send(
+                self.request(Method::GET, &format!("/rooms/{name}")),
+                "get room",
+            )
             .await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(false),
@@ -148,12 +168,17 @@ impl RoomService for DailyRooms {
     }
 
     async fn check(&self) -> Result<(), RoomError> {
-        let resp = self.send(self.request(Method::GET, "/"), "read domain").await?;
+        let resp = self
+            .send(self.request(Method::GET, "/"), "read domain")
+            .await?;
         json_or_error::<Value>(resp, "read domain").await.map(drop)
     }
 }
 
-async fn json_or_error<T: serde::de::DeserializeOwned>(resp: Response, what: &str) -> Result<T, RoomError> {
+async fn json_or_error<T: serde::de::DeserializeOwned>(
+    resp: Response,
+    what: &str,
+) -> Result<T, RoomError> {
     if !resp.status().is_success() {
         return Err(error_from(resp, what).await);
     }

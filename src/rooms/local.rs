@@ -48,8 +48,12 @@ impl RoomService for LocalRooms {
     }
 
     fn mint_token(&self, req: &TokenRequest<'_>) -> Result<String, RoomError> {
-        jsonwebtoken::encode(&Header::default(), &TokenClaims::new("local", req), &self.key)
-            .map_err(|e| RoomError::Token(e.to_string()))
+        jsonwebtoken::encode(
+            &Header::default(),
+            &TokenClaims::new("local", req),
+            &self.key,
+        )
+        .map_err(|e| RoomError::Token(e.to_string()))
     }
 
     async fn check(&self) -> Result<(), RoomError> {

@@ -136,7 +136,10 @@ pub fn validate_client_properties(
     room: &Map<String, Value>,
     token: &Map<String, Value>,
 ) -> Result<(), String> {
-    if let Some(key) = room.keys().find(|k| !CLIENT_ROOM_PROPERTIES.contains(&k.as_str())) {
+    if let Some(key) = room
+        .keys()
+        .find(|k| !CLIENT_ROOM_PROPERTIES.contains(&k.as_str()))
+    {
         return Err(format!(
             "dailyRoomProperties.{key} is not allowed (allowed: {}); expiry and eject settings are set by botdispatch",
             CLIENT_ROOM_PROPERTIES.join(", ")

@@ -23,7 +23,10 @@ fn fixture(name: &str) -> String {
 }
 
 async fn assert_401(env: &TestEnv, header: Option<&str>, why: &str) {
-    let mut req = env.http.post(format!("{}/start", env.base)).json(&start_body());
+    let mut req = env
+        .http
+        .post(format!("{}/start", env.base))
+        .json(&start_body());
     if let Some(h) = header {
         req = req.header("authorization", h);
     }
@@ -32,7 +35,10 @@ async fn assert_401(env: &TestEnv, header: Option<&str>, why: &str) {
     assert_eq!(resp.headers()["www-authenticate"], "Bearer", "{why}");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "unauthorized", "{why}");
-    assert!(body["detail"].is_string() && body["info"] == body["detail"], "{why}");
+    assert!(
+        body["detail"].is_string() && body["info"] == body["detail"],
+        "{why}"
+    );
 }
 
 #[tokio::test]
@@ -45,13 +51,19 @@ async fn bad_tokens_are_refused_with_401() {
         (Some("Bearer".into()), "empty bearer"),
         (Some("Bearer not.a.jwt".into()), "malformed"),
         (
-            Some(format!("Bearer {}", hs256(json!({"sub": "a", "exp": now() - 120}), JWT_SECRET))),
+            Some(format!(
+                "Bearer {}",
+                hs256(json!({"sub": "a", "exp": now() - 120}), JWT_SECRET)
+            )),
             "expired",
         ),
         (
             Some(format!(
                 "Bearer {}",
-                hs256(json!({"sub": "a", "exp": exp}), "another-secret-0123456789abcdef0123")
+                hs256(
+                    json!({"sub": "a", "exp": exp}),
+                    "another-secret-0123456789abcdef0123"
+                )
             )),
             "wrong signature",
         ),
@@ -66,12 +78,18 @@ async fn bad_tokens_are_refused_with_401() {
         (
             Some(format!(
                 "Bearer {}",
-                hs256(json!({"sub": "a", "exp": exp, "nbf": now() + 600}), JWT_SECRET)
+                hs256(
+                    json!({"sub": "a", "exp": exp, "nbf": now() + 600}),
+                    JWT_SECRET
+                )
             )),
             "not yet valid",
         ),
         (
-            Some(format!("Bearer {}", hs256(json!({"sub": "", "exp": exp}), JWT_SECRET))),
+            Some(format!(
+                "Bearer {}",
+                hs256(json!({"sub": "", "exp": exp}), JWT_SECRET)
+            )),
             "empty sub",
         ),
     ];
@@ -92,7 +110,10 @@ async fn bad_tokens_are_refused_with_401() {
     assert!(env.daily.rooms().is_empty());
 
     // And the control: a good token works.
-    let good = format!("Bearer {}", hs256(json!({"sub": "a", "exp": exp}), JWT_SECRET));
+    let good = format!(
+        "Bearer {}",
+        hs256(json!({"sub": "a", "exp": exp}), JWT_SECRET)
+    );
     let resp = env
         .http
         .post(format!("{}/start", env.base))
@@ -107,22 +128,40 @@ async fn bad_tokens_are_refused_with_401() {
 #[tokio::test]
 async fn audience_and_issuer_are_checked_when_configured() {
     let mut opts = Options::default();
-    opts.env.push(("BOTDISPATCH_JWT_AUDIENCE", "botdispatch".into()));
-    opts.env.push(("BOTDISPATCH_JWT_ISSUER", "https://auth.example".into()));
+    opts.env
+        .push(("BOTDISPATCH_JWT_AUDIENCE", "botdispatch".into()));
+    opts.env
+        .push(("BOTDISPATCH_JWT_ISSUER", "https://auth.example".into()));
     let env = TestEnv::with(opts).await;
     let exp = now() + 600;
     for (claims, why) in [
-        (json!({"sub": "a", "exp": exp, "iss": "https://auth.example"}), "no aud"),
-        (json!({"sub": "a", "exp": exp, "aud": "other", "iss": "https://auth.example"}), "wrong aud"),
-        (json!({"sub": "a", "exp": exp, "aud": "botdispatch", "iss": "https://evil.example"}), "wrong iss"),
+        (
+            json!({"sub": "a", "exp": exp, "iss": "https://auth.example"}),
+            "no aud",
+        ),
+        (
+            json!({"sub": "a", "exp": exp, "aud": "other", "iss": "https://auth.example"}),
+            "wrong aud",
+        ),
+        (
+            json!({"sub": "a", "exp": exp, "aud": "botdispatch", "iss": "https://evil.example"}),
+            "wrong iss",
+        ),
     ] {
-        assert_401(&env, Some(&format!("Bearer {}", hs256(claims, JWT_SECRET))), why).await;
+        assert_401(
+            &env,
+            Some(&format!("Bearer {}", hs256(claims, JWT_SECRET))),
+            why,
+        )
+        .await;
     }
     let good = hs256(
         json!({"sub": "a", "exp": exp, "aud": "botdispatch", "iss": "https://auth.example"}),
         JWT_SECRET,
     );
-    let (status, _) = env.call("POST", "/start", Some(&good), Some(start_body())).await;
+    let (status, _) = env
+        .call("POST", "/start", Some(&good), Some(start_body()))
+        .await;
     assert_eq!(status, StatusCode::OK);
     // Tokens minted by the service carry the configured aud/iss.
     let (status, _) = env.post_start("b", start_body()).await;
@@ -132,9 +171,13 @@ async fn audience_and_issuer_are_checked_when_configured() {
 #[tokio::test]
 async fn rs256_public_key_and_algorithm_confusion() {
     let mut opts = Options::default();
-    opts.env.push(("BOTDISPATCH_JWT_PUBLIC_KEY_FILE", fixture("rsa-public.pem")));
+    opts.env
+        .push(("BOTDISPATCH_JWT_PUBLIC_KEY_FILE", fixture("rsa-public.pem")));
     opts.env.push(("BOTDISPATCH_JWT_ALGORITHM", "RS256".into()));
-    opts.env.push(("BOTDISPATCH_SESSION_SECRET", "session-secret-0123456789abcdef0123".into()));
+    opts.env.push((
+        "BOTDISPATCH_SESSION_SECRET",
+        "session-secret-0123456789abcdef0123".into(),
+    ));
     let env = TestEnv::with_without_jwt_secret(opts).await;
     let exp = now() + 600;
     let private = std::fs::read(fixture("rsa-private.pem")).unwrap();
@@ -144,7 +187,9 @@ async fn rs256_public_key_and_algorithm_confusion() {
         &EncodingKey::from_rsa_pem(&private).unwrap(),
     )
     .unwrap();
-    let (status, resp) = env.call("POST", "/start", Some(&rs), Some(start_body())).await;
+    let (status, resp) = env
+        .call("POST", "/start", Some(&rs), Some(start_body()))
+        .await;
     assert_eq!(status, StatusCode::OK, "{resp}");
 
     // HS256 signed with the public key's PEM bytes as the secret: the classic confusion.
@@ -165,7 +210,8 @@ async fn rs256_public_key_and_algorithm_confusion() {
 #[tokio::test]
 async fn es256_public_key() {
     let mut opts = Options::default();
-    opts.env.push(("BOTDISPATCH_JWT_PUBLIC_KEY_FILE", fixture("ec-public.pem")));
+    opts.env
+        .push(("BOTDISPATCH_JWT_PUBLIC_KEY_FILE", fixture("ec-public.pem")));
     opts.env.push(("BOTDISPATCH_JWT_ALGORITHM", "ES256".into()));
     let env = TestEnv::with_without_jwt_secret(opts).await;
     let ec_private = std::fs::read(fixture("ec-private.pem")).unwrap();
@@ -175,7 +221,9 @@ async fn es256_public_key() {
         &EncodingKey::from_ec_pem(&ec_private).unwrap(),
     )
     .unwrap();
-    let (status, resp) = env.call("POST", "/start", Some(&es), Some(start_body())).await;
+    let (status, resp) = env
+        .call("POST", "/start", Some(&es), Some(start_body()))
+        .await;
     assert_eq!(status, StatusCode::OK, "{resp}");
     let url = resp["statusUrl"].as_str().unwrap();
     let (status, _) = env.call("GET", url, Some(&es), None).await;

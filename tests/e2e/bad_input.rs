@@ -17,7 +17,13 @@ struct Case {
     mentions: &'static str,
 }
 
-fn json_case(why: &'static str, body: Value, status: StatusCode, code: &'static str, mentions: &'static str) -> Case {
+fn json_case(
+    why: &'static str,
+    body: Value,
+    status: StatusCode,
+    code: &'static str,
+    mentions: &'static str,
+) -> Case {
     Case {
         why,
         path: "/start",
@@ -32,7 +38,8 @@ fn json_case(why: &'static str, body: Value, status: StatusCode, code: &'static 
 #[tokio::test]
 async fn bad_requests_get_clear_errors_and_create_nothing() {
     let mut opts = Options::default();
-    opts.env.push(("BOTDISPATCH_ALLOWED_REGIONS", "iad,ord".into()));
+    opts.env
+        .push(("BOTDISPATCH_ALLOWED_REGIONS", "iad,ord".into()));
     let env = TestEnv::with(opts).await;
     let big = "x".repeat(90 * 1024);
     let cases = vec![
@@ -54,10 +61,34 @@ async fn bad_requests_get_clear_errors_and_create_nothing() {
             code: "unsupported_media_type",
             mentions: "application/json",
         },
-        json_case("wrong type", json!({"wait": "yes"}), StatusCode::BAD_REQUEST, "invalid_request", "boolean"),
-        json_case("body not an object", json!({"body": [1, 2]}), StatusCode::BAD_REQUEST, "invalid_request", "map"),
-        json_case("unknown field", json!({"bodyy": {}}), StatusCode::BAD_REQUEST, "invalid_request", "bodyy"),
-        json_case("top level not an object", json!([1]), StatusCode::BAD_REQUEST, "invalid_request", "JSON"),
+        json_case(
+            "wrong type",
+            json!({"wait": "yes"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "boolean",
+        ),
+        json_case(
+            "body not an object",
+            json!({"body": [1, 2]}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "map",
+        ),
+        json_case(
+            "unknown field",
+            json!({"bodyy": {}}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "bodyy",
+        ),
+        json_case(
+            "top level not an object",
+            json!([1]),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "JSON",
+        ),
         json_case(
             "room exp is the dispatcher's",
             json!({"dailyRoomProperties": {"exp": 1}}),
@@ -79,7 +110,13 @@ async fn bad_requests_get_clear_errors_and_create_nothing() {
             "invalid_request",
             "user_name",
         ),
-        json_case("disallowed region", json!({"region": "syd"}), StatusCode::BAD_REQUEST, "invalid_request", "iad, ord"),
+        json_case(
+            "disallowed region",
+            json!({"region": "syd"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "iad, ord",
+        ),
         json_case(
             "body over 64 KiB",
             json!({"body": {"blob": "y".repeat(65 * 1024)}}),
@@ -120,14 +157,27 @@ async fn bad_requests_get_clear_errors_and_create_nothing() {
         assert_eq!(err["error"], case.code, "{}: {err}", case.why);
         let detail = err["detail"].as_str().unwrap();
         assert_eq!(err["info"], detail, "{}", case.why);
-        assert!(detail.contains(case.mentions), "{}: {detail:?} should mention {:?}", case.why, case.mentions);
+        assert!(
+            detail.contains(case.mentions),
+            "{}: {detail:?} should mention {:?}",
+            case.why,
+            case.mentions
+        );
     }
-    assert!(env.fly.requests().is_empty(), "no provider call for rejected requests");
+    assert!(
+        env.fly.requests().is_empty(),
+        "no provider call for rejected requests"
+    );
     assert!(env.daily.rooms().is_empty());
 
     // An allowed region reaches the machine; an empty body is a default start.
     let (status, resp) = env
-        .call("POST", "/start", Some(&token), Some(json!({"region": "ord"})))
+        .call(
+            "POST",
+            "/start",
+            Some(&token),
+            Some(json!({"region": "ord"})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{resp}");
     assert_eq!(env.fly.live_machines()[0].region, "ord");
@@ -151,7 +201,10 @@ async fn unknown_routes_and_methods_use_the_error_shape() {
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(err["error"], "method_not_allowed");
     let (status, ok) = env.call("GET", "/healthz", None, None).await;
-    assert_eq!((status, ok["status"].as_str()), (StatusCode::OK, Some("ok")));
+    assert_eq!(
+        (status, ok["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
     let (status, ready) = env.call("GET", "/readyz", None, None).await;
     assert_eq!(status, StatusCode::OK, "{ready}");
     assert_eq!(ready["provider"], "fly");

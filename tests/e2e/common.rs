@@ -87,7 +87,10 @@ impl TestEnv {
             ("BOTDISPATCH_LISTEN", "127.0.0.1:0".to_owned()),
             ("FLY_API_TOKEN", FLY_TOKEN.to_owned()),
             ("FLY_APP_NAME", FLY_APP.to_owned()),
-            ("FLY_API_URL", opts.fly_url.clone().unwrap_or_else(|| fly.base_url())),
+            (
+                "FLY_API_URL",
+                opts.fly_url.clone().unwrap_or_else(|| fly.base_url()),
+            ),
             ("DAILY_API_KEY", DAILY_KEY.to_owned()),
             ("DAILY_API_URL", daily.base_url()),
         ]);
@@ -130,7 +133,8 @@ impl TestEnv {
     }
 
     pub async fn post_start(&self, sub: &str, body: Value) -> (StatusCode, Value) {
-        self.call("POST", "/start", Some(&self.token(sub)), Some(body)).await
+        self.call("POST", "/start", Some(&self.token(sub)), Some(body))
+            .await
     }
 
     /// Any call with an optional bearer token and JSON body; answers status and JSON body.
@@ -159,7 +163,8 @@ impl TestEnv {
     }
 
     pub async fn get_session(&self, sub: &str, status_url: &str) -> (StatusCode, Value) {
-        self.call("GET", status_url, Some(&self.token(sub)), None).await
+        self.call("GET", status_url, Some(&self.token(sub)), None)
+            .await
     }
 
     /// Live (not destroyed) machines and existing rooms in the fakes.
@@ -191,7 +196,10 @@ impl TestEnv {
 
     pub fn assert_spec_clean(&self) {
         let violations = self.fly.spec_violations();
-        assert!(violations.is_empty(), "Fly spec violations: {violations:#?}");
+        assert!(
+            violations.is_empty(),
+            "Fly spec violations: {violations:#?}"
+        );
     }
 }
 

@@ -73,7 +73,10 @@ impl Dispatcher {
                         return line;
                     }
                 }
-                Err(_) => panic!("no line with {needle:?} within {timeout:?}; output:\n{}", self.seen.join("\n")),
+                Err(_) => panic!(
+                    "no line with {needle:?} within {timeout:?}; output:\n{}",
+                    self.seen.join("\n")
+                ),
             }
         }
     }
@@ -116,27 +119,69 @@ async fn embedded_default_runs_a_real_local_bot_and_stops_it() {
     assert_eq!(resp.status(), StatusCode::OK);
     let started: Value = resp.json().await.unwrap();
     assert_eq!(started["status"], "ready");
-    assert!(started["dailyRoom"].as_str().unwrap().starts_with("https://local-rooms.invalid/bd-"));
-    let key = started["sessionId"].as_str().unwrap().split('.').next().unwrap().to_owned();
+    assert!(started["dailyRoom"]
+        .as_str()
+        .unwrap()
+        .starts_with("https://local-rooms.invalid/bd-"));
+    let key = started["sessionId"]
+        .as_str()
+        .unwrap()
+        .split('.')
+        .next()
+        .unwrap()
+        .to_owned();
 
     // The bot is a real process that got the contract through its environment.
-    d.wait_for(&format!("[local-bot {key}] started: DAILY_ROOM_URL=https://local-rooms.invalid/bd-{key}"), Duration::from_secs(10));
-    d.wait_for(&format!("[local-bot {key}] BOTDISPATCH_BODY={{\"hello\":\"world\"}}"), Duration::from_secs(5));
+    d.wait_for(
+        &format!("[local-bot {key}] started: DAILY_ROOM_URL=https://local-rooms.invalid/bd-{key}"),
+        Duration::from_secs(10),
+    );
+    d.wait_for(
+        &format!("[local-bot {key}] BOTDISPATCH_BODY={{\"hello\":\"world\"}}"),
+        Duration::from_secs(5),
+    );
     let status_url = format!("{base}{}", started["statusUrl"].as_str().unwrap());
-    let view: Value = http.get(&status_url).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    let view: Value = http
+        .get(&status_url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(view["status"], "ready", "{view}");
     assert_eq!(view["provider"], "local");
 
-    let resp = http.delete(&status_url).bearer_auth(&token).send().await.unwrap();
+    let resp = http
+        .delete(&status_url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    d.wait_for(&format!("[local-bot {key}] SIGTERM: leaving the room"), Duration::from_secs(10));
-    let view: Value = http.get(&status_url).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    d.wait_for(
+        &format!("[local-bot {key}] SIGTERM: leaving the room"),
+        Duration::from_secs(10),
+    );
+    let view: Value = http
+        .get(&status_url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(view["status"], "ended", "{view}");
 
     // The tokens never reach the output (the bot prints only their length).
     let output = d.output();
     let user_token = started["dailyToken"].as_str().unwrap();
-    assert!(!output.contains(user_token), "user token leaked into the output");
+    assert!(
+        !output.contains(user_token),
+        "user token leaked into the output"
+    );
 
     // SIGTERM: a clean exit.
     nix_kill(d.child.id(), "TERM");
@@ -156,8 +201,19 @@ async fn embedded_default_runs_a_real_local_bot_and_stops_it() {
 async fn local_bots_are_stopped_when_the_dispatcher_shuts_down() {
     let mut d = Dispatcher::spawn(&[]);
     let curl = d.wait_for("curl -s -X POST http://", Duration::from_secs(30));
-    let url = curl.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_owned();
-    let token = curl.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_owned();
+    let url = curl
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_owned();
+    let token = curl
+        .split("Bearer ")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap()
+        .to_owned();
     let resp = reqwest::Client::new()
         .post(&url)
         .bearer_auth(&token)
@@ -167,10 +223,22 @@ async fn local_bots_are_stopped_when_the_dispatcher_shuts_down() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let started: Value = resp.json().await.unwrap();
-    let key = started["sessionId"].as_str().unwrap().split('.').next().unwrap().to_owned();
-    d.wait_for(&format!("[local-bot {key}] started"), Duration::from_secs(10));
+    let key = started["sessionId"]
+        .as_str()
+        .unwrap()
+        .split('.')
+        .next()
+        .unwrap()
+        .to_owned();
+    d.wait_for(
+        &format!("[local-bot {key}] started"),
+        Duration::from_secs(10),
+    );
     nix_kill(d.child.id(), "TERM");
-    d.wait_for(&format!("[local-bot {key}] SIGTERM: leaving the room"), Duration::from_secs(10));
+    d.wait_for(
+        &format!("[local-bot {key}] SIGTERM: leaving the room"),
+        Duration::from_secs(10),
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     while d.child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "did not exit on SIGTERM");
@@ -186,7 +254,11 @@ fn token_command_mints_a_token_for_the_configured_secret() {
         .env("BOTDISPATCH_JWT_SECRET", crate::common::JWT_SECRET)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = String::from_utf8(out.stdout).unwrap();
     let claims = crate::common::decode_hs256(token.trim(), crate::common::JWT_SECRET);
     assert_eq!(claims["sub"], "alice");
@@ -223,7 +295,10 @@ fn bad_configuration_refuses_to_start_naming_the_key() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("refused when APP_ENV=production"), "{stderr}");
+    assert!(
+        stderr.contains("refused when APP_ENV=production"),
+        "{stderr}"
+    );
 }
 
 fn nix_kill(pid: u32, signal: &str) {

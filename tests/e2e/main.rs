@@ -1,6 +1,9 @@
 //! End-to-end tests through the real HTTP server: one test binary (one link step) with a
 //! module per area.
 
+// Each test states only how its set-up differs from the default; that reads best as assignments.
+#![allow(clippy::field_reassign_with_default)]
+
 mod auth;
 mod bad_input;
 mod common;

@@ -23,7 +23,9 @@ async fn fly_requests_pass_prism_validation() {
             std::env::var_os("CI").is_none(),
             "Prism is required in CI: .ci/run installs @stoplight/prism-cli@5.14.2"
         );
-        eprintln!("SKIPPED: prism not installed (npm install --no-save @stoplight/prism-cli@5.14.2)");
+        eprintln!(
+            "SKIPPED: prism not installed (npm install --no-save @stoplight/prism-cli@5.14.2)"
+        );
         return;
     };
     let mut opts = Options::default();
@@ -34,13 +36,27 @@ async fn fly_requests_pass_prism_validation() {
 
     // Start with everything the create request can carry, poll, stop.
     let (status, resp) = env
-        .post_start("alice", json!({"body": {"a": 1}, "region": "ord", "wait": true}))
+        .post_start(
+            "alice",
+            json!({"body": {"a": 1}, "region": "ord", "wait": true}),
+        )
         .await;
-    assert_eq!(status, StatusCode::OK, "{resp}\nprism log:\n{}", prism.log());
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{resp}\nprism log:\n{}",
+        prism.log()
+    );
     let url = resp["statusUrl"].as_str().unwrap();
     let (status, view) = env.get_session("alice", url).await;
-    assert_eq!((status, view["status"].as_str()), (StatusCode::OK, Some("ready")), "{view}");
-    let (status, _) = env.call("DELETE", url, Some(&env.token("alice")), None).await;
+    assert_eq!(
+        (status, view["status"].as_str()),
+        (StatusCode::OK, Some("ready")),
+        "{view}"
+    );
+    let (status, _) = env
+        .call("DELETE", url, Some(&env.token("alice")), None)
+        .await;
     assert_eq!(status, StatusCode::OK, "prism log:\n{}", prism.log());
 
     // A start whose machine never starts exercises /wait with its timeout and the clean-up.
@@ -48,7 +64,8 @@ async fn fly_requests_pass_prism_validation() {
     let t = Instant::now();
     let mut opts = Options::default();
     opts.fly_url = Some(prism.url().to_owned());
-    opts.env.push(("BOTDISPATCH_START_TIMEOUT_SECS", "1".into()));
+    opts.env
+        .push(("BOTDISPATCH_START_TIMEOUT_SECS", "1".into()));
     let short = TestEnv::with(opts).await;
     let (status, err) = short.post_start("alice", start_body()).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{err}");
@@ -58,11 +75,27 @@ async fn fly_requests_pass_prism_validation() {
     let (status, ready) = env.call("GET", "/readyz", None, None).await;
     assert_eq!(status, StatusCode::OK, "{ready}");
 
-    assert!(fly.spec_violations().is_empty(), "{:?}", fly.spec_violations());
+    assert!(
+        fly.spec_violations().is_empty(),
+        "{:?}",
+        fly.spec_violations()
+    );
     assert!(fly.live_machines().is_empty(), "{:?}", fly.live_machines());
-    let methods: Vec<String> = fly.requests().iter().map(|r| format!("{} {}", r.method, r.path)).collect();
-    for expected in ["POST /apps/bots/machines", "/wait", "POST /apps/bots/machines/", "DELETE /apps/bots/machines/"] {
-        assert!(methods.iter().any(|m| m.contains(expected)), "{expected} missing from {methods:?}");
+    let methods: Vec<String> = fly
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    for expected in [
+        "POST /apps/bots/machines",
+        "/wait",
+        "POST /apps/bots/machines/",
+        "DELETE /apps/bots/machines/",
+    ] {
+        assert!(
+            methods.iter().any(|m| m.contains(expected)),
+            "{expected} missing from {methods:?}"
+        );
     }
     assert!(
         !prism.log().contains("UNPROCESSABLE_ENTITY"),

@@ -79,10 +79,21 @@ async fn happy_path_starts_a_machine_with_the_bot_contract() {
     assert_eq!(meta["botdispatch_session"], key);
     assert_eq!(meta["botdispatch_owner"], "alice");
     assert_eq!(meta["botdispatch_room"], room_name);
-    assert!((meta["botdispatch_deadline"].as_str().unwrap().parse::<i64>().unwrap() - exp).abs() <= 1);
+    assert!(
+        (meta["botdispatch_deadline"]
+            .as_str()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+            - exp)
+            .abs()
+            <= 1
+    );
 
     // Status from the provider.
-    let (status, view) = env.get_session("alice", resp["statusUrl"].as_str().unwrap()).await;
+    let (status, view) = env
+        .get_session("alice", resp["statusUrl"].as_str().unwrap())
+        .await;
     assert_eq!(status, StatusCode::OK, "{view}");
     assert_eq!(view["status"], "ready");
     assert_eq!(view["provider"], "fly");
@@ -191,7 +202,10 @@ async fn provider_refusal_cleans_up_the_room() {
     let (status, err) = env.post_start("alice", start_body()).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{err}");
     assert_eq!(err["error"], "provider_error");
-    assert!(err["info"].as_str().unwrap().contains("image not found"), "{err}");
+    assert!(
+        err["info"].as_str().unwrap().contains("image not found"),
+        "{err}"
+    );
     assert_eq!(err["detail"], err["info"]);
     env.assert_nothing_left_within(Duration::ZERO).await;
 }
@@ -199,7 +213,8 @@ async fn provider_refusal_cleans_up_the_room() {
 #[tokio::test]
 async fn machine_that_never_starts_times_out_with_504_and_is_destroyed() {
     let mut opts = Options::default();
-    opts.env.push(("BOTDISPATCH_START_TIMEOUT_SECS", "2".into()));
+    opts.env
+        .push(("BOTDISPATCH_START_TIMEOUT_SECS", "2".into()));
     let env = TestEnv::with(opts).await;
     env.fly.set_never_start(true);
     let t = Instant::now();
@@ -208,7 +223,11 @@ async fn machine_that_never_starts_times_out_with_504_and_is_destroyed() {
     assert_eq!(err["error"], "start_timeout");
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     env.assert_nothing_left_within(Duration::ZERO).await;
-    assert_eq!(env.fly.machines().len(), 1, "one machine was created and destroyed");
+    assert_eq!(
+        env.fly.machines().len(),
+        1,
+        "one machine was created and destroyed"
+    );
     env.assert_spec_clean();
 }
 
@@ -294,18 +313,31 @@ guest = { cpus = 2, memory_mb = 2048, cpu_kind = "performance" }
     let env = TestEnv::with(opts).await;
     let alice = env.token("alice");
     let (status, resp) = env
-        .call("POST", "/v1/public/support/start", Some(&alice), Some(start_body()))
+        .call(
+            "POST",
+            "/v1/public/support/start",
+            Some(&alice),
+            Some(start_body()),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{resp}");
     let m = env.fly.live_machines().remove(0);
     assert_eq!(m.config["image"], "registry.fly.io/support-bot:v2");
     assert_eq!(m.config["init"]["cmd"], json!(["python", "bot.py"]));
     assert_eq!(m.config["env"]["VOICE"], "calm");
-    assert_eq!(m.config["guest"], json!({"cpus": 2, "memory_mb": 2048, "cpu_kind": "performance"}));
+    assert_eq!(
+        m.config["guest"],
+        json!({"cpus": 2, "memory_mb": 2048, "cpu_kind": "performance"})
+    );
     assert_eq!(m.config["metadata"]["botdispatch_agent"], "support");
 
     let (status, err) = env
-        .call("POST", "/v1/public/nope/start", Some(&alice), Some(start_body()))
+        .call(
+            "POST",
+            "/v1/public/nope/start",
+            Some(&alice),
+            Some(start_body()),
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(err["error"], "unknown_agent");
@@ -316,10 +348,19 @@ guest = { cpus = 2, memory_mb = 2048, cpu_kind = "performance" }
         .mint("carol", Duration::from_secs(60), Some("agent:default"))
         .unwrap();
     let (status, err) = env
-        .call("POST", "/v1/public/support/start", Some(&scoped), Some(start_body()))
+        .call(
+            "POST",
+            "/v1/public/support/start",
+            Some(&scoped),
+            Some(start_body()),
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{err}");
-    assert_eq!(env.fly.machines().len(), 1, "nothing created for the refused start");
+    assert_eq!(
+        env.fly.machines().len(),
+        1,
+        "nothing created for the refused start"
+    );
     env.assert_spec_clean();
 }
 

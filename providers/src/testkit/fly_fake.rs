@@ -174,6 +174,7 @@ struct MachineRecord {
 }
 
 enum Route {
+    App(String),
     Create(String),
     List(String),
     Get(String, String),
@@ -186,6 +187,7 @@ impl Route {
     fn parse(method: &Method, path: &str) -> Option<Self> {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let route = match (method.as_str(), segments.as_slice()) {
+            ("GET", ["apps", app]) => Self::App((*app).to_owned()),
             ("POST", ["apps", app, "machines"]) => Self::Create((*app).to_owned()),
             ("GET", ["apps", app, "machines"]) => Self::List((*app).to_owned()),
             ("GET", ["apps", app, "machines", id]) => {
@@ -208,7 +210,7 @@ impl Route {
     fn op(&self) -> FlyOp {
         match self {
             Self::Create(_) => FlyOp::Create,
-            Self::List(_) => FlyOp::List,
+            Self::App(_) | Self::List(_) => FlyOp::List,
             Self::Get(..) => FlyOp::Get,
             Self::Wait(..) => FlyOp::Wait,
             Self::Stop(..) => FlyOp::Stop,
@@ -218,7 +220,7 @@ impl Route {
 
     fn app(&self) -> &str {
         match self {
-            Self::Create(app) | Self::List(app) => app,
+            Self::App(app) | Self::Create(app) | Self::List(app) => app,
             Self::Get(app, _) | Self::Wait(app, _) | Self::Stop(app, _) | Self::Delete(app, _) => {
                 app
             }
@@ -521,6 +523,7 @@ impl Shared {
 
     async fn execute(self: &Arc<Self>, request: &Incoming<'_>) -> Reply {
         match &request.route {
+            Route::App(app) => self.app_info(app),
             Route::Create(app) => self.create(app, request.body).await,
             Route::List(app) => self.list(app, request),
             Route::Get(app, id) => self.get(app, id),
@@ -678,6 +681,27 @@ impl Shared {
         }
         self.notify();
         true
+    }
+
+    /// `GET /apps/{app}`: the app exists (unknown apps were answered 404 before this).
+    fn app_info(&self, app: &str) -> Reply {
+        let state = self.lock();
+        let machine_count = state
+            .machines
+            .iter()
+            .filter(|r| r.machine.app == app && r.machine.state != "destroyed")
+            .count();
+        Reply::json(
+            200,
+            json!({
+                "id": app,
+                "name": app,
+                "machine_count": machine_count,
+                "network": "default",
+                "organization": {"name": "Test Org", "slug": "test-org"},
+                "status": "deployed",
+            }),
+        )
     }
 
     fn list(&self, app: &str, request: &Incoming<'_>) -> Reply {

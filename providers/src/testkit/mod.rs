@@ -4,6 +4,7 @@
 //! Everything here is only compiled with the `testkit` feature and is meant for tests: the fakes
 //! bind to `127.0.0.1:0`, run on the caller's tokio runtime and keep all state in memory.
 
+pub mod contract;
 pub mod daily_fake;
 pub mod faults;
 pub mod fly_fake;

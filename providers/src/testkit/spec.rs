@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
+use jsonschema::error::ValidationErrorKind;
 use jsonschema::{Draft, Validator};
 use serde_json::{json, Value};
 
@@ -268,7 +269,17 @@ impl OpenApiValidator {
                     .map_err(|e| format!("{at}: cannot compile the body schema: {e}"))?;
                 let errors: Vec<String> = validator
                     .iter_errors(body)
-                    .map(|e| format!("body at pointer \"{}\": {e}", e.instance_path().as_str()))
+                    .map(|e| {
+                        let pointer = e.instance_path().as_str();
+                        match e.kind() {
+                            // The crate's own message elides long enums; list them all.
+                            ValidationErrorKind::Enum { options } => format!(
+                                "body at pointer \"{pointer}\": {} is not one of {options}",
+                                e.instance()
+                            ),
+                            _ => format!("body at pointer \"{pointer}\": {e}"),
+                        }
+                    })
                     .collect();
                 if errors.is_empty() {
                     Ok(())

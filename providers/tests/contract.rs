@@ -1,0 +1,177 @@
+//! The provider contract suite against `fly` (stateful fake) and `local` (real processes).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use providers::fly::{FlyConfig, FlyProvider};
+use providers::local::{LocalConfig, LocalProvider};
+use providers::testkit::contract::{run_contract_suite, ContractPeer, Scenario};
+use providers::testkit::fly_fake::{FakeFly, FakeFlyConfig, FlyOp};
+use providers::testkit::Fault;
+use providers::{MachineProvider, Secret};
+use serde_json::json;
+
+struct FlyPeer {
+    fake: FakeFly,
+    provider: Arc<dyn MachineProvider>,
+}
+
+impl FlyPeer {
+    async fn new() -> Self {
+        let fake = FakeFly::start(FakeFlyConfig {
+            token: "t0ken".into(),
+            apps: vec!["bots".into()],
+            boot_delay: Duration::from_millis(100),
+            ..FakeFlyConfig::default()
+        })
+        .await;
+        let provider = FlyProvider::new(
+            reqwest::Client::new(),
+            FlyConfig {
+                api_url: fake.base_url(),
+                api_token: Secret::new("t0ken"),
+                app_name: "bots".into(),
+                default_region: Some("iad".into()),
+                request_timeout: Duration::from_secs(5),
+            },
+        )
+        .unwrap();
+        Self {
+            fake,
+            provider: Arc::new(provider),
+        }
+    }
+}
+
+#[async_trait]
+impl ContractPeer for FlyPeer {
+    fn provider(&self) -> Arc<dyn MachineProvider> {
+        self.provider.clone()
+    }
+    fn image(&self) -> String {
+        "registry.fly.io/bots:v1".into()
+    }
+    fn supports(&self, _: Scenario) -> bool {
+        true
+    }
+    async fn refuse_next_launch(&self) {
+        self.fake.set_fault(
+            FlyOp::Create,
+            Fault::Status {
+                status: 422,
+                retry_after: None,
+            },
+            1,
+        );
+    }
+    async fn set_never_start(&self, on: bool) {
+        self.fake.set_never_start(on);
+    }
+    async fn throttle_next_launch(&self) {
+        self.fake.set_fault(
+            FlyOp::Create,
+            Fault::Status {
+                status: 429,
+                retry_after: Some(1),
+            },
+            1,
+        );
+    }
+    async fn exit_bot(&self, handle: &str) {
+        assert!(self.fake.exit_machine(handle, 0));
+    }
+    async fn create_foreign_machine(&self) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/apps/bots/machines", self.fake.base_url()))
+            .bearer_auth("t0ken")
+            .json(&json!({"name": "someone-elses", "config": {"image": "nginx"}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success());
+    }
+}
+
+#[tokio::test]
+async fn fly_passes_the_contract() {
+    let peer = FlyPeer::new().await;
+    let report = run_contract_suite(&peer).await;
+    assert!(report.skipped.is_empty());
+    let violations = peer.fake.spec_violations();
+    assert!(violations.is_empty(), "{violations:#?}");
+}
+
+struct LocalPeer {
+    provider: Arc<dyn MachineProvider>,
+}
+
+#[async_trait]
+impl ContractPeer for LocalPeer {
+    fn provider(&self) -> Arc<dyn MachineProvider> {
+        self.provider.clone()
+    }
+    fn image(&self) -> String {
+        "sh".into()
+    }
+    fn cmd(&self) -> Option<Vec<String>> {
+        // Stays up until signalled; exits 0 on SIGTERM or when told to via a file.
+        Some(vec![
+            "sh".into(),
+            "-c".into(),
+            "trap 'exit 0' TERM; while [ ! -e \"/tmp/bd-exit-$BOTDISPATCH_SESSION_ID\" ]; do sleep 0.05; done; rm -f \"/tmp/bd-exit-$BOTDISPATCH_SESSION_ID\"".into(),
+        ])
+    }
+    fn supports(&self, scenario: Scenario) -> bool {
+        // A child process is started the moment it spawns and nobody throttles fork(2).
+        matches!(scenario, Scenario::BotExits | Scenario::ForeignMachines)
+    }
+    async fn refuse_next_launch(&self) {}
+    async fn set_never_start(&self, _: bool) {}
+    async fn throttle_next_launch(&self) {}
+    async fn exit_bot(&self, handle: &str) {
+        let status = self.provider.status(handle).await.unwrap().unwrap();
+        let key = status.labels.unwrap().session_key;
+        std::fs::write(format!("/tmp/bd-exit-{key}"), b"").unwrap();
+    }
+    async fn create_foreign_machine(&self) {}
+}
+
+#[tokio::test]
+async fn local_passes_the_contract() {
+    let peer = LocalPeer {
+        provider: Arc::new(LocalProvider::new(LocalConfig {
+            stop_grace: Duration::from_secs(2),
+        })),
+    };
+    run_contract_suite(&peer).await;
+}
+
+#[tokio::test]
+async fn local_refuses_a_program_that_does_not_exist() {
+    let provider = LocalProvider::new(LocalConfig::default());
+    struct Missing;
+    #[async_trait]
+    impl ContractPeer for Missing {
+        fn provider(&self) -> Arc<dyn MachineProvider> {
+            unreachable!()
+        }
+        fn image(&self) -> String {
+            "/nonexistent/bot".into()
+        }
+        fn supports(&self, _: Scenario) -> bool {
+            false
+        }
+        async fn refuse_next_launch(&self) {}
+        async fn set_never_start(&self, _: bool) {}
+        async fn throttle_next_launch(&self) {}
+        async fn exit_bot(&self, _: &str) {}
+        async fn create_foreign_machine(&self) {}
+    }
+    let spec = providers::testkit::contract::spec_for(&Missing, "missing");
+    let err = provider.launch(&spec).await.unwrap_err();
+    assert!(
+        matches!(err, providers::ProviderError::Rejected { .. }),
+        "{err:?}"
+    );
+}
