@@ -8,6 +8,10 @@
 //! This crate knows nothing about HTTP handlers, auth or Daily rooms; the service crate depends on
 //! it, never the other way round.
 
+#[cfg(feature = "cloudrun")]
+pub mod cloudrun;
+#[cfg(feature = "fargate")]
+pub mod fargate;
 pub mod fly;
 pub mod local;
 mod retry_after;

@@ -1,0 +1,1 @@
+//! The `cloudrun` provider: one Cloud Run job execution per session (being written).
