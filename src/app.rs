@@ -10,9 +10,13 @@ use rand::RngCore;
 use sha2::Sha256;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
+use crate::capacity::Capacity;
+use crate::reaper::Reaper;
+use crate::rooms::resilient::ResilientRooms;
 use crate::config::{Config, ProviderKind, RoomsKind};
 use crate::rooms::daily::DailyRooms;
 use crate::rooms::local::LocalRooms;
@@ -21,6 +25,7 @@ use crate::session_id::SessionIds;
 use crate::sessions::{SessionSettings, Sessions};
 use providers::fly::{FlyConfig, FlyProvider};
 use providers::local::{LocalConfig, LocalProvider};
+use providers::resilient::{ResilienceStats, Resilient, RetryPolicy};
 use providers::MachineProvider;
 
 /// How long a readiness answer is reused, so probes never hammer the providers.
@@ -30,8 +35,14 @@ pub struct App {
     pub config: Config,
     pub auth: Authenticator,
     pub sessions: Sessions,
+    pub capacity: Capacity,
+    pub reaper: Arc<Reaper>,
     /// Every start runs as a tracked task, so shutdown can let it finish (or clean up).
     pub tasks: TaskTracker,
+    /// Cancelled when the shutdown grace period is over: in-flight starts clean up and answer
+    /// 503, background loops stop.
+    pub shutdown: CancellationToken,
+    pub provider_stats: Arc<ResilienceStats>,
     ready: Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
@@ -61,17 +72,60 @@ impl App {
     /// domain). `config` must have its secrets filled ([`Config::fill_dev_secrets`]).
     pub async fn build(config: Config, http: reqwest::Client) -> anyhow::Result<Self> {
         let auth = Authenticator::new(&config.auth, config.auth.jwt_secret.as_ref())?;
-        let provider = build_provider(&config, http.clone())?;
-        let rooms = build_rooms(&config, http).await?;
+        let policy = RetryPolicy {
+            call_budget: config.request_timeout() * 2,
+            ..RetryPolicy::default()
+        };
+        let resilient = Resilient::new(
+            build_provider(&config, http.clone())?,
+            policy.clone(),
+            config.outbound_rate_scale,
+        );
+        let provider_stats = Arc::clone(&resilient.stats);
+        let provider: Arc<dyn MachineProvider> = Arc::new(resilient);
+        let rooms: Arc<dyn RoomService> = Arc::new(ResilientRooms::new(
+            build_rooms(&config, http).await?,
+            policy,
+            config.outbound_rate_scale,
+        ));
         let ids = SessionIds::new(&session_key(&config), provider.name());
-        let sessions = Sessions::new(provider, rooms, ids, SessionSettings::from(&config));
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let sessions = Sessions::new(
+            Arc::clone(&provider),
+            Arc::clone(&rooms),
+            ids,
+            SessionSettings::from(&config),
+            tasks.clone(),
+            shutdown.clone(),
+        );
+        let capacity = Capacity::new(&config, Arc::clone(&provider));
+        let reaper = Arc::new(Reaper::new(
+            provider,
+            rooms,
+            config.start_timeout(),
+            Duration::from_secs(config.reaper_grace_secs),
+        ));
         Ok(Self {
             config,
             auth,
             sessions,
-            tasks: TaskTracker::new(),
+            capacity,
+            reaper,
+            tasks,
+            shutdown,
+            provider_stats,
             ready: Mutex::new(None),
         })
+    }
+
+    /// Starts the background loops (the reaper) on the tracker; they stop with `shutdown`.
+    pub fn spawn_background(&self) {
+        if self.config.reaper_interval_secs > 0 {
+            let interval = Duration::from_secs(self.config.reaper_interval_secs);
+            self.tasks
+                .spawn(Arc::clone(&self.reaper).run(interval, self.shutdown.clone()));
+        }
     }
 
     /// Readiness: provider and rooms reachable with our credentials. Cached for [`READY_TTL`];

@@ -118,6 +118,30 @@ pub struct Config {
     /// Timeout of each call to Daily or a provider (not the wait for a machine to start).
     /// `BOTDISPATCH_REQUEST_TIMEOUT_SECS`, default 15.
     pub request_timeout_secs: u64,
+    /// Starts this replica runs at once; more are refused with 429.
+    /// `BOTDISPATCH_MAX_STARTS_IN_FLIGHT`, default 32.
+    pub max_starts_in_flight: u32,
+    /// Starts one caller (`sub`) may make per minute; 0 = unlimited.
+    /// `BOTDISPATCH_STARTS_PER_MINUTE_PER_CALLER`, default 30.
+    pub starts_per_minute_per_caller: u32,
+    /// How long the provider's session count is reused, milliseconds. Default 2000.
+    pub capacity_cache_ms: u64,
+    /// Seconds between reaper passes (0 = no reaper on this replica).
+    /// `BOTDISPATCH_REAPER_INTERVAL_SECS`, default 30.
+    pub reaper_interval_secs: u64,
+    /// The reaper leaves machines and rooms younger than the start timeout plus this alone.
+    /// `BOTDISPATCH_REAPER_GRACE_SECS`, default 30.
+    pub reaper_grace_secs: u64,
+    /// On SIGTERM, how long in-flight starts may run before they are cancelled and cleaned up.
+    /// `BOTDISPATCH_SHUTDOWN_GRACE_SECS`, default 30.
+    pub shutdown_grace_secs: u64,
+    /// Multiplies the providers' and Daily's documented rate limits (1 = as documented; 0 = off,
+    /// for load tests against fakes). `BOTDISPATCH_OUTBOUND_RATE_SCALE`.
+    pub outbound_rate_scale: f64,
+    /// A client must send its request headers within this many seconds. Default 10.
+    pub header_read_timeout_secs: u64,
+    /// A client must send its request body within this many seconds. Default 10.
+    pub body_read_timeout_secs: u64,
     /// `development` (default) or `production`; production refuses the local backends.
     /// `APP_ENV`.
     pub app_env: String,
@@ -236,6 +260,15 @@ impl Default for Config {
             allowed_regions: Vec::new(),
             session_secret: None,
             request_timeout_secs: 15,
+            max_starts_in_flight: 32,
+            starts_per_minute_per_caller: 30,
+            capacity_cache_ms: 2000,
+            reaper_interval_secs: 30,
+            reaper_grace_secs: 30,
+            shutdown_grace_secs: 30,
+            outbound_rate_scale: 1.0,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 10,
             app_env: "development".to_owned(),
             auth: AuthConfig::default(),
             daily: DailyConfig::default(),
@@ -310,6 +343,24 @@ impl Config {
         }
         if let Some(v) = get("BOTDISPATCH_REQUEST_TIMEOUT_SECS") {
             self.request_timeout_secs = num("BOTDISPATCH_REQUEST_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = get("BOTDISPATCH_MAX_STARTS_IN_FLIGHT") {
+            self.max_starts_in_flight = num("BOTDISPATCH_MAX_STARTS_IN_FLIGHT", v)?;
+        }
+        if let Some(v) = get("BOTDISPATCH_STARTS_PER_MINUTE_PER_CALLER") {
+            self.starts_per_minute_per_caller = num("BOTDISPATCH_STARTS_PER_MINUTE_PER_CALLER", v)?;
+        }
+        if let Some(v) = get("BOTDISPATCH_REAPER_INTERVAL_SECS") {
+            self.reaper_interval_secs = num("BOTDISPATCH_REAPER_INTERVAL_SECS", v)?;
+        }
+        if let Some(v) = get("BOTDISPATCH_REAPER_GRACE_SECS") {
+            self.reaper_grace_secs = num("BOTDISPATCH_REAPER_GRACE_SECS", v)?;
+        }
+        if let Some(v) = get("BOTDISPATCH_SHUTDOWN_GRACE_SECS") {
+            self.shutdown_grace_secs = num("BOTDISPATCH_SHUTDOWN_GRACE_SECS", v)?;
+        }
+        if let Some(v) = get("BOTDISPATCH_OUTBOUND_RATE_SCALE") {
+            self.outbound_rate_scale = num("BOTDISPATCH_OUTBOUND_RATE_SCALE", v)?;
         }
         if let Some(v) = get("BOTDISPATCH_DEFAULT_AGENT") {
             self.default_agent = v;
@@ -445,6 +496,10 @@ impl Config {
         Duration::from_secs(self.request_timeout_secs)
     }
 
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.listen.parse().map_err(|_| {
             ConfigError(format!(
@@ -470,6 +525,15 @@ impl Config {
         }
         if self.max_sessions == 0 {
             return err("max_sessions (BOTDISPATCH_MAX_SESSIONS) must be at least 1");
+        }
+        if self.max_starts_in_flight == 0 {
+            return err("max_starts_in_flight (BOTDISPATCH_MAX_STARTS_IN_FLIGHT) must be at least 1");
+        }
+        if !(self.outbound_rate_scale >= 0.0 && self.outbound_rate_scale.is_finite()) {
+            return err("outbound_rate_scale (BOTDISPATCH_OUTBOUND_RATE_SCALE) must be a number ≥ 0");
+        }
+        if self.header_read_timeout_secs == 0 || self.body_read_timeout_secs == 0 {
+            return err("header_read_timeout_secs and body_read_timeout_secs must be at least 1");
         }
         if self.request_timeout_secs == 0 {
             return err(

@@ -128,10 +128,21 @@ impl From<RoomError> for ApiError {
                 Self::new(StatusCode::BAD_GATEWAY, "rooms_unavailable", detail)
                     .retry_after(DEFAULT_RETRY_AFTER_SECS)
             }
-            RoomError::Rejected { .. } | RoomError::Token(_) => {
+            RoomError::Rejected { .. } | RoomError::AlreadyExists(_) | RoomError::Token(_) => {
                 Self::new(StatusCode::BAD_GATEWAY, "rooms_error", detail)
             }
         }
+    }
+}
+
+impl From<crate::capacity::CapacityError> for ApiError {
+    fn from(e: crate::capacity::CapacityError) -> Self {
+        let code = match e {
+            crate::capacity::CapacityError::CallerRate { .. } => "rate_limited",
+            crate::capacity::CapacityError::Busy { .. } => "busy",
+            crate::capacity::CapacityError::Full { .. } => "at_capacity",
+        };
+        Self::new(StatusCode::TOO_MANY_REQUESTS, code, e.to_string()).retry_after(e.retry_after())
     }
 }
 
@@ -153,6 +164,12 @@ impl From<SessionError> for ApiError {
             SessionError::StartTimeout(_) => {
                 Self::new(StatusCode::GATEWAY_TIMEOUT, "start_timeout", detail)
                     .retry_after(DEFAULT_RETRY_AFTER_SECS)
+            }
+            SessionError::ShuttingDown => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", detail).retry_after(1)
+            }
+            SessionError::IdempotencyKeyUsed => {
+                Self::new(StatusCode::CONFLICT, "idempotency_key_used", detail)
             }
             SessionError::Provider(e) => e.into(),
             SessionError::Room(e) => e.into(),

@@ -6,9 +6,12 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod capacity;
 pub mod config;
 pub mod error;
+pub mod reaper;
 pub mod rooms;
+pub mod server;
 pub mod session_id;
 pub mod sessions;
 pub mod telemetry;

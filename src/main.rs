@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use botdispatch::auth::Authenticator;
 use botdispatch::config::Config;
+use botdispatch::server::{self, ServerLimits};
 use botdispatch::{app, build_router, telemetry, App, AppState};
 
 #[derive(Parser)]
@@ -74,7 +75,8 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let generated_secret = config.fill_dev_secrets();
     telemetry::init();
     let addr = config.listen_addr()?;
-    let shutdown_grace = config.start_timeout() + Duration::from_secs(10);
+    // Time for cancelled starts to destroy what they created, after the grace period.
+    let shutdown_cleanup = config.request_timeout() * 3;
     let app = Arc::new(App::build(config, app::http_client()?).await?);
     let state = AppState(app.clone());
     let listener = tokio::net::TcpListener::bind(addr)
@@ -91,17 +93,34 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         print_dev_banner(&app, local)?;
     }
 
-    axum::serve(listener, build_router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    app.spawn_background();
+    let limits = ServerLimits {
+        header_read_timeout: Duration::from_secs(app.config.header_read_timeout_secs),
+        ..ServerLimits::default()
+    };
+    let grace = app.config.shutdown_grace();
+    let shutdown = {
+        let app = app.clone();
+        async move {
+            shutdown_signal().await;
+            // From here no new connection is accepted. In-flight starts get the grace period to
+            // finish; after it they are cancelled, clean up what they created and answer 503.
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                if !app.tasks.is_empty() {
+                    tracing::warn!(grace_secs = grace.as_secs(), "grace period over: cancelling in-flight starts");
+                }
+                app.shutdown.cancel();
+            });
+        }
+    };
+    server::serve(listener, build_router(state), limits, shutdown).await;
 
-    // No new starts arrive now; let in-flight ones finish or clean up, within the grace period.
+    // Background loops stop now; cancelled starts finish their clean-up.
+    app.shutdown.cancel();
     app.tasks.close();
-    if tokio::time::timeout(shutdown_grace, app.tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("starts still running after the grace period; exiting");
+    if tokio::time::timeout(shutdown_cleanup, app.tasks.wait()).await.is_err() {
+        tracing::warn!("clean-up still running after the grace period; exiting");
     }
     app.sessions.provider().shutdown().await;
     tracing::info!("botdispatch stopped");

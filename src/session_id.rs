@@ -70,6 +70,22 @@ impl SessionIds {
         mac
     }
 
+    /// The session key of a start with an `Idempotency-Key`: the same for the same caller and
+    /// key on every replica, unrelated across callers, shaped like any other key.
+    pub fn idempotent_key(&self, sub: &str, idempotency_key: &str) -> String {
+        let mut mac = self.mac();
+        for part in [b"idempotency".as_slice(), sub.as_bytes(), idempotency_key.as_bytes()] {
+            mac.update(&(part.len() as u32).to_be_bytes());
+            mac.update(part);
+        }
+        let digest = mac.finalize().into_bytes();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        ulid::Ulid::from(u128::from_be_bytes(bytes))
+            .to_string()
+            .to_ascii_lowercase()
+    }
+
     /// The id handed to the owner `sub` for a session.
     pub fn encode(&self, key: &str, handle: &str, sub: &str) -> String {
         let owner_tag = self.owner_tag(sub);

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, instrument, warn, Instrument};
 
 use crate::auth::Caller;
@@ -41,6 +42,8 @@ pub struct StartRequest {
 #[derive(Debug)]
 pub struct StartPlan {
     pub key: String,
+    /// Started with an `Idempotency-Key`: a retry finds and returns the same session.
+    idempotent: bool,
     pub agent: String,
     pub owner: String,
     agent_config: AgentConfig,
@@ -98,12 +101,18 @@ pub enum SessionError {
     Room(#[from] RoomError),
     #[error("the client went away before the session started")]
     ClientGone,
+    #[error("the dispatcher is shutting down; try again")]
+    ShuttingDown,
+    #[error("this Idempotency-Key belongs to a session that has ended; use a new key")]
+    IdempotencyKeyUsed,
 }
 
 /// Settings the flow reads, copied out of [`Config`] once.
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
     pub start_timeout: Duration,
+    /// Margin the reaper gives young machines; also the provisional deadline's slack.
+    pub reaper_grace: Duration,
     pub max_session: Duration,
     pub default_agent: String,
     pub agents: BTreeMap<String, AgentConfig>,
@@ -114,6 +123,7 @@ impl From<&Config> for SessionSettings {
     fn from(c: &Config) -> Self {
         Self {
             start_timeout: c.start_timeout(),
+            reaper_grace: Duration::from_secs(c.reaper_grace_secs),
             max_session: c.max_session(),
             default_agent: c.default_agent.clone(),
             agents: c.agents.clone(),
@@ -127,6 +137,10 @@ pub struct Sessions {
     rooms: Arc<dyn RoomService>,
     ids: SessionIds,
     settings: SessionSettings,
+    /// Background work of a start that outlives its answer (deadline confirmation).
+    tasks: TaskTracker,
+    /// Cancelled when the dispatcher gives up on in-flight starts at shutdown.
+    shutdown: CancellationToken,
 }
 
 /// What a failed start must clean up.
@@ -143,12 +157,25 @@ impl Sessions {
         rooms: Arc<dyn RoomService>,
         ids: SessionIds,
         settings: SessionSettings,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
     ) -> Self {
         Self {
             provider,
             rooms,
             ids,
             settings,
+            tasks,
+            shutdown,
+        }
+    }
+
+    /// Why a start's cancellation token fired.
+    fn cancelled(&self) -> SessionError {
+        if self.shutdown.is_cancelled() {
+            SessionError::ShuttingDown
+        } else {
+            SessionError::ClientGone
         }
     }
 
@@ -165,8 +192,18 @@ impl Sessions {
         &self,
         caller: &Caller,
         agent: Option<&str>,
+        idempotency_key: Option<&str>,
         req: StartRequest,
     ) -> Result<StartPlan, SessionError> {
+        let key = match idempotency_key {
+            None => new_session_key(),
+            Some(k) if valid_idempotency_key(k) => self.ids.idempotent_key(&caller.sub, k),
+            Some(_) => {
+                return Err(SessionError::Invalid(
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+                ))
+            }
+        };
         let agent = agent.unwrap_or(&self.settings.default_agent).to_owned();
         let agent_config = self
             .settings
@@ -212,7 +249,8 @@ impl Sessions {
             }
         }
         Ok(StartPlan {
-            key: new_session_key(),
+            idempotent: idempotency_key.is_some(),
+            key,
             agent,
             owner: caller.sub.clone(),
             agent_config,
@@ -242,6 +280,20 @@ impl Sessions {
             0,
         )
         .unwrap_or_else(Utc::now);
+        // Where the provider can relabel, the machine first gets a deadline just past the start
+        // timeout and only the real one once the client has its answer: if this dispatcher dies
+        // in between, the reaper removes the machine soon instead of at the session's end.
+        let provisional_deadline = if self.provider.can_set_deadline() {
+            DateTime::from_timestamp(
+                Utc::now().timestamp()
+                    + (self.settings.start_timeout + self.settings.reaper_grace).as_secs() as i64,
+                0,
+            )
+            .unwrap_or(session_end)
+            .min(session_end)
+        } else {
+            session_end
+        };
 
         // Tokens are signed locally from the deterministic room name: the bot gets its token at
         // launch while the room is still being created.
@@ -264,6 +316,16 @@ impl Sessions {
             (None, None, None)
         };
 
+        // An idempotent retry whose machine exists already answers with that session.
+        if plan.idempotent {
+            if let Some(started) = self
+                .resume(&plan, &room_url, &user_token, start_deadline, &cancel)
+                .await?
+            {
+                return Ok(started);
+            }
+        }
+
         let mut env = plan.agent_config.env.clone();
         if let (Some(url), Some(token)) = (&room_url, &bot_token) {
             env.insert("DAILY_ROOM_URL".into(), url.clone());
@@ -281,10 +343,11 @@ impl Sessions {
             labels: SessionLabels {
                 session_key: plan.key.clone(),
                 owner: plan.owner.clone(),
-                room: name.clone(),
+                room: if plan.create_room { name.clone() } else { String::new() },
                 agent: plan.agent.clone(),
-                deadline: session_end,
+                deadline: provisional_deadline,
             },
+            deadline: Some(start_deadline),
         };
 
         // Room and machine concurrently: the critical path is the slower of the two.
@@ -297,6 +360,7 @@ impl Sessions {
                 name: name.clone(),
                 exp: session_end,
                 properties: plan.room_properties.clone(),
+                deadline: Some(start_deadline),
             };
             let result =
                 match tokio::time::timeout_at(start_deadline, self.rooms.create(&req)).await {
@@ -366,7 +430,7 @@ impl Sessions {
                 room_cleanup,
             )
             .await;
-            return Err(SessionError::ClientGone);
+            return Err(self.cancelled());
         }
 
         let mut wait_time = None;
@@ -381,7 +445,7 @@ impl Sessions {
                     }
                     Ok(Err(e)) => Err(e.into()),
                 },
-                () = cancel.cancelled() => Err(SessionError::ClientGone),
+                () = cancel.cancelled() => Err(self.cancelled()),
             };
             if let Err(e) = waited {
                 warn!(error = %e, "machine did not start; cleaning up");
@@ -405,12 +469,82 @@ impl Sessions {
             ready = plan.wait,
             "session started"
         );
+        self.confirm_deadline(&launched.handle, provisional_deadline, session_end);
         Ok(Started {
             session_id: self.ids.encode(&plan.key, &launched.handle, &plan.owner),
             room_url,
             user_token,
             ready: plan.wait,
         })
+    }
+
+    /// Gives the machine its real deadline, in the background (off the critical path).
+    fn confirm_deadline(&self, handle: &str, provisional: DateTime<Utc>, session_end: DateTime<Utc>) {
+        if provisional >= session_end {
+            return;
+        }
+        let provider = Arc::clone(&self.provider);
+        let handle = handle.to_owned();
+        self.tasks.spawn(
+            async move {
+                if let Err(e) = provider.set_deadline(&handle, session_end).await {
+                    tracing::error!(machine.id = %handle, error = %e, "cannot extend the machine's provisional deadline; the reaper will stop it early");
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// An idempotent retry: answers with the session's machine if it exists (waiting for it
+    /// when asked to), `None` when this key never launched anything.
+    async fn resume(
+        &self,
+        plan: &StartPlan,
+        room_url: &Option<String>,
+        user_token: &Option<String>,
+        start_deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Started>, SessionError> {
+        let name = resource_name(&plan.key);
+        let machine = match self.provider.find(&plan.key).await? {
+            Some(m) => m,
+            None => {
+                // No machine, but its room: this key's session ran and is over.
+                if plan.create_room && self.rooms.kind() == "daily" && self.rooms.exists(&name).await? {
+                    return Err(SessionError::IdempotencyKeyUsed);
+                }
+                return Ok(None);
+            }
+        };
+        if machine.state.is_terminal() {
+            return Err(SessionError::IdempotencyKeyUsed);
+        }
+        let mut ready = machine.state == MachineState::Started;
+        if plan.wait && !ready {
+            let launched = providers::Launched {
+                handle: machine.handle.clone(),
+                region: machine.region.clone(),
+                version: None,
+            };
+            let remaining = start_deadline.saturating_duration_since(Instant::now());
+            tokio::select! {
+                r = self.provider.wait_started(&launched, remaining) => match r {
+                    Ok(()) => ready = true,
+                    Err(ProviderError::Timeout { .. }) => {
+                        return Err(SessionError::StartTimeout(self.settings.start_timeout.as_secs()))
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                () = cancel.cancelled() => return Err(self.cancelled()),
+            }
+        }
+        info!(machine.id = %machine.handle, "idempotent retry answered with the existing session");
+        Ok(Some(Started {
+            session_id: self.ids.encode(&plan.key, &machine.handle, &plan.owner),
+            room_url: room_url.clone(),
+            user_token: user_token.clone(),
+            ready,
+        }))
     }
 
     /// Destroys what a failed start created, concurrently. Failures are logged: the reaper
@@ -552,4 +686,9 @@ impl Transient for RoomError {
             RoomError::Throttled { .. } | RoomError::Unavailable { .. }
         )
     }
+}
+
+/// `Idempotency-Key`: 1 to 255 visible ASCII characters.
+fn valid_idempotency_key(key: &str) -> bool {
+    (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }

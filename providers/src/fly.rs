@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use crate::resilient::{Op, RateLimit};
 use crate::{
     label, parse_retry_after, LaunchSpec, Launched, MachineProvider, MachineState, MachineStatus,
     ProviderError, Secret, SessionLabels, MANAGED_BY,
@@ -142,6 +143,19 @@ impl FlyProvider {
 impl MachineProvider for FlyProvider {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    /// Fly's documented limits: 1 req/s (burst 3) per action, scoped by app for create and list
+    /// and by machine for the rest; reads of one machine 5 req/s (burst 10).
+    fn rate_limits(&self) -> Vec<(Op, RateLimit)> {
+        vec![
+            (Op::Launch, RateLimit::app(1.0, 3)),
+            (Op::List, RateLimit::app(1.0, 3)),
+            (Op::Wait, RateLimit::machine(1.0, 3)),
+            (Op::Terminate, RateLimit::machine(1.0, 3)),
+            (Op::Status, RateLimit::machine(5.0, 10)),
+            (Op::Label, RateLimit::machine(1.0, 3)),
+        ]
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, ProviderError> {
@@ -285,6 +299,28 @@ impl MachineProvider for FlyProvider {
             .map(FlyMachine::into_status)
             .filter(|m| m.labels.is_some() && m.provider_state != "destroyed")
             .collect())
+    }
+
+    fn can_set_deadline(&self) -> bool {
+        true
+    }
+
+    async fn set_deadline(&self, handle: &str, deadline: DateTime<Utc>) -> Result<(), ProviderError> {
+        let resp = self
+            .send(
+                self.request(
+                    Method::POST,
+                    &format!("/machines/{handle}/metadata/{}", label::DEADLINE),
+                )
+                .json(&json!({ "value": deadline.timestamp().to_string() })),
+                "update machine metadata",
+            )
+            .await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(error_from(resp, "update machine metadata").await)
+        }
     }
 
     async fn check(&self) -> Result<(), ProviderError> {

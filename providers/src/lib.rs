@@ -14,6 +14,7 @@ pub mod cloudrun;
 pub mod fargate;
 pub mod fly;
 pub mod local;
+pub mod resilient;
 mod retry_after;
 
 #[cfg(feature = "testkit")]
@@ -171,6 +172,9 @@ pub struct LaunchSpec {
     pub guest: Guest,
     pub region: Option<String>,
     pub labels: SessionLabels,
+    /// When the start must be over; retries of the launch stop before it. `None`: a default
+    /// budget.
+    pub deadline: Option<tokio::time::Instant>,
 }
 
 impl LaunchSpec {
@@ -288,6 +292,11 @@ pub trait MachineProvider: Send + Sync + 'static {
     /// Short stable name (`fly`, `local`, ...), used in logs, metrics and `GET /sessions`.
     fn name(&self) -> &'static str;
 
+    /// The provider's documented outbound rate limits, applied by [`resilient::Resilient`].
+    fn rate_limits(&self) -> Vec<(resilient::Op, resilient::RateLimit)> {
+        Vec::new()
+    }
+
     /// Creates and boots the machine. Returns once the provider has accepted it (not started).
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, ProviderError>;
 
@@ -315,6 +324,22 @@ pub trait MachineProvider: Send + Sync + 'static {
 
     /// One cheap read-only call that proves the credentials work (readiness, `botdispatch check`).
     async fn check(&self) -> Result<(), ProviderError>;
+
+    /// Whether [`MachineProvider::set_deadline`] works. When it does, a start launches with a
+    /// short provisional deadline and extends it once the client has its answer, so the reaper
+    /// removes the machines of starts whose dispatcher died half-way.
+    fn can_set_deadline(&self) -> bool {
+        false
+    }
+
+    /// Moves the machine's deadline label.
+    async fn set_deadline(&self, handle: &str, deadline: DateTime<Utc>) -> Result<(), ProviderError> {
+        let _ = (handle, deadline);
+        Err(ProviderError::Config {
+            provider: self.name(),
+            message: "this provider cannot change a machine's labels".into(),
+        })
+    }
 
     /// Called once when the dispatcher shuts down. Remote machines outlive the dispatcher on
     /// purpose (their sessions go on); the local provider stops its child processes.

@@ -309,6 +309,17 @@ impl MachineProvider for LocalProvider {
         Ok(())
     }
 
+    fn can_set_deadline(&self) -> bool {
+        true
+    }
+
+    async fn set_deadline(&self, handle: &str, deadline: DateTime<Utc>) -> Result<(), ProviderError> {
+        if let Some(entry) = self.lock().get_mut(handle) {
+            entry.labels.deadline = deadline;
+        }
+        Ok(())
+    }
+
     async fn shutdown(&self) {
         let running: Vec<String> = self
             .lock()

@@ -13,6 +13,9 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
@@ -43,6 +46,9 @@ pub fn build_router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(
             MAX_BODY_BYTES + REQUEST_OVERHEAD_BYTES,
         ))
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
+            state.config.body_read_timeout_secs,
+        )))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -90,6 +96,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                             MAX_BODY_BYTES + REQUEST_OVERHEAD_BYTES
                         ),
                     )
+                } else if is_timeout(&e) {
+                    ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request_timeout",
+                        "the request body did not arrive in time",
+                    )
                 } else {
                     ApiError::bad_request(format!("cannot read the request body: {e}"))
                 }
@@ -103,6 +115,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             .map(ApiJson)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
     }
+}
+
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if err.is::<tower_http::timeout::TimeoutError>() || err.to_string().contains("timed out") {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Path extractor whose rejections use the project's error shape.

@@ -1,11 +1,10 @@
 //! `POST /start` and `POST /v1/public/{agent}/start`.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
 use super::{ApiJson, ApiPath};
 use crate::app::AppState;
@@ -46,35 +45,53 @@ impl From<Started> for StartResponse {
 pub async fn start(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<StartRequest>,
 ) -> Result<Response, ApiError> {
-    run(state, caller, None, req).await
+    run(state, caller, None, &headers, req).await
 }
 
 pub async fn start_agent(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(agent): ApiPath<String>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<StartRequest>,
 ) -> Result<Response, ApiError> {
-    run(state, caller, Some(agent), req).await
+    run(state, caller, Some(agent), &headers, req).await
 }
 
 async fn run(
     state: AppState,
     caller: Caller,
     agent: Option<String>,
+    headers: &HeaderMap,
     req: StartRequest,
 ) -> Result<Response, ApiError> {
-    let plan = state.sessions.plan(&caller, agent.as_deref(), req)?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::bad_request("Idempotency-Key must be visible ASCII")
+        })?),
+        None => None,
+    };
+    let plan = state
+        .sessions
+        .plan(&caller, agent.as_deref(), idempotency_key, req)?;
+    if state.shutdown.is_cancelled() {
+        return Err(crate::sessions::SessionError::ShuttingDown.into());
+    }
+    let permit = state.capacity.admit(&caller.sub).await?;
     // The start runs as its own tracked task: if the client disconnects, this handler is
-    // dropped, the guard cancels the token, and the task cleans up what it created.
-    let cancel = CancellationToken::new();
+    // dropped, the guard cancels the token, and the task cleans up what it created. The token
+    // is also a child of the shutdown token, so a shutdown past its grace period cancels it.
+    let cancel = state.shutdown.child_token();
     let guard = cancel.clone().drop_guard();
     let app = state.0.clone();
-    let task = state
-        .tasks
-        .spawn(async move { app.sessions.start(plan, cancel).await });
+    let task = state.tasks.spawn(async move {
+        let result = app.sessions.start(plan, cancel).await;
+        drop(permit);
+        result
+    });
     let result = task.await;
     guard.disarm();
     let started = result.map_err(|e| {

@@ -8,7 +8,9 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{Room, RoomError, RoomRequest, RoomService, TokenClaims, TokenRequest};
+use super::{
+    ListedRoom, Room, RoomError, RoomRequest, RoomService, TokenClaims, TokenRequest, ROOM_PREFIX,
+};
 use providers::{parse_retry_after, Secret};
 
 /// Daily's error body: `{"error": "<type>", "info": "<text>"}`.
@@ -30,6 +32,21 @@ struct DomainInfo {
 struct DailyRoom {
     name: String,
     url: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct RoomPage {
+    #[serde(default)]
+    data: Vec<ListedDailyRoom>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ListedDailyRoom {
+    #[serde(default)]
+    id: String,
+    name: String,
+    #[serde(default)]
+    created_at: Option<String>,
 }
 
 pub struct DailyRooms {
@@ -126,6 +143,15 @@ impl RoomService for DailyRooms {
                 "create room",
             )
             .await?;
+        if resp.status() == StatusCode::BAD_REQUEST {
+            let err = error_from(resp, "create room").await;
+            return Err(match err {
+                RoomError::Rejected { message, .. } if message.contains("already exists") => {
+                    RoomError::AlreadyExists(req.name.clone())
+                }
+                other => other,
+            });
+        }
         let room: DailyRoom = json_or_error(resp, "create room").await?;
         Ok(Room {
             name: room.name,
@@ -159,6 +185,39 @@ impl RoomService for DailyRooms {
             s if s.is_success() => Ok(true),
             _ => Err(error_from(resp, "get room").await),
         }
+    }
+
+    async fn list_managed(&self) -> Result<Vec<ListedRoom>, RoomError> {
+        // `GET /rooms` pages newest first, 100 at a time, continued with `ending_before`.
+        let mut rooms = Vec::new();
+        let mut ending_before: Option<String> = None;
+        for _ in 0..100 {
+            let mut req = self.request(Method::GET, "/rooms").query(&[("limit", "100")]);
+            if let Some(id) = &ending_before {
+                req = req.query(&[("ending_before", id.as_str())]);
+            }
+            let page: RoomPage = json_or_error(self.send(req, "list rooms").await?, "list rooms").await?;
+            let last = page.data.last().map(|r| r.id.clone());
+            let full = page.data.len() >= 100;
+            rooms.extend(
+                page.data
+                    .into_iter()
+                    .filter(|r| r.name.starts_with(ROOM_PREFIX))
+                    .map(|r| ListedRoom {
+                        name: r.name,
+                        created_at: r
+                            .created_at
+                            .as_deref()
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                            .map(|t| t.with_timezone(&chrono::Utc)),
+                    }),
+            );
+            match (full, last) {
+                (true, Some(id)) => ending_before = Some(id),
+                _ => break,
+            }
+        }
+        Ok(rooms)
     }
 
     fn mint_token(&self, req: &TokenRequest<'_>) -> Result<String, RoomError> {

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use jsonwebtoken::{EncodingKey, Header};
 use rand::RngCore;
 
-use super::{Room, RoomError, RoomRequest, RoomService, TokenClaims, TokenRequest};
+use super::{ListedRoom, Room, RoomError, RoomRequest, RoomService, TokenClaims, TokenRequest};
 
 pub struct LocalRooms {
     key: EncodingKey,
@@ -45,6 +45,11 @@ impl RoomService for LocalRooms {
 
     async fn exists(&self, _name: &str) -> Result<bool, RoomError> {
         Ok(true)
+    }
+
+    async fn list_managed(&self) -> Result<Vec<ListedRoom>, RoomError> {
+        // Nothing to reap: local rooms exist only as URLs.
+        Ok(Vec::new())
     }
 
     fn mint_token(&self, req: &TokenRequest<'_>) -> Result<String, RoomError> {

@@ -3,6 +3,7 @@
 
 pub mod daily;
 pub mod local;
+pub mod resilient;
 
 use std::time::Duration;
 
@@ -45,6 +46,9 @@ pub enum RoomError {
     /// Daily refused (bad property, duplicate name, bad key). Retrying will not help.
     #[error("Daily refused the request: {message}")]
     Rejected { status: u16, message: String },
+    /// A room of this name exists already (an earlier attempt of the same session).
+    #[error("a room named {0} already exists")]
+    AlreadyExists(String),
     #[error("Daily is throttling requests")]
     Throttled { retry_after: Option<Duration> },
     #[error("Daily is unavailable: {message}")]
@@ -60,7 +64,19 @@ pub struct RoomRequest {
     pub name: String,
     pub exp: DateTime<Utc>,
     pub properties: Map<String, Value>,
+    /// Retries of the create stop before this instant.
+    pub deadline: Option<tokio::time::Instant>,
 }
+
+/// A room botdispatch created (its name starts with [`ROOM_PREFIX`]), as listed by the reaper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedRoom {
+    pub name: String,
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// Every room (and machine) botdispatch creates is named `bd-<session key>`.
+pub const ROOM_PREFIX: &str = "bd-";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Room {
@@ -125,6 +141,8 @@ pub trait RoomService: Send + Sync + 'static {
     async fn delete(&self, name: &str) -> Result<(), RoomError>;
     /// Whether the room still exists (for the reaper).
     async fn exists(&self, name: &str) -> Result<bool, RoomError>;
+    /// Every existing room botdispatch created (for the reaper).
+    async fn list_managed(&self) -> Result<Vec<ListedRoom>, RoomError>;
     fn mint_token(&self, req: &TokenRequest<'_>) -> Result<String, RoomError>;
     /// One cheap read proving the API key works.
     async fn check(&self) -> Result<(), RoomError>;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use botdispatch::config::Config;
+use botdispatch::server::{serve, ServerLimits};
 use botdispatch::{app, build_router, App, AppState};
 use providers::testkit::daily_fake::{FakeDaily, FakeDailyConfig};
 use providers::testkit::fly_fake::{FakeFly, FakeFlyConfig};
@@ -31,6 +32,8 @@ pub struct Options {
     pub fly_url: Option<String>,
     /// Leave `BOTDISPATCH_JWT_SECRET` unset (public-key set-ups).
     pub no_jwt_secret: bool,
+    /// Run the background loops (the reaper).
+    pub background: bool,
 }
 
 impl Default for Options {
@@ -45,6 +48,7 @@ impl Default for Options {
             env: Vec::new(),
             fly_url: None,
             no_jwt_secret: false,
+            background: false,
         }
     }
 }
@@ -107,7 +111,16 @@ impl TestEnv {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let router = build_router(AppState(app.clone()));
-        tokio::spawn(async move { axum::serve(listener, router).await });
+        if opts.background {
+            app.spawn_background();
+        }
+        let shutdown = app.shutdown.clone();
+        tokio::spawn(async move {
+            serve(listener, router, ServerLimits::default(), async move {
+                shutdown.cancelled().await
+            })
+            .await
+        });
         Self {
             fly,
             daily,

@@ -244,16 +244,40 @@ async fn room_failure_destroys_the_machine() {
 }
 
 #[tokio::test]
-async fn throttled_create_is_503_with_retry_after() {
+async fn a_brief_throttle_is_retried_and_absorbed() {
     let env = TestEnv::start().await;
     env.fly.set_fault(
         FlyOp::Create,
         Fault::Status {
             status: 429,
-            retry_after: Some(3),
+            retry_after: Some(1),
         },
-        1,
+        2,
     );
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(env.fly.live_machines().len(), 1);
+    let creates = env
+        .fly
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/machines"))
+        .count();
+    assert_eq!(creates, 3, "two throttled attempts, then the one that worked");
+}
+
+#[tokio::test]
+async fn throttling_longer_than_the_deadline_is_503_with_retry_after() {
+    let env = TestEnv::start().await;
+    env.fly.set_fault(
+        FlyOp::Create,
+        Fault::Status {
+            status: 429,
+            retry_after: Some(30),
+        },
+        100,
+    );
+    let t = Instant::now();
     let resp = env
         .http
         .post(format!("{}/start", env.base))
@@ -263,21 +287,44 @@ async fn throttled_create_is_503_with_retry_after() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(resp.headers()["retry-after"], "3");
+    assert_eq!(resp.headers()["retry-after"], "30");
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"], "provider_throttled");
+    assert!(t.elapsed() < Duration::from_secs(2), "no sleeping past the deadline");
     env.assert_nothing_left_within(Duration::ZERO).await;
 }
 
 #[tokio::test]
-async fn ghost_create_is_found_and_destroyed() {
+async fn ghost_create_is_adopted_not_duplicated() {
     let env = TestEnv::start().await;
     env.fly
         .set_fault(FlyOp::Create, Fault::GhostCreate { status: 502 }, 1);
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(env.fly.machines().len(), 1, "the ghost machine was adopted, not duplicated");
+    let machine = env.fly.live_machines().remove(0);
+    let id = resp["sessionId"].as_str().unwrap();
+    assert!(id.contains(&base64_url(&machine.id)), "the session points at the adopted machine");
+    env.assert_spec_clean();
+}
+
+#[tokio::test]
+async fn a_persistent_provider_outage_fails_cleanly() {
+    let mut opts = Options::default();
+    opts.env.push(("BOTDISPATCH_START_TIMEOUT_SECS", "2".into()));
+    let env = TestEnv::with(opts).await;
+    env.fly.set_fault(FlyOp::Create, Fault::GhostCreate { status: 503 }, 1000);
     let (status, err) = env.post_start("alice", start_body()).await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY, "{err}");
-    env.assert_nothing_left_within(Duration::ZERO).await;
-    assert_eq!(env.fly.machines().len(), 1, "the ghost machine existed");
+    assert!(
+        status == StatusCode::BAD_GATEWAY || status == StatusCode::GATEWAY_TIMEOUT,
+        "{status} {err}"
+    );
+    env.assert_nothing_left_within(Duration::from_secs(10)).await;
+}
+
+fn base64_url(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
 }
 
 #[tokio::test]

@@ -84,6 +84,7 @@ pub fn spec_for(peer: &dyn ContractPeer, tag: &str) -> LaunchSpec {
             deadline: chrono::DateTime::from_timestamp(Utc::now().timestamp() + 600, 0)
                 .expect("valid time"),
         },
+        deadline: None,
     }
 }
 

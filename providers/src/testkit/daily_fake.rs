@@ -315,7 +315,7 @@ async fn handle(
     let reply = match &parsed_body {
         Ok(json) => {
             shared
-                .process(&method, &path, &headers, json.as_ref())
+                .process(&method, &path, &query, &headers, json.as_ref())
                 .await
         }
         Err(e) => daily_error(
@@ -376,6 +376,7 @@ impl Shared {
         &self,
         method: &Method,
         path: &str,
+        query: &[(String, String)],
         headers: &HeaderMap,
         body: Option<&Value>,
     ) -> Reply {
@@ -397,7 +398,7 @@ impl Shared {
 
         let fault = self.lock().faults.next(route.op());
         match fault {
-            None => self.execute(&route, body).await,
+            None => self.execute(&route, query, body).await,
             Some(Fault::Status {
                 status,
                 retry_after,
@@ -407,18 +408,18 @@ impl Shared {
                 retry_after,
             },
             Some(Fault::GhostCreate { status }) => {
-                let _ = self.execute(&route, body).await;
+                let _ = self.execute(&route, query, body).await;
                 daily_error(status, error_kind(status), faults::reason(status))
             }
             Some(Fault::Stall(duration)) => {
                 tokio::time::sleep(duration).await;
-                self.execute(&route, body).await
+                self.execute(&route, query, body).await
             }
             Some(Fault::Reset) => Reply::Reset,
         }
     }
 
-    async fn execute(&self, route: &Route, body: Option<&Value>) -> Reply {
+    async fn execute(&self, route: &Route, query: &[(String, String)], body: Option<&Value>) -> Reply {
         match route {
             Route::Domain => Reply::json(
                 200,
@@ -432,9 +433,24 @@ impl Shared {
             Route::List => {
                 let mut state = self.lock();
                 state.prune();
-                // Daily lists rooms newest first.
-                let data: Vec<Value> = state.rooms.iter().rev().map(FakeRoom::to_json).collect();
-                Reply::json(200, json!({"total_count": data.len(), "data": data}))
+                // Daily lists rooms newest first, at most `limit` (≤ 100) a page; `ending_before`
+                // (a room id) continues with the rooms created before that one.
+                let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+                let limit = param("limit")
+                    .and_then(|l| l.parse::<usize>().ok())
+                    .unwrap_or(100)
+                    .clamp(1, 100);
+                let newest_first = state.rooms.iter().rev();
+                let data: Vec<Value> = match param("ending_before") {
+                    Some(id) => newest_first
+                        .skip_while(|r| r.id != id)
+                        .skip(1)
+                        .take(limit)
+                        .map(FakeRoom::to_json)
+                        .collect(),
+                    None => newest_first.take(limit).map(FakeRoom::to_json).collect(),
+                };
+                Reply::json(200, json!({"total_count": state.rooms.len(), "data": data}))
             }
             Route::Get(name) => {
                 let mut state = self.lock();

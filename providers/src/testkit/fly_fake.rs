@@ -76,6 +76,8 @@ pub enum FlyOp {
     Stop,
     /// `DELETE /apps/{app}/machines/{id}`
     Delete,
+    /// `POST /apps/{app}/machines/{id}/metadata/{key}`
+    Metadata,
     /// `GET /apps/{app}/machines`
     List,
 }
@@ -175,6 +177,7 @@ struct MachineRecord {
 
 enum Route {
     App(String),
+    SetMetadata(String, String, String),
     Create(String),
     List(String),
     Get(String, String),
@@ -188,6 +191,9 @@ impl Route {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let route = match (method.as_str(), segments.as_slice()) {
             ("GET", ["apps", app]) => Self::App((*app).to_owned()),
+            ("POST", ["apps", app, "machines", id, "metadata", key]) => {
+                Self::SetMetadata((*app).to_owned(), (*id).to_owned(), (*key).to_owned())
+            }
             ("POST", ["apps", app, "machines"]) => Self::Create((*app).to_owned()),
             ("GET", ["apps", app, "machines"]) => Self::List((*app).to_owned()),
             ("GET", ["apps", app, "machines", id]) => {
@@ -211,6 +217,7 @@ impl Route {
         match self {
             Self::Create(_) => FlyOp::Create,
             Self::App(_) | Self::List(_) => FlyOp::List,
+            Self::SetMetadata(..) => FlyOp::Metadata,
             Self::Get(..) => FlyOp::Get,
             Self::Wait(..) => FlyOp::Wait,
             Self::Stop(..) => FlyOp::Stop,
@@ -221,9 +228,11 @@ impl Route {
     fn app(&self) -> &str {
         match self {
             Self::App(app) | Self::Create(app) | Self::List(app) => app,
-            Self::Get(app, _) | Self::Wait(app, _) | Self::Stop(app, _) | Self::Delete(app, _) => {
-                app
-            }
+            Self::Get(app, _)
+            | Self::Wait(app, _)
+            | Self::Stop(app, _)
+            | Self::Delete(app, _)
+            | Self::SetMetadata(app, _, _) => app,
         }
     }
 }
@@ -524,6 +533,7 @@ impl Shared {
     async fn execute(self: &Arc<Self>, request: &Incoming<'_>) -> Reply {
         match &request.route {
             Route::App(app) => self.app_info(app),
+            Route::SetMetadata(app, id, key) => self.set_metadata(app, id, key, request.body),
             Route::Create(app) => self.create(app, request.body).await,
             Route::List(app) => self.list(app, request),
             Route::Get(app, id) => self.get(app, id),
@@ -681,6 +691,26 @@ impl Shared {
         }
         self.notify();
         true
+    }
+
+    /// `POST /apps/{app}/machines/{id}/metadata/{key}`: upserts one metadata value (204).
+    fn set_metadata(&self, app: &str, id: &str, key: &str, body: Option<&Value>) -> Reply {
+        let Some(value) = body.and_then(|b| b.get("value")).and_then(Value::as_str) else {
+            return Reply::json(400, json!({"error": "value is required"}));
+        };
+        let mut state = self.lock();
+        let Some(record) = state
+            .machines
+            .iter_mut()
+            .find(|r| r.machine.app == app && r.machine.id == id && r.machine.state != "destroyed")
+        else {
+            return Reply::json(404, json!({"error": "machine not found"}));
+        };
+        if !record.machine.config.get("metadata").is_some_and(Value::is_object) {
+            record.machine.config["metadata"] = json!({});
+        }
+        record.machine.config["metadata"][key] = json!(value);
+        Reply::json(204, Value::Null)
     }
 
     /// `GET /apps/{app}`: the app exists (unknown apps were answered 404 before this).

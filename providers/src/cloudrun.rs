@@ -1,1 +1,0 @@
-//! The `cloudrun` provider: one Cloud Run job execution per session (being written).

@@ -1,0 +1,179 @@
+//! The reaper: a reconcile loop that removes what no session needs any more.
+//!
+//! Each pass re-derives everything from the provider and Daily (no memory between passes), so it
+//! is safe on every replica at once: every action is idempotent, and nothing younger than the
+//! start timeout (plus a margin) is touched, so a start still in flight on another replica is
+//! never mistaken for debris. A pass destroys managed machines that are
+//! * past their deadline (which, for providers that can relabel, is a short provisional one
+//!   until the start answered its client: this is what reaps the starts of a crashed dispatcher),
+//! * stuck in created/starting beyond the start timeout,
+//! * whose room is gone;
+//!
+//! and deletes `bd-*` rooms whose machine is gone (Daily's delete limit is applied by the rooms
+//! client). Every action is logged and counted.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::rooms::RoomService;
+use providers::{MachineProvider, MachineState};
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    pub machines_seen: usize,
+    pub past_deadline: usize,
+    pub stuck_starting: usize,
+    pub room_gone: usize,
+    pub rooms_deleted: usize,
+    pub errors: usize,
+}
+
+/// Totals since start-up (for metrics).
+#[derive(Debug, Default)]
+pub struct ReaperStats {
+    pub passes: AtomicU64,
+    pub machines_destroyed: AtomicU64,
+    pub rooms_deleted: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+pub struct Reaper {
+    provider: Arc<dyn MachineProvider>,
+    rooms: Arc<dyn RoomService>,
+    start_timeout: Duration,
+    /// Margin beyond the start timeout before anything young is considered debris.
+    grace: Duration,
+    pub stats: Arc<ReaperStats>,
+}
+
+impl Reaper {
+    pub fn new(
+        provider: Arc<dyn MachineProvider>,
+        rooms: Arc<dyn RoomService>,
+        start_timeout: Duration,
+        grace: Duration,
+    ) -> Self {
+        Self {
+            provider,
+            rooms,
+            start_timeout,
+            grace,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Runs passes every `interval` (± 20 % jitter, so replicas spread out) until `stop`.
+    pub async fn run(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+        info!(interval_secs = interval.as_secs(), "reaper running");
+        loop {
+            let jitter = 0.8 + rand::random::<f64>() * 0.4;
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(interval.mul_f64(jitter)) => {}
+            }
+            let report = self.pass().await;
+            if report != (PassReport { machines_seen: report.machines_seen, ..PassReport::default() }) {
+                info!(?report, "reaper pass");
+            }
+        }
+    }
+
+    /// One reconcile pass.
+    pub async fn pass(&self) -> PassReport {
+        let mut report = PassReport::default();
+        self.stats.passes.fetch_add(1, Ordering::Relaxed);
+        let machines = match self.provider.list_managed().await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "reaper cannot list machines; will retry next pass");
+                report.errors += 1;
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                return report;
+            }
+        };
+        report.machines_seen = machines.len();
+        let rooms = match self.rooms.list_managed().await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, "reaper cannot list rooms; skipping room checks this pass");
+                report.errors += 1;
+                None
+            }
+        };
+        let now = Utc::now();
+        let old_enough = |created: Option<chrono::DateTime<Utc>>| {
+            created.is_none_or(|c| {
+                (now - c).to_std().unwrap_or_default() > self.start_timeout + self.grace
+            })
+        };
+        let room_names: Option<HashSet<&str>> = rooms
+            .as_ref()
+            .filter(|_| self.rooms.kind() == "daily")
+            .map(|r| r.iter().map(|r| r.name.as_str()).collect());
+
+        let mut live_rooms: HashSet<String> = HashSet::new();
+        for m in &machines {
+            let Some(labels) = &m.labels else { continue };
+            if m.state.is_terminal() {
+                continue;
+            }
+            let reason = if labels.deadline < now {
+                report.past_deadline += 1;
+                Some("past its deadline")
+            } else if m.state == MachineState::Starting && old_enough(m.created_at) {
+                report.stuck_starting += 1;
+                Some("stuck starting beyond the start timeout")
+            } else if !labels.room.is_empty()
+                && old_enough(m.created_at)
+                && room_names.as_ref().is_some_and(|names| !names.contains(labels.room.as_str()))
+            {
+                report.room_gone += 1;
+                Some("its room is gone")
+            } else {
+                None
+            };
+            match reason {
+                Some(reason) => match self.provider.terminate(&m.handle).await {
+                    Ok(()) => {
+                        self.stats.machines_destroyed.fetch_add(1, Ordering::Relaxed);
+                        info!(machine.id = %m.handle, session.key = %labels.session_key, reason, "reaper destroyed a machine");
+                    }
+                    Err(e) => {
+                        report.errors += 1;
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        warn!(machine.id = %m.handle, error = %e, "reaper cannot destroy a machine");
+                    }
+                },
+                None => {
+                    live_rooms.insert(labels.room.clone());
+                }
+            }
+        }
+
+        for room in rooms.iter().flatten() {
+            if live_rooms.contains(&room.name) || !old_enough(room.created_at) {
+                continue;
+            }
+            match self.rooms.delete(&room.name).await {
+                Ok(()) => {
+                    report.rooms_deleted += 1;
+                    self.stats.rooms_deleted.fetch_add(1, Ordering::Relaxed);
+                    info!(room = %room.name, "reaper deleted a room whose machine is gone");
+                }
+                Err(e) => {
+                    report.errors += 1;
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(room = %room.name, error = %e, "reaper cannot delete a room");
+                }
+            }
+        }
+        report
+    }
+}
