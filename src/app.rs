@@ -15,11 +15,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::capacity::Capacity;
-use crate::reaper::Reaper;
-use crate::rooms::resilient::ResilientRooms;
 use crate::config::{Config, ProviderKind, RoomsKind};
+use crate::reaper::Reaper;
 use crate::rooms::daily::DailyRooms;
 use crate::rooms::local::LocalRooms;
+use crate::rooms::resilient::ResilientRooms;
 use crate::rooms::RoomService;
 use crate::session_id::SessionIds;
 use crate::sessions::{SessionSettings, Sessions};

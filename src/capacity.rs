@@ -99,46 +99,59 @@ impl Capacity {
             .map_err(|_| CapacityError::Busy { retry_after: 1 })?;
         // Our own starts in flight, this one included, may not be listed by the provider yet.
         let ours = self.in_flight();
-        let live = self.live_sessions(ours).await;
-        if live + ours > self.max_sessions as usize {
-            return Err(CapacityError::Full {
+        match self.live_sessions(ours).await {
+            Some(live) if live + ours <= self.max_sessions as usize => {
+                Ok(StartPermit { _permit: permit })
+            }
+            Some(_) => Err(CapacityError::Full {
                 max: self.max_sessions,
                 retry_after: 5,
-            });
+            }),
+            // Near the limit and the provider cannot be counted right now: refuse rather than
+            // risk overshooting on a stale count.
+            None => Err(CapacityError::Busy { retry_after: 2 }),
         }
-        Ok(StartPermit { _permit: permit })
     }
 
     /// Live sessions according to the provider: cached while far from the limit, read afresh
-    /// near it. A provider that cannot be read leaves the last count (or admits: the start will
-    /// meet the same provider trouble and answer it clearly).
-    async fn live_sessions(&self, ours: usize) -> usize {
+    /// near it. `None` when near the limit and the provider cannot be read in time. Far from
+    /// the limit, a provider that cannot be read leaves the last count (or admits: the start
+    /// will meet the same provider trouble and answer it clearly).
+    async fn live_sessions(&self, ours: usize) -> Option<usize> {
         let mut count = self.count.lock().await;
-        let near_limit = |live: usize| live + ours + self.max_in_flight as usize >= self.max_sessions as usize;
-        if let Some(c) = count.as_ref() {
-            if c.at.elapsed() < self.cache_ttl && !near_limit(c.live) {
-                return c.live;
+        let near_limit =
+            |live: usize| live + ours + self.max_in_flight as usize >= self.max_sessions as usize;
+        let cached = count
+            .as_ref()
+            .map(|c| (c.live, c.at.elapsed() < self.cache_ttl));
+        if let Some((live, true)) = cached {
+            if !near_limit(live) {
+                return Some(live);
             }
         }
-        // Admission must stay fast: a slow count falls back to the last one.
-        let listed = tokio::time::timeout(Duration::from_secs(2), self.provider.list_managed()).await;
-        match listed.unwrap_or_else(|_| {
-            Err(providers::ProviderError::Unavailable {
-                provider: self.provider.name(),
-                message: "listing took longer than 2 s".into(),
-            })
-        }) {
-            Ok(machines) => {
+        // Admission must stay fast: a slow count is treated as unavailable.
+        let listed =
+            tokio::time::timeout(Duration::from_secs(2), self.provider.list_managed()).await;
+        match listed {
+            Ok(Ok(machines)) => {
                 let live = machines.iter().filter(|m| !m.state.is_terminal()).count();
                 *count = Some(Count {
                     at: Instant::now(),
                     live,
                 });
-                live
+                Some(live)
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot count sessions at the provider");
-                count.as_ref().map_or(0, |c| c.live)
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "listing took longer than 2 s".to_owned(),
+                };
+                tracing::warn!(error = %why, "cannot count sessions at the provider");
+                match cached {
+                    Some((live, _)) if near_limit(live) => None,
+                    Some((live, _)) => Some(live),
+                    None => Some(0),
+                }
             }
         }
     }

@@ -527,10 +527,14 @@ impl Config {
             return err("max_sessions (BOTDISPATCH_MAX_SESSIONS) must be at least 1");
         }
         if self.max_starts_in_flight == 0 {
-            return err("max_starts_in_flight (BOTDISPATCH_MAX_STARTS_IN_FLIGHT) must be at least 1");
+            return err(
+                "max_starts_in_flight (BOTDISPATCH_MAX_STARTS_IN_FLIGHT) must be at least 1",
+            );
         }
         if !(self.outbound_rate_scale >= 0.0 && self.outbound_rate_scale.is_finite()) {
-            return err("outbound_rate_scale (BOTDISPATCH_OUTBOUND_RATE_SCALE) must be a number ≥ 0");
+            return err(
+                "outbound_rate_scale (BOTDISPATCH_OUTBOUND_RATE_SCALE) must be a number ≥ 0",
+            );
         }
         if self.header_read_timeout_secs == 0 || self.body_read_timeout_secs == 0 {
             return err("header_read_timeout_secs and body_read_timeout_secs must be at least 1");

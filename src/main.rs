@@ -108,7 +108,10 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
                 if !app.tasks.is_empty() {
-                    tracing::warn!(grace_secs = grace.as_secs(), "grace period over: cancelling in-flight starts");
+                    tracing::warn!(
+                        grace_secs = grace.as_secs(),
+                        "grace period over: cancelling in-flight starts"
+                    );
                 }
                 app.shutdown.cancel();
             });
@@ -119,7 +122,10 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // Background loops stop now; cancelled starts finish their clean-up.
     app.shutdown.cancel();
     app.tasks.close();
-    if tokio::time::timeout(shutdown_cleanup, app.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(shutdown_cleanup, app.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("clean-up still running after the grace period; exiting");
     }
     app.sessions.provider().shutdown().await;

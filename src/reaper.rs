@@ -79,7 +79,12 @@ impl Reaper {
                 () = tokio::time::sleep(interval.mul_f64(jitter)) => {}
             }
             let report = self.pass().await;
-            if report != (PassReport { machines_seen: report.machines_seen, ..PassReport::default() }) {
+            if report
+                != (PassReport {
+                    machines_seen: report.machines_seen,
+                    ..PassReport::default()
+                })
+            {
                 info!(?report, "reaper pass");
             }
         }
@@ -132,7 +137,9 @@ impl Reaper {
                 Some("stuck starting beyond the start timeout")
             } else if !labels.room.is_empty()
                 && old_enough(m.created_at)
-                && room_names.as_ref().is_some_and(|names| !names.contains(labels.room.as_str()))
+                && room_names
+                    .as_ref()
+                    .is_some_and(|names| !names.contains(labels.room.as_str()))
             {
                 report.room_gone += 1;
                 Some("its room is gone")
@@ -142,7 +149,9 @@ impl Reaper {
             match reason {
                 Some(reason) => match self.provider.terminate(&m.handle).await {
                     Ok(()) => {
-                        self.stats.machines_destroyed.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .machines_destroyed
+                            .fetch_add(1, Ordering::Relaxed);
                         info!(machine.id = %m.handle, session.key = %labels.session_key, reason, "reaper destroyed a machine");
                     }
                     Err(e) => {

@@ -74,7 +74,11 @@ impl SessionIds {
     /// key on every replica, unrelated across callers, shaped like any other key.
     pub fn idempotent_key(&self, sub: &str, idempotency_key: &str) -> String {
         let mut mac = self.mac();
-        for part in [b"idempotency".as_slice(), sub.as_bytes(), idempotency_key.as_bytes()] {
+        for part in [
+            b"idempotency".as_slice(),
+            sub.as_bytes(),
+            idempotency_key.as_bytes(),
+        ] {
             mac.update(&(part.len() as u32).to_be_bytes());
             mac.update(part);
         }

@@ -343,7 +343,11 @@ impl Sessions {
             labels: SessionLabels {
                 session_key: plan.key.clone(),
                 owner: plan.owner.clone(),
-                room: if plan.create_room { name.clone() } else { String::new() },
+                room: if plan.create_room {
+                    name.clone()
+                } else {
+                    String::new()
+                },
                 agent: plan.agent.clone(),
                 deadline: provisional_deadline,
             },
@@ -479,7 +483,12 @@ impl Sessions {
     }
 
     /// Gives the machine its real deadline, in the background (off the critical path).
-    fn confirm_deadline(&self, handle: &str, provisional: DateTime<Utc>, session_end: DateTime<Utc>) {
+    fn confirm_deadline(
+        &self,
+        handle: &str,
+        provisional: DateTime<Utc>,
+        session_end: DateTime<Utc>,
+    ) {
         if provisional >= session_end {
             return;
         }
@@ -510,7 +519,10 @@ impl Sessions {
             Some(m) => m,
             None => {
                 // No machine, but its room: this key's session ran and is over.
-                if plan.create_room && self.rooms.kind() == "daily" && self.rooms.exists(&name).await? {
+                if plan.create_room
+                    && self.rooms.kind() == "daily"
+                    && self.rooms.exists(&name).await?
+                {
                     return Err(SessionError::IdempotencyKeyUsed);
                 }
                 return Ok(None);

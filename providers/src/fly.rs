@@ -100,11 +100,18 @@ impl FlyProvider {
         Ok(Some(json_or_error(resp, "get machine").await?))
     }
 
-    async fn list(&self, filters: &[(&str, &str)]) -> Result<Vec<FlyMachine>, ProviderError> {
-        let query: Vec<(String, &str)> = filters
+    async fn list(
+        &self,
+        filters: &[(&str, &str)],
+        include_deleted: bool,
+    ) -> Result<Vec<FlyMachine>, ProviderError> {
+        let mut query: Vec<(String, &str)> = filters
             .iter()
             .map(|(k, v)| (format!("metadata.{k}"), *v))
             .collect();
+        if include_deleted {
+            query.push(("include_deleted".to_owned(), "true"));
+        }
         let resp = self
             .send(
                 self.request(Method::GET, "/machines").query(&query),
@@ -275,25 +282,26 @@ impl MachineProvider for FlyProvider {
     }
 
     async fn find(&self, session_key: &str) -> Result<Option<MachineStatus>, ProviderError> {
+        // Destroyed machines too: an idempotent retry must see that its session already ran.
         let machines = self
-            .list(&[
-                (label::MANAGED_BY, MANAGED_BY),
-                (label::SESSION, session_key),
-            ])
+            .list(
+                &[(label::MANAGED_BY, MANAGED_BY), (label::SESSION, session_key)],
+                true,
+            )
             .await?;
-        Ok(machines
+        // The filter is the server's; check again so a provider that ignores it cannot fool us.
+        // A live machine wins over destroyed ones of the same session.
+        let mut ours: Vec<MachineStatus> = machines
             .into_iter()
             .map(FlyMachine::into_status)
-            // The filter is the server's; check again so a provider that ignores it cannot fool us.
-            .find(|m| {
-                m.labels
-                    .as_ref()
-                    .is_some_and(|l| l.session_key == session_key)
-            }))
+            .filter(|m| m.labels.as_ref().is_some_and(|l| l.session_key == session_key))
+            .collect();
+        ours.sort_by_key(|m| m.state.is_terminal());
+        Ok(ours.into_iter().next())
     }
 
     async fn list_managed(&self) -> Result<Vec<MachineStatus>, ProviderError> {
-        let machines = self.list(&[(label::MANAGED_BY, MANAGED_BY)]).await?;
+        let machines = self.list(&[(label::MANAGED_BY, MANAGED_BY)], false).await?;
         Ok(machines
             .into_iter()
             .map(FlyMachine::into_status)

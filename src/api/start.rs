@@ -69,9 +69,10 @@ async fn run(
     req: StartRequest,
 ) -> Result<Response, ApiError> {
     let idempotency_key = match headers.get("idempotency-key") {
-        Some(v) => Some(v.to_str().map_err(|_| {
-            ApiError::bad_request("Idempotency-Key must be visible ASCII")
-        })?),
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?,
+        ),
         None => None,
     };
     let plan = state

@@ -192,11 +192,14 @@ impl RoomService for DailyRooms {
         let mut rooms = Vec::new();
         let mut ending_before: Option<String> = None;
         for _ in 0..100 {
-            let mut req = self.request(Method::GET, "/rooms").query(&[("limit", "100")]);
+            let mut req = self
+                .request(Method::GET, "/rooms")
+                .query(&[("limit", "100")]);
             if let Some(id) = &ending_before {
                 req = req.query(&[("ending_before", id.as_str())]);
             }
-            let page: RoomPage = json_or_error(self.send(req, "list rooms").await?, "list rooms").await?;
+            let page: RoomPage =
+                json_or_error(self.send(req, "list rooms").await?, "list rooms").await?;
             let last = page.data.last().map(|r| r.id.clone());
             let full = page.data.len() >= 100;
             rooms.extend(

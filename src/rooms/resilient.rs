@@ -20,7 +20,10 @@ use super::{Room, RoomError, RoomRequest, RoomService, TokenRequest};
 
 impl Transient for RoomError {
     fn is_transient(&self) -> bool {
-        matches!(self, RoomError::Throttled { .. } | RoomError::Unavailable { .. })
+        matches!(
+            self,
+            RoomError::Throttled { .. } | RoomError::Unavailable { .. }
+        )
     }
 
     fn retry_after(&self) -> Option<Duration> {
@@ -73,7 +76,13 @@ impl ResilientRooms {
         self
     }
 
-    async fn run<T, F, Fut>(&self, op: &'static str, delete: bool, deadline: Instant, call: F) -> Result<T, RoomError>
+    async fn run<T, F, Fut>(
+        &self,
+        op: &'static str,
+        delete: bool,
+        deadline: Instant,
+        call: F,
+    ) -> Result<T, RoomError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, RoomError>>,
@@ -143,8 +152,10 @@ impl RoomService for ResilientRooms {
     }
 
     async fn delete(&self, name: &str) -> Result<(), RoomError> {
-        self.run("delete room", true, self.budget(), || self.inner.delete(name))
-            .await
+        self.run("delete room", true, self.budget(), || {
+            self.inner.delete(name)
+        })
+        .await
     }
 
     async fn exists(&self, name: &str) -> Result<bool, RoomError> {
@@ -153,8 +164,10 @@ impl RoomService for ResilientRooms {
     }
 
     async fn list_managed(&self) -> Result<Vec<super::ListedRoom>, RoomError> {
-        self.run("list rooms", false, self.budget(), || self.inner.list_managed())
-            .await
+        self.run("list rooms", false, self.budget(), || {
+            self.inner.list_managed()
+        })
+        .await
     }
 
     fn mint_token(&self, req: &TokenRequest<'_>) -> Result<String, RoomError> {

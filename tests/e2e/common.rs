@@ -2,8 +2,10 @@
 //! Fly and Daily, with helpers to call it as a client would.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use botdispatch::config::Config;
 use botdispatch::server::{serve, ServerLimits};
@@ -34,6 +36,8 @@ pub struct Options {
     pub no_jwt_secret: bool,
     /// Run the background loops (the reaper).
     pub background: bool,
+    /// Use these fakes instead of starting new ones (several replicas on one "cloud").
+    pub shared: Option<(FakeFly, FakeDaily)>,
 }
 
 impl Default for Options {
@@ -49,6 +53,7 @@ impl Default for Options {
             fly_url: None,
             no_jwt_secret: false,
             background: false,
+            shared: None,
         }
     }
 }
@@ -75,13 +80,10 @@ impl TestEnv {
     }
 
     pub async fn with(opts: Options) -> Self {
-        let fly = FakeFly::start(opts.fly.clone()).await;
-        let daily = FakeDaily::start(FakeDailyConfig {
-            api_key: DAILY_KEY.to_owned(),
-            domain_name: DAILY_DOMAIN.to_owned(),
-            domain_id: DAILY_DOMAIN_ID.to_owned(),
-        })
-        .await;
+        let (fly, daily) = match opts.shared.clone() {
+            Some(fakes) => fakes,
+            None => start_fakes(&opts.fly).await,
+        };
         let mut env: BTreeMap<&str, String> = BTreeMap::from([
             ("BOTDISPATCH_PROVIDER", "fly".to_owned()),
             ("BOTDISPATCH_ROOMS", "daily".to_owned()),
@@ -216,6 +218,17 @@ impl TestEnv {
     }
 }
 
+pub async fn start_fakes(fly: &FakeFlyConfig) -> (FakeFly, FakeDaily) {
+    let fly = FakeFly::start(fly.clone()).await;
+    let daily = FakeDaily::start(FakeDailyConfig {
+        api_key: DAILY_KEY.to_owned(),
+        domain_name: DAILY_DOMAIN.to_owned(),
+        domain_id: DAILY_DOMAIN_ID.to_owned(),
+    })
+    .await;
+    (fly, daily)
+}
+
 /// Builds a validated config from TOML and an environment map, as `main` does.
 pub fn config_from(toml: &str, env: &BTreeMap<&str, String>) -> Result<Config, String> {
     let mut config = Config::from_toml(toml).map_err(|e| e.to_string())?;
@@ -252,4 +265,146 @@ pub fn now() -> i64 {
 
 pub fn start_body() -> Value {
     json!({ "body": { "hello": "world" } })
+}
+
+/// The dispatcher process; killed if the test fails half-way.
+pub struct Dispatcher {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Dispatcher {
+    pub fn spawn(extra_env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_botdispatch"));
+        // A clean environment: nothing configured, as on a fresh machine.
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("BOTDISPATCH_LISTEN", "127.0.0.1:0")
+            .env("BOTDISPATCH_LOG_FORMAT", "json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("botdispatch binary runs");
+        let (tx, lines) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for an output line containing `needle`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {needle:?} within {timeout:?}; output:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    pub fn output(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
+    }
+}
+
+impl Dispatcher {
+    /// The address from the JSON "botdispatch ready" log line.
+    pub fn wait_ready(&mut self) -> String {
+        let line = self.wait_for("botdispatch ready", Duration::from_secs(30));
+        let json: Value = serde_json::from_str(&line).expect("JSON log line");
+        format!("http://{}", json["listen"].as_str().unwrap())
+    }
+
+    pub fn signal(&self, signal: &str) {
+        nix_kill(self.child.id(), signal);
+    }
+
+    /// Waits for the process to exit; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dispatcher did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub fn nix_kill(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The environment that points a dispatcher process at these fakes.
+pub fn process_env(fly: &FakeFly, daily: &FakeDaily) -> Vec<(&'static str, String)> {
+    vec![
+        ("BOTDISPATCH_PROVIDER", "fly".to_owned()),
+        ("BOTDISPATCH_ROOMS", "daily".to_owned()),
+        ("BOTDISPATCH_JWT_SECRET", JWT_SECRET.to_owned()),
+        ("BOTDISPATCH_BOT_IMAGE", BOT_IMAGE.to_owned()),
+        ("FLY_API_TOKEN", FLY_TOKEN.to_owned()),
+        ("FLY_APP_NAME", FLY_APP.to_owned()),
+        ("FLY_API_URL", fly.base_url()),
+        ("DAILY_API_KEY", DAILY_KEY.to_owned()),
+        ("DAILY_API_URL", daily.base_url()),
+    ]
+}
+
+/// A token for `sub` signed with the tests' JWT secret (for dispatcher processes).
+pub fn hs_token(sub: &str) -> String {
+    let claims = serde_json::json!({"sub": sub, "exp": now() + 600});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
 }

@@ -9,4 +9,5 @@ mod bad_input;
 mod common;
 mod embedded;
 mod prism;
+mod resilience;
 mod start_fly;

@@ -81,7 +81,11 @@ async fn happy_path_starts_a_machine_with_the_bot_contract() {
     assert_eq!(meta["botdispatch_room"], room_name);
     // The machine launched with a provisional deadline just past the start timeout; once the
     // client has its answer the real one (the session's end) replaces it.
-    let provisional: i64 = meta["botdispatch_deadline"].as_str().unwrap().parse().unwrap();
+    let provisional: i64 = meta["botdispatch_deadline"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(provisional <= exp);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -94,7 +98,10 @@ async fn happy_path_starts_a_machine_with_the_bot_contract() {
         if (label - exp).abs() <= 1 {
             break;
         }
-        assert!(Instant::now() < deadline, "deadline never extended: {label} vs {exp}");
+        assert!(
+            Instant::now() < deadline,
+            "deadline never extended: {label} vs {exp}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -271,7 +278,10 @@ async fn a_brief_throttle_is_retried_and_absorbed() {
         .iter()
         .filter(|r| r.method == "POST" && r.path.ends_with("/machines"))
         .count();
-    assert_eq!(creates, 3, "two throttled attempts, then the one that worked");
+    assert_eq!(
+        creates, 3,
+        "two throttled attempts, then the one that worked"
+    );
 }
 
 #[tokio::test]
@@ -298,7 +308,10 @@ async fn throttling_longer_than_the_deadline_is_503_with_retry_after() {
     assert_eq!(resp.headers()["retry-after"], "30");
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"], "provider_throttled");
-    assert!(t.elapsed() < Duration::from_secs(2), "no sleeping past the deadline");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "no sleeping past the deadline"
+    );
     env.assert_nothing_left_within(Duration::ZERO).await;
 }
 
@@ -309,25 +322,35 @@ async fn ghost_create_is_adopted_not_duplicated() {
         .set_fault(FlyOp::Create, Fault::GhostCreate { status: 502 }, 1);
     let (status, resp) = env.post_start("alice", start_body()).await;
     assert_eq!(status, StatusCode::OK, "{resp}");
-    assert_eq!(env.fly.machines().len(), 1, "the ghost machine was adopted, not duplicated");
+    assert_eq!(
+        env.fly.machines().len(),
+        1,
+        "the ghost machine was adopted, not duplicated"
+    );
     let machine = env.fly.live_machines().remove(0);
     let id = resp["sessionId"].as_str().unwrap();
-    assert!(id.contains(&base64_url(&machine.id)), "the session points at the adopted machine");
+    assert!(
+        id.contains(&base64_url(&machine.id)),
+        "the session points at the adopted machine"
+    );
     env.assert_spec_clean();
 }
 
 #[tokio::test]
 async fn a_persistent_provider_outage_fails_cleanly() {
     let mut opts = Options::default();
-    opts.env.push(("BOTDISPATCH_START_TIMEOUT_SECS", "2".into()));
+    opts.env
+        .push(("BOTDISPATCH_START_TIMEOUT_SECS", "2".into()));
     let env = TestEnv::with(opts).await;
-    env.fly.set_fault(FlyOp::Create, Fault::GhostCreate { status: 503 }, 1000);
+    env.fly
+        .set_fault(FlyOp::Create, Fault::GhostCreate { status: 503 }, 1000);
     let (status, err) = env.post_start("alice", start_body()).await;
     assert!(
         status == StatusCode::BAD_GATEWAY || status == StatusCode::GATEWAY_TIMEOUT,
         "{status} {err}"
     );
-    env.assert_nothing_left_within(Duration::from_secs(10)).await;
+    env.assert_nothing_left_within(Duration::from_secs(10))
+        .await;
 }
 
 fn base64_url(s: &str) -> String {
