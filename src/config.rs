@@ -362,6 +362,12 @@ impl Config {
         if let Some(v) = get("BOTDISPATCH_OUTBOUND_RATE_SCALE") {
             self.outbound_rate_scale = num("BOTDISPATCH_OUTBOUND_RATE_SCALE", v)?;
         }
+        if let Some(v) = get("BOTDISPATCH_HEADER_READ_TIMEOUT_SECS") {
+            self.header_read_timeout_secs = num("BOTDISPATCH_HEADER_READ_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = get("BOTDISPATCH_BODY_READ_TIMEOUT_SECS") {
+            self.body_read_timeout_secs = num("BOTDISPATCH_BODY_READ_TIMEOUT_SECS", v)?;
+        }
         if let Some(v) = get("BOTDISPATCH_DEFAULT_AGENT") {
             self.default_agent = v;
         }

@@ -38,6 +38,7 @@ pub struct Options {
     pub background: bool,
     /// Use these fakes instead of starting new ones (several replicas on one "cloud").
     pub shared: Option<(FakeFly, FakeDaily)>,
+    pub limits: ServerLimits,
 }
 
 impl Default for Options {
@@ -54,6 +55,7 @@ impl Default for Options {
             no_jwt_secret: false,
             background: false,
             shared: None,
+            limits: ServerLimits::default(),
         }
     }
 }
@@ -118,7 +120,7 @@ impl TestEnv {
         }
         let shutdown = app.shutdown.clone();
         tokio::spawn(async move {
-            serve(listener, router, ServerLimits::default(), async move {
+            serve(listener, router, opts.limits, async move {
                 shutdown.cancelled().await
             })
             .await

@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod common;
 mod embedded;
+mod hostile;
 mod prism;
 mod resilience;
 mod start_fly;
