@@ -43,6 +43,7 @@ pub struct App {
     /// 503, background loops stop.
     pub shutdown: CancellationToken,
     pub provider_stats: Arc<ResilienceStats>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     ready: Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
@@ -80,7 +81,8 @@ impl App {
             build_provider(&config, http.clone())?,
             policy.clone(),
             config.outbound_rate_scale,
-        );
+        )
+        .with_observer(Arc::new(crate::metrics::ProviderMetrics));
         let provider_stats = Arc::clone(&resilient.stats);
         let provider: Arc<dyn MachineProvider> = Arc::new(resilient);
         let rooms: Arc<dyn RoomService> = Arc::new(ResilientRooms::new(
@@ -115,6 +117,7 @@ impl App {
             tasks,
             shutdown,
             provider_stats,
+            metrics: crate::metrics::install(),
             ready: Mutex::new(None),
         })
     }
@@ -151,7 +154,7 @@ impl App {
     }
 }
 
-fn build_provider(
+pub(crate) fn build_provider(
     config: &Config,
     http: reqwest::Client,
 ) -> anyhow::Result<Arc<dyn MachineProvider>> {
@@ -172,7 +175,7 @@ fn build_provider(
     })
 }
 
-async fn build_rooms(
+pub(crate) async fn build_rooms(
     config: &Config,
     http: reqwest::Client,
 ) -> anyhow::Result<Arc<dyn RoomService>> {

@@ -31,6 +31,15 @@ pub enum CapacityError {
 }
 
 impl CapacityError {
+    /// A short stable name for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::CallerRate { .. } => "caller_rate",
+            Self::Busy { .. } => "busy",
+            Self::Full { .. } => "at_capacity",
+        }
+    }
+
     pub fn retry_after(&self) -> u64 {
         match self {
             Self::CallerRate { retry_after }
@@ -135,6 +144,7 @@ impl Capacity {
         match listed {
             Ok(Ok(machines)) => {
                 let live = machines.iter().filter(|m| !m.state.is_terminal()).count();
+                crate::metrics::sessions_active(live);
                 *count = Some(Count {
                     at: Instant::now(),
                     live,

@@ -142,6 +142,9 @@ pub struct Config {
     pub header_read_timeout_secs: u64,
     /// A client must send its request body within this many seconds. Default 10.
     pub body_read_timeout_secs: u64,
+    /// Bearer token required by `GET /metrics`; unset: open (bind the port privately).
+    /// `BOTDISPATCH_METRICS_TOKEN`.
+    pub metrics_token: Option<Secret>,
     /// `development` (default) or `production`; production refuses the local backends.
     /// `APP_ENV`.
     pub app_env: String,
@@ -269,6 +272,7 @@ impl Default for Config {
             outbound_rate_scale: 1.0,
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 10,
+            metrics_token: None,
             app_env: "development".to_owned(),
             auth: AuthConfig::default(),
             daily: DailyConfig::default(),
@@ -381,6 +385,9 @@ impl Config {
         }
         if let Some(v) = get("BOTDISPATCH_SESSION_SECRET") {
             self.session_secret = Some(Secret::new(v));
+        }
+        if let Some(v) = get("BOTDISPATCH_METRICS_TOKEN") {
+            self.metrics_token = Some(Secret::new(v));
         }
         if let Some(v) = get("APP_ENV") {
             self.app_env = v;

@@ -22,11 +22,17 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    detail: &'a str,
-    info: &'a str,
+/// The one error shape. `detail` and `info` carry the same text: Pipecat clients show
+/// `info ?? detail`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
+    /// A stable machine-readable code, e.g. `invalid_request`, `start_timeout`.
+    #[schema(example = "invalid_request")]
+    pub error: &'a str,
+    /// What went wrong, for humans.
+    pub detail: &'a str,
+    /// The same text as `detail`.
+    pub info: &'a str,
 }
 
 impl ApiError {

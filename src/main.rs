@@ -45,6 +45,11 @@ enum Command {
         #[arg(long)]
         scope: Option<String>,
     },
+    /// Check the configuration and each credential (Daily, provider) with one read-only call;
+    /// prints a PASS/FAIL table and exits non-zero if anything fails.
+    Check,
+    /// Print this API's OpenAPI 3.1 document (the source of docs/openapi.json).
+    Openapi,
 }
 
 fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
@@ -65,6 +70,27 @@ async fn main() -> anyhow::Result<()> {
             );
             let auth = Authenticator::new(&config.auth, config.auth.jwt_secret.as_ref())?;
             println!("{}", auth.mint(&sub, ttl.into(), scope.as_deref())?);
+            Ok(())
+        }
+        Command::Check => {
+            let config = match load_config(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("FAIL  {:<22} {e}", "configuration");
+                    std::process::exit(1);
+                }
+            };
+            let rows = botdispatch::check::run(&config, app::http_client()?).await;
+            for row in &rows {
+                println!("{row}");
+            }
+            if rows.iter().any(|r| !r.ok) {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Openapi => {
+            print!("{}", botdispatch::api::openapi::document());
             Ok(())
         }
     }

@@ -131,10 +131,10 @@ impl Reaper {
             }
             let reason = if labels.deadline < now {
                 report.past_deadline += 1;
-                Some("past its deadline")
+                Some(("past its deadline", "destroy_past_deadline"))
             } else if m.state == MachineState::Starting && old_enough(m.created_at) {
                 report.stuck_starting += 1;
-                Some("stuck starting beyond the start timeout")
+                Some(("stuck starting beyond the start timeout", "destroy_stuck"))
             } else if !labels.room.is_empty()
                 && old_enough(m.created_at)
                 && room_names
@@ -142,16 +142,17 @@ impl Reaper {
                     .is_some_and(|names| !names.contains(labels.room.as_str()))
             {
                 report.room_gone += 1;
-                Some("its room is gone")
+                Some(("its room is gone", "destroy_roomless"))
             } else {
                 None
             };
             match reason {
-                Some(reason) => match self.provider.terminate(&m.handle).await {
+                Some((reason, action)) => match self.provider.terminate(&m.handle).await {
                     Ok(()) => {
                         self.stats
                             .machines_destroyed
                             .fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::reaper_action(action);
                         info!(machine.id = %m.handle, session.key = %labels.session_key, reason, "reaper destroyed a machine");
                     }
                     Err(e) => {
@@ -174,6 +175,7 @@ impl Reaper {
                 Ok(()) => {
                     report.rooms_deleted += 1;
                     self.stats.rooms_deleted.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::reaper_action("delete_room");
                     info!(room = %room.name, "reaper deleted a room whose machine is gone");
                 }
                 Err(e) => {

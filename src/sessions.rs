@@ -18,6 +18,7 @@ use tracing::{info, instrument, warn, Instrument};
 
 use crate::auth::Caller;
 use crate::config::{AgentConfig, Config};
+use crate::metrics;
 use crate::rooms::{validate_client_properties, RoomError, RoomRequest, RoomService, TokenRequest};
 use crate::session_id::{new_session_key, resource_name, SessionIds};
 use providers::{LaunchSpec, MachineProvider, MachineState, ProviderError, SessionLabels};
@@ -26,15 +27,25 @@ use providers::{LaunchSpec, MachineProvider, MachineState, ProviderError, Sessio
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// `POST /start` request. Every field is optional; unknown fields are refused.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StartRequest {
-    /// Passed to the bot unchanged as `BOTDISPATCH_BODY`.
+    /// Passed to the bot unchanged as `BOTDISPATCH_BODY` (at most 64 KiB serialized).
+    #[schema(value_type = Option<Object>)]
     pub body: Option<Map<String, Value>>,
+    /// Create a Daily room and tokens (default true).
     pub create_daily_room: Option<bool>,
+    /// Whitelisted Daily room properties (`enable_recording`, `start_video_off`, ...); expiry
+    /// and eject settings are the dispatcher's.
+    #[schema(value_type = Option<Object>)]
     pub daily_room_properties: Option<Map<String, Value>>,
+    /// Whitelisted user-token properties (`user_name`, `user_id`, `start_video_off`,
+    /// `start_audio_off`, `enable_screenshare`).
+    #[schema(value_type = Option<Object>)]
     pub daily_meeting_token_properties: Option<Map<String, Value>>,
+    /// Provider region hint; must be in the configured allow-list.
     pub region: Option<String>,
+    /// Answer once the machine is started (default true), or at once with 202.
     pub wait: Option<bool>,
 }
 
@@ -65,11 +76,15 @@ pub struct Started {
 }
 
 /// `GET /sessions/{id}`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionView {
     pub session_id: String,
+    /// `starting` | `ready` | `ended` | `failed`
+    #[schema(value_type = String, example = "ready")]
     pub status: &'static str,
+    /// `fly`, `fargate`, `cloudrun` or `local`.
+    #[schema(value_type = String, example = "fly")]
     pub provider: &'static str,
     pub agent: Option<String>,
     pub region: Option<String>,
@@ -105,6 +120,25 @@ pub enum SessionError {
     ShuttingDown,
     #[error("this Idempotency-Key belongs to a session that has ended; use a new key")]
     IdempotencyKeyUsed,
+}
+
+impl SessionError {
+    /// A short stable name for metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) | Self::TooLarge(_) => "invalid",
+            Self::UnknownAgent(_) | Self::AgentForbidden(_) | Self::NotFound => "refused",
+            Self::StartTimeout(_) => "timeout",
+            Self::Provider(ProviderError::Throttled { .. }) => "provider_throttled",
+            Self::Provider(ProviderError::Timeout { .. }) => "timeout",
+            Self::Provider(ProviderError::StartFailed { .. }) => "bot_start_failed",
+            Self::Provider(_) => "provider_error",
+            Self::Room(_) => "room_error",
+            Self::ClientGone => "client_gone",
+            Self::ShuttingDown => "shutting_down",
+            Self::IdempotencyKeyUsed => "idempotency_conflict",
+        }
+    }
 }
 
 /// Settings the flow reads, copied out of [`Config`] once.
@@ -267,6 +301,25 @@ impl Sessions {
     /// was created is then destroyed.
     #[instrument(name = "start", skip_all, fields(session.key = %plan.key, agent = %plan.agent, provider = self.provider.name()))]
     pub async fn start(
+        &self,
+        plan: StartPlan,
+        cancel: CancellationToken,
+    ) -> Result<Started, SessionError> {
+        let t0 = Instant::now();
+        let agent = plan.agent.clone();
+        metrics::starting(1.0);
+        let result = self.run_start(plan, cancel).await;
+        metrics::starting(-1.0);
+        let outcome = match &result {
+            Ok(s) if s.ready => "ready",
+            Ok(_) => "accepted",
+            Err(e) => e.outcome(),
+        };
+        metrics::start_finished(&agent, self.provider.name(), outcome, t0.elapsed());
+        result
+    }
+
+    async fn run_start(
         &self,
         plan: StartPlan,
         cancel: CancellationToken,
@@ -464,6 +517,15 @@ impl Sessions {
             wait_time = Some(t.elapsed());
         }
 
+        let provider = self.provider.name();
+        if let Some(t) = room_time {
+            metrics::start_phase(provider, "room", t);
+        }
+        metrics::start_phase(provider, "launch", launch_time);
+        if let Some(t) = wait_time {
+            metrics::start_phase(provider, "wait", t);
+        }
+        metrics::start_phase(provider, "total", t0.elapsed());
         info!(
             machine.id = %launched.handle,
             room_ms = room_time.map(|t| t.as_millis() as u64),
@@ -606,9 +668,10 @@ impl Sessions {
     }
 
     /// The session's state, read from the provider (works on any replica).
-    #[instrument(name = "status", skip_all)]
+    #[instrument(name = "status", skip_all, fields(session.key = tracing::field::Empty))]
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<SessionView, SessionError> {
         let session = self.resolve(caller, id)?;
+        tracing::Span::current().record("session.key", session.key.as_str());
         let status = self.provider.status(&session.handle).await?;
         let mut view = SessionView {
             session_id: id.to_owned(),
@@ -645,9 +708,10 @@ impl Sessions {
     }
 
     /// Stops the machine and deletes the room. Idempotent.
-    #[instrument(name = "stop", skip_all)]
+    #[instrument(name = "stop", skip_all, fields(session.key = tracing::field::Empty))]
     pub async fn stop(&self, caller: &Caller, id: &str) -> Result<(), SessionError> {
         let session = self.resolve(caller, id)?;
+        tracing::Span::current().record("session.key", session.key.as_str());
         let room = resource_name(&session.key);
         let (machine, room) = tokio::join!(
             self.provider.terminate(&session.handle),
@@ -655,7 +719,7 @@ impl Sessions {
         );
         machine?;
         room?;
-        info!(session.key = %session.key, "session stopped");
+        info!("session stopped");
         Ok(())
     }
 }

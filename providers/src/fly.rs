@@ -285,7 +285,10 @@ impl MachineProvider for FlyProvider {
         // Destroyed machines too: an idempotent retry must see that its session already ran.
         let machines = self
             .list(
-                &[(label::MANAGED_BY, MANAGED_BY), (label::SESSION, session_key)],
+                &[
+                    (label::MANAGED_BY, MANAGED_BY),
+                    (label::SESSION, session_key),
+                ],
                 true,
             )
             .await?;
@@ -294,7 +297,11 @@ impl MachineProvider for FlyProvider {
         let mut ours: Vec<MachineStatus> = machines
             .into_iter()
             .map(FlyMachine::into_status)
-            .filter(|m| m.labels.as_ref().is_some_and(|l| l.session_key == session_key))
+            .filter(|m| {
+                m.labels
+                    .as_ref()
+                    .is_some_and(|l| l.session_key == session_key)
+            })
             .collect();
         ours.sort_by_key(|m| m.state.is_terminal());
         Ok(ours.into_iter().next())
@@ -313,7 +320,11 @@ impl MachineProvider for FlyProvider {
         true
     }
 
-    async fn set_deadline(&self, handle: &str, deadline: DateTime<Utc>) -> Result<(), ProviderError> {
+    async fn set_deadline(
+        &self,
+        handle: &str,
+        deadline: DateTime<Utc>,
+    ) -> Result<(), ProviderError> {
         let resp = self
             .send(
                 self.request(

@@ -279,6 +279,19 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// A short stable name of the error's kind, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Rejected { .. } => "rejected",
+            Self::Throttled { .. } => "throttled",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Timeout { .. } => "timeout",
+            Self::StartFailed { .. } => "start_failed",
+            Self::Conflict { .. } => "conflict",
+            Self::Config { .. } => "config",
+        }
+    }
+
     /// Whether the same call may succeed if retried.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Throttled { .. } | Self::Unavailable { .. })
@@ -333,7 +346,11 @@ pub trait MachineProvider: Send + Sync + 'static {
     }
 
     /// Moves the machine's deadline label.
-    async fn set_deadline(&self, handle: &str, deadline: DateTime<Utc>) -> Result<(), ProviderError> {
+    async fn set_deadline(
+        &self,
+        handle: &str,
+        deadline: DateTime<Utc>,
+    ) -> Result<(), ProviderError> {
         let _ = (handle, deadline);
         Err(ProviderError::Config {
             provider: self.name(),

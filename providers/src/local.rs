@@ -313,7 +313,11 @@ impl MachineProvider for LocalProvider {
         true
     }
 
-    async fn set_deadline(&self, handle: &str, deadline: DateTime<Utc>) -> Result<(), ProviderError> {
+    async fn set_deadline(
+        &self,
+        handle: &str,
+        deadline: DateTime<Utc>,
+    ) -> Result<(), ProviderError> {
         if let Some(entry) = self.lock().get_mut(handle) {
             entry.labels.deadline = deadline;
         }

@@ -183,8 +183,12 @@ enum Limiter {
     Keyed(DefaultKeyedRateLimiter<String>),
 }
 
-/// Observer of every retry (op, error), e.g. to count it in metrics.
-pub type RetryObserver = Arc<dyn Fn(Op, &ProviderError) + Send + Sync>;
+/// Sees every attempt's outcome and every retry, e.g. to count them in metrics.
+pub trait CallObserver: Send + Sync {
+    /// `outcome` is `ok` or [`ProviderError::kind`].
+    fn attempt(&self, provider: &'static str, op: Op, outcome: &'static str);
+    fn retry(&self, provider: &'static str, op: Op);
+}
 
 /// Wraps a provider with retries and rate limits; is itself a [`MachineProvider`].
 pub struct Resilient {
@@ -192,7 +196,7 @@ pub struct Resilient {
     policy: RetryPolicy,
     limiters: HashMap<Op, Limiter>,
     pub stats: Arc<ResilienceStats>,
-    observer: Option<RetryObserver>,
+    observer: Option<Arc<dyn CallObserver>>,
 }
 
 impl Resilient {
@@ -223,7 +227,7 @@ impl Resilient {
         }
     }
 
-    pub fn with_observer(mut self, observer: RetryObserver) -> Self {
+    pub fn with_observer(mut self, observer: Arc<dyn CallObserver>) -> Self {
         self.observer = Some(observer);
         self
     }
@@ -265,19 +269,26 @@ impl Resilient {
     {
         let call = &call;
         let attempt = move || async move {
-            self.acquire(op, key, deadline).await?;
-            match tokio::time::timeout_at(deadline, call()).await {
-                Ok(result) => result,
-                Err(_) => Err(ProviderError::Unavailable {
-                    provider: self.inner.name(),
-                    message: format!("{} did not answer before the deadline", op.as_str()),
-                }),
+            let result = match self.acquire(op, key, deadline).await {
+                Err(e) => Err(e),
+                Ok(()) => match tokio::time::timeout_at(deadline, call()).await {
+                    Ok(result) => result,
+                    Err(_) => Err(ProviderError::Unavailable {
+                        provider: self.inner.name(),
+                        message: format!("{} did not answer before the deadline", op.as_str()),
+                    }),
+                },
+            };
+            if let Some(observer) = &self.observer {
+                let outcome = result.as_ref().map_or_else(ProviderError::kind, |_| "ok");
+                observer.attempt(self.inner.name(), op, outcome);
             }
+            result
         };
         retry(&self.policy, deadline, attempt, |err, delay| {
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
             if let Some(observer) = &self.observer {
-                observer(op, err);
+                observer.retry(self.inner.name(), op);
             }
             tracing::debug!(op = op.as_str(), error = %err, delay_ms = delay.as_millis() as u64, "retrying");
         })
@@ -296,7 +307,11 @@ impl Resilient {
             .run(Op::List, "", deadline, || self.inner.find(key))
             .await?;
         match found {
-            Some(m) if m.labels.as_ref().is_some_and(|l| l.owner == spec.labels.owner) => {
+            Some(m)
+                if m.labels
+                    .as_ref()
+                    .is_some_and(|l| l.owner == spec.labels.owner) =>
+            {
                 self.stats.adopted.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(machine.id = %m.handle, "adopted the machine of an earlier attempt");
                 Ok(Launched {
@@ -326,13 +341,20 @@ impl MachineProvider for Resilient {
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, ProviderError> {
         let deadline = spec.deadline.unwrap_or_else(|| self.budget());
-        match self.run(Op::Launch, "", deadline, || self.inner.launch(spec)).await {
+        match self
+            .run(Op::Launch, "", deadline, || self.inner.launch(spec))
+            .await
+        {
             Err(ProviderError::Conflict { .. }) => self.adopt(spec, deadline).await,
             other => other,
         }
     }
 
-    async fn wait_started(&self, launched: &Launched, timeout: Duration) -> Result<(), ProviderError> {
+    async fn wait_started(
+        &self,
+        launched: &Launched,
+        timeout: Duration,
+    ) -> Result<(), ProviderError> {
         let deadline = Instant::now() + timeout;
         self.run(Op::Wait, &launched.handle, deadline, || {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -342,13 +364,17 @@ impl MachineProvider for Resilient {
     }
 
     async fn status(&self, handle: &str) -> Result<Option<MachineStatus>, ProviderError> {
-        self.run(Op::Status, handle, self.budget(), || self.inner.status(handle))
-            .await
+        self.run(Op::Status, handle, self.budget(), || {
+            self.inner.status(handle)
+        })
+        .await
     }
 
     async fn terminate(&self, handle: &str) -> Result<(), ProviderError> {
-        self.run(Op::Terminate, handle, self.budget(), || self.inner.terminate(handle))
-            .await
+        self.run(Op::Terminate, handle, self.budget(), || {
+            self.inner.terminate(handle)
+        })
+        .await
     }
 
     async fn find(&self, session_key: &str) -> Result<Option<MachineStatus>, ProviderError> {

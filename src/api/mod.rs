@@ -2,6 +2,7 @@
 //! Handlers are thin: parse, call [`crate::sessions`], map errors.
 
 mod health;
+pub mod openapi;
 mod sessions;
 mod start;
 
@@ -15,8 +16,12 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
+use axum::extract::MatchedPath;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::LatencyUnit;
+use tracing::{Level, Span};
 
 use crate::app::AppState;
 use crate::auth::Caller;
@@ -41,6 +46,8 @@ pub fn build_router(state: AppState) -> Router {
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::serve))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(
@@ -49,8 +56,38 @@ pub fn build_router(state: AppState) -> Router {
         .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
             state.config.body_read_timeout_secs,
         )))
-        .layer(TraceLayer::new_for_http())
+        // Outermost last: a request id is set (or kept from the client), the request span
+        // carries it, and the response echoes it in `x-request-id`.
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(
+                    DefaultOnResponse::new()
+                        .level(Level::INFO)
+                        .latency_unit(LatencyUnit::Millis),
+                )
+                // Failures are logged once, where they are handled.
+                .on_failure(()),
+        )
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// One span per request: method, route template (never the raw path: it holds session ids),
+/// and the request id.
+fn request_span(req: &axum::http::Request<axum::body::Body>) -> Span {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str);
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!("request", method = %req.method(), route, request.id = %request_id)
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

@@ -9,12 +9,12 @@ use serde::Serialize;
 use super::{ApiJson, ApiPath};
 use crate::app::AppState;
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::sessions::{StartRequest, Started};
 
 /// Every spelling a Pipecat client reads: `dailyRoom`/`dailyToken` (Pipecat Cloud, client-js),
 /// `room_url`/`token` (older examples), `sessionId` (SmallWebRTC).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StartResponse {
     pub session_id: String,
@@ -24,6 +24,8 @@ pub struct StartResponse {
     pub room_url: Option<String>,
     #[serde(rename = "token")]
     pub token: Option<String>,
+    /// `ready` (200) or `starting` (202).
+    #[schema(value_type = String, example = "ready")]
     pub status: &'static str,
     pub status_url: String,
 }
@@ -42,6 +44,24 @@ impl From<Started> for StartResponse {
     }
 }
 
+/// Start a session with the default agent.
+#[utoipa::path(post, path = "/start", tag = "sessions", request_body = StartRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Repeats of the same start (same caller and key) return the same session")),
+    responses(
+        (status = 200, description = "The machine is started", body = StartResponse),
+        (status = 202, description = "Launched; poll statusUrl (wait: false)", body = StartResponse),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "The token may not start this agent", body = ErrorBody),
+        (status = 404, description = "Unknown agent", body = ErrorBody),
+        (status = 409, description = "The Idempotency-Key's session has ended", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 429, description = "At capacity or rate limited (Retry-After)", body = ErrorBody),
+        (status = 502, description = "The provider or Daily refused or failed", body = ErrorBody),
+        (status = 503, description = "Throttled or shutting down (Retry-After)", body = ErrorBody),
+        (status = 504, description = "The machine did not start in time", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub async fn start(
     State(state): State<AppState>,
     caller: Caller,
@@ -51,6 +71,21 @@ pub async fn start(
     run(state, caller, None, &headers, req).await
 }
 
+/// Start a session with the named agent (Pipecat Cloud compatible path).
+#[utoipa::path(post, path = "/v1/public/{agent}/start", tag = "sessions", request_body = StartRequest,
+    params(("agent" = String, Path, description = "Agent (bot profile) name"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Repeats of the same start return the same session")),
+    responses(
+        (status = 200, description = "The machine is started", body = StartResponse),
+        (status = 202, description = "Launched; poll statusUrl", body = StartResponse),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "Unknown agent", body = ErrorBody),
+        (status = 429, description = "At capacity or rate limited", body = ErrorBody),
+        (status = 502, description = "Provider error", body = ErrorBody),
+        (status = 504, description = "Start timeout", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub async fn start_agent(
     State(state): State<AppState>,
     caller: Caller,
@@ -81,7 +116,9 @@ async fn run(
     if state.shutdown.is_cancelled() {
         return Err(crate::sessions::SessionError::ShuttingDown.into());
     }
-    let permit = state.capacity.admit(&caller.sub).await?;
+    let permit = state.capacity.admit(&caller.sub).await.inspect_err(|e| {
+        crate::metrics::admission_refused(e.reason());
+    })?;
     // The start runs as its own tracked task: if the client disconnects, this handler is
     // dropped, the guard cancels the token, and the task cleans up what it created. The token
     // is also a child of the shutdown token, so a shutdown past its grace period cancels it.

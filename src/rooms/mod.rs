@@ -57,6 +57,19 @@ pub enum RoomError {
     Token(String),
 }
 
+impl RoomError {
+    /// A short stable name of the error's kind, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Rejected { .. } => "rejected",
+            Self::AlreadyExists(_) => "already_exists",
+            Self::Throttled { .. } => "throttled",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Token(_) => "token",
+        }
+    }
+}
+
 /// What the dispatcher asks for: the name and expiry are its own, the properties are the
 /// client's whitelisted extras.
 #[derive(Debug, Clone)]

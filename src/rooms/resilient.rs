@@ -34,15 +34,11 @@ impl Transient for RoomError {
     }
 }
 
-/// Observer of every retried call (operation, error).
-pub type RoomRetryObserver = Arc<dyn Fn(&'static str, &RoomError) + Send + Sync>;
-
 pub struct ResilientRooms {
     inner: Arc<dyn RoomService>,
     policy: RetryPolicy,
     all: Option<DefaultDirectRateLimiter>,
     deletes: Option<DefaultDirectRateLimiter>,
-    observer: Option<RoomRetryObserver>,
 }
 
 fn quota(period: Duration, burst: u32) -> Quota {
@@ -67,13 +63,7 @@ impl ResilientRooms {
             deletes: limited.then(|| RateLimiter::direct(scaled(625.0, 1))),
             inner,
             policy,
-            observer: None,
         }
-    }
-
-    pub fn with_observer(mut self, observer: RoomRetryObserver) -> Self {
-        self.observer = Some(observer);
-        self
     }
 
     async fn run<T, F, Fut>(
@@ -104,17 +94,17 @@ impl ResilientRooms {
                 .map_err(|_| RoomError::Throttled {
                     retry_after: Some(Duration::from_secs(1)),
                 })?;
-            match tokio::time::timeout_at(deadline, call()).await {
+            let result = match tokio::time::timeout_at(deadline, call()).await {
                 Ok(result) => result,
                 Err(_) => Err(RoomError::Unavailable {
                     message: format!("{op}: no answer before the deadline"),
                 }),
-            }
+            };
+            crate::metrics::daily_call(op, result.as_ref().map_or_else(RoomError::kind, |_| "ok"));
+            result
         };
         retry(&self.policy, deadline, attempt, |err, delay| {
-            if let Some(observer) = &self.observer {
-                observer(op, err);
-            }
+            crate::metrics::retry("daily", op);
             tracing::debug!(op, error = %err, delay_ms = delay.as_millis() as u64, "retrying Daily call");
         })
         .await

@@ -19,7 +19,9 @@ fn json_value() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
         ".{0,40}".prop_map(Value::String),
     ];
     leaf.prop_recursive(4, 64, 8, |inner| {
@@ -53,14 +55,19 @@ fn start_body_strategy() -> impl Strategy<Value = Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_start_bodies_get_clean_answers() {
     let mut opts = Options::default();
-    opts.env.push(("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0".into()));
-    opts.env.push(("BOTDISPATCH_STARTS_PER_MINUTE_PER_CALLER", "0".into()));
+    opts.env
+        .push(("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0".into()));
+    opts.env
+        .push(("BOTDISPATCH_STARTS_PER_MINUTE_PER_CALLER", "0".into()));
     opts.env.push(("BOTDISPATCH_ALLOWED_REGIONS", "iad".into()));
     let env = TestEnv::with(opts).await;
     let token = env.token("fuzz");
     // Sampled rather than shrunk: each case is a real HTTP round trip, and a failure prints
     // the offending body in full.
-    let mut runner = TestRunner::new_with_rng(PropConfig::default(), TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    let mut runner = TestRunner::new_with_rng(
+        PropConfig::default(),
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    );
     let strategy = start_body_strategy();
     let bodies: Vec<Value> = (0..200)
         .map(|_| strategy.new_tree(&mut runner).unwrap().current())
@@ -77,13 +84,17 @@ async fn random_start_bodies_get_clean_answers() {
             .unwrap();
         let status = resp.status();
         let text = resp.text().await.unwrap();
-        let parsed: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON {status}: {text}"));
+        let parsed: Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON {status}: {text}"));
         assert!(
             status.is_success() || status.is_client_error(),
             "{status} for {body}: {parsed}"
         );
         if status.is_client_error() {
-            assert!(parsed["error"].is_string() && parsed["detail"] == parsed["info"], "{parsed}");
+            assert!(
+                parsed["error"].is_string() && parsed["detail"] == parsed["info"],
+                "{parsed}"
+            );
         }
         *seen.entry(status.as_u16()).or_insert(0) += 1;
     }
@@ -102,7 +113,10 @@ async fn random_authorization_headers_are_401() {
         "Bearer [A-Za-z0-9_.-]{0,300}",
         "Bearer [A-Za-z0-9_-]{1,60}\\.[A-Za-z0-9_-]{1,200}\\.[A-Za-z0-9_-]{0,90}",
     ];
-    let mut runner = TestRunner::new_with_rng(PropConfig::default(), TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    let mut runner = TestRunner::new_with_rng(
+        PropConfig::default(),
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    );
     let headers: Vec<String> = (0..300)
         .map(|_| header.new_tree(&mut runner).unwrap().current())
         .collect();
@@ -129,26 +143,40 @@ fn tight_limits() -> Options {
         header_read_timeout: Duration::from_millis(500),
         max_header_bytes: 16 * 1024,
     };
-    opts.env.push(("BOTDISPATCH_BODY_READ_TIMEOUT_SECS", "1".into()));
+    opts.env
+        .push(("BOTDISPATCH_BODY_READ_TIMEOUT_SECS", "1".into()));
     opts
 }
 
 #[tokio::test]
 async fn slow_headers_are_cut_off() {
     let env = TestEnv::with(tight_limits()).await;
-    let mut stream = TcpStream::connect(env.base.trim_start_matches("http://")).await.unwrap();
-    stream.write_all(b"POST /start HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut stream = TcpStream::connect(env.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"POST /start HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "the server kept a slow client's connection open");
+    assert!(
+        read.is_ok(),
+        "the server kept a slow client's connection open"
+    );
     let text = String::from_utf8_lossy(&buf);
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
 async fn slow_bodies_get_408() {
     let env = TestEnv::with(tight_limits()).await;
-    let mut stream = TcpStream::connect(env.base.trim_start_matches("http://")).await.unwrap();
+    let mut stream = TcpStream::connect(env.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
     let head = format!(
         "POST /start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"body\":",
         env.token("slow")

@@ -6,9 +6,11 @@
 
 mod auth;
 mod bad_input;
+mod client_js;
 mod common;
 mod embedded;
 mod hostile;
+mod observability;
 mod prism;
 mod resilience;
 mod start_fly;

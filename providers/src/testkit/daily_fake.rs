@@ -419,7 +419,12 @@ impl Shared {
         }
     }
 
-    async fn execute(&self, route: &Route, query: &[(String, String)], body: Option<&Value>) -> Reply {
+    async fn execute(
+        &self,
+        route: &Route,
+        query: &[(String, String)],
+        body: Option<&Value>,
+    ) -> Reply {
         match route {
             Route::Domain => Reply::json(
                 200,
@@ -435,7 +440,12 @@ impl Shared {
                 state.prune();
                 // Daily lists rooms newest first, at most `limit` (≤ 100) a page; `ending_before`
                 // (a room id) continues with the rooms created before that one.
-                let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+                let param = |name: &str| {
+                    query
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.as_str())
+                };
                 let limit = param("limit")
                     .and_then(|l| l.parse::<usize>().ok())
                     .unwrap_or(100)

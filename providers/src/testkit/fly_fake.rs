@@ -706,7 +706,12 @@ impl Shared {
         else {
             return Reply::json(404, json!({"error": "machine not found"}));
         };
-        if !record.machine.config.get("metadata").is_some_and(Value::is_object) {
+        if !record
+            .machine
+            .config
+            .get("metadata")
+            .is_some_and(Value::is_object)
+        {
             record.machine.config["metadata"] = json!({});
         }
         record.machine.config["metadata"][key] = json!(value);
