@@ -78,7 +78,7 @@ impl App {
             ..RetryPolicy::default()
         };
         let resilient = Resilient::new(
-            build_provider(&config, http.clone())?,
+            build_provider(&config, http.clone()).await?,
             policy.clone(),
             config.outbound_rate_scale,
         )
@@ -154,7 +154,7 @@ impl App {
     }
 }
 
-pub(crate) fn build_provider(
+pub(crate) async fn build_provider(
     config: &Config,
     http: reqwest::Client,
 ) -> anyhow::Result<Arc<dyn MachineProvider>> {
@@ -172,6 +172,54 @@ pub(crate) fn build_provider(
                 request_timeout: config.request_timeout(),
             },
         )?),
+        #[cfg(feature = "fargate")]
+        ProviderKind::Fargate => {
+            let f = &config.fargate;
+            Arc::new(
+                providers::fargate::FargateProvider::new(providers::fargate::FargateConfig {
+                    cluster: f.cluster.clone().unwrap_or_default(),
+                    task_definition: f.task_definition.clone().unwrap_or_default(),
+                    container_name: f.container_name.clone(),
+                    subnets: f.subnets.clone(),
+                    security_groups: f.security_groups.clone(),
+                    assign_public_ip: f.assign_public_ip,
+                    spot: f.spot,
+                    region: f.region.clone(),
+                    endpoint_url: f.endpoint_url.clone(),
+                    request_timeout: config.request_timeout(),
+                })
+                .await?,
+            )
+        }
+        #[cfg(feature = "cloudrun")]
+        ProviderKind::Cloudrun => {
+            use providers::cloudrun::{CloudRunAuth, CloudRunConfig, CloudRunProvider};
+            let c = &config.cloudrun;
+            let auth = match &c.service_account_key_file {
+                Some(path) => CloudRunAuth::ServiceAccountKey {
+                    key_json: providers::Secret::new(std::fs::read_to_string(path).with_context(
+                        || format!("cannot read the service-account key {}", path.display()),
+                    )?),
+                    token_uri_override: c.token_uri.clone(),
+                },
+                None => CloudRunAuth::MetadataServer {
+                    host: c.metadata_host.clone(),
+                },
+            };
+            Arc::new(CloudRunProvider::new(
+                http,
+                CloudRunConfig {
+                    api_url: c.api_url.clone(),
+                    project: c.project.clone().unwrap_or_default(),
+                    region: c.region.clone().unwrap_or_default(),
+                    job: c.job.clone().unwrap_or_default(),
+                    auth,
+                    request_timeout: config.request_timeout(),
+                },
+            )?)
+        }
+        #[allow(unreachable_patterns)]
+        other => anyhow::bail!("this build has no `{other}` provider (cargo feature `{other}`)"),
     })
 }
 

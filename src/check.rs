@@ -75,7 +75,7 @@ pub async fn run(config: &Config, http: reqwest::Client) -> Vec<CheckRow> {
         Err(e) => rows.push(row(rooms_name, Err(format!("{e:#}")))),
     }
     let provider_name = format!("provider ({})", config.provider);
-    match build_provider(config, http) {
+    match build_provider(config, http).await {
         Ok(provider) => rows.push(row(
             provider_name,
             provider

@@ -43,6 +43,8 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 pub enum ProviderKind {
     Local,
     Fly,
+    Fargate,
+    Cloudrun,
 }
 
 impl ProviderKind {
@@ -50,6 +52,8 @@ impl ProviderKind {
         match value {
             "local" => Some(Self::Local),
             "fly" => Some(Self::Fly),
+            "fargate" => Some(Self::Fargate),
+            "cloudrun" => Some(Self::Cloudrun),
             _ => None,
         }
     }
@@ -60,6 +64,8 @@ impl fmt::Display for ProviderKind {
         f.write_str(match self {
             Self::Local => "local",
             Self::Fly => "fly",
+            Self::Fargate => "fargate",
+            Self::Cloudrun => "cloudrun",
         })
     }
 }
@@ -94,7 +100,7 @@ pub enum JwtAlgorithm {
 pub struct Config {
     /// Address to serve on. `BOTDISPATCH_LISTEN`, default `127.0.0.1:7860`.
     pub listen: String,
-    /// `local` | `fly`. `BOTDISPATCH_PROVIDER`, default `local`.
+    /// `local` | `fly` | `fargate` | `cloudrun`. `BOTDISPATCH_PROVIDER`, default `local`.
     pub provider: ProviderKind,
     /// `daily` | `local`. `BOTDISPATCH_ROOMS`; default `daily` when a Daily API key is set,
     /// otherwise `local`.
@@ -151,6 +157,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub daily: DailyConfig,
     pub fly: FlyConfig,
+    pub fargate: FargateSection,
+    pub cloudrun: CloudRunSection,
     pub local: LocalConfig,
     /// Bot profiles by name. With none configured, one agent named `default` is made from
     /// `BOTDISPATCH_BOT_IMAGE` (or, for the local provider, the example bot).
@@ -224,6 +232,84 @@ impl Default for FlyConfig {
     }
 }
 
+/// AWS Fargate (ECS `RunTask`). Credentials and region come from the AWS SDK's standard chain
+/// (`AWS_REGION`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, profiles, instance roles);
+/// `AWS_ENDPOINT_URL_ECS` overrides the endpoint. An agent's `image` names its task definition
+/// (ECS cannot override a container image per run).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FargateSection {
+    /// `BOTDISPATCH_FARGATE_CLUSTER`.
+    pub cluster: Option<String>,
+    /// Task definition for agents without an image. `BOTDISPATCH_FARGATE_TASK_DEFINITION`.
+    pub task_definition: Option<String>,
+    /// The bot's container in the task definition. `BOTDISPATCH_FARGATE_CONTAINER`, default `bot`.
+    pub container_name: String,
+    /// `BOTDISPATCH_FARGATE_SUBNETS` (comma separated); at least one.
+    pub subnets: Vec<String>,
+    /// `BOTDISPATCH_FARGATE_SECURITY_GROUPS` (comma separated).
+    pub security_groups: Vec<String>,
+    /// Public IP per task (public subnets without NAT). `BOTDISPATCH_FARGATE_PUBLIC_IP`.
+    pub assign_public_ip: bool,
+    /// Fargate Spot. `BOTDISPATCH_FARGATE_SPOT`.
+    pub spot: bool,
+    /// Overrides the SDK chain's region.
+    pub region: Option<String>,
+    /// Overrides the ECS endpoint (also `AWS_ENDPOINT_URL_ECS`, read by the SDK).
+    pub endpoint_url: Option<String>,
+}
+
+impl Default for FargateSection {
+    fn default() -> Self {
+        Self {
+            cluster: None,
+            task_definition: None,
+            container_name: "bot".to_owned(),
+            subnets: Vec::new(),
+            security_groups: Vec::new(),
+            assign_public_ip: false,
+            spot: false,
+            region: None,
+            endpoint_url: None,
+        }
+    }
+}
+
+/// Google Cloud Run jobs (Admin API v2). An agent's `image` names the job to run (Cloud Run
+/// cannot override a job's image per execution).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudRunSection {
+    /// `BOTDISPATCH_CLOUDRUN_PROJECT`.
+    pub project: Option<String>,
+    /// `BOTDISPATCH_CLOUDRUN_REGION`.
+    pub region: Option<String>,
+    /// Job for agents without an image. `BOTDISPATCH_CLOUDRUN_JOB`.
+    pub job: Option<String>,
+    /// `CLOUD_RUN_API_URL`, default `https://run.googleapis.com/v2`.
+    pub api_url: String,
+    /// Service-account JSON key file; unset: the metadata server. `GOOGLE_APPLICATION_CREDENTIALS`.
+    pub service_account_key_file: Option<PathBuf>,
+    /// Overrides the key's `token_uri` (private endpoints, tests).
+    pub token_uri: Option<String>,
+    /// Metadata server host. `GCE_METADATA_HOST`, default `metadata.google.internal`.
+    pub metadata_host: String,
+}
+
+impl Default for CloudRunSection {
+    fn default() -> Self {
+        Self {
+            project: None,
+            region: None,
+            job: None,
+            api_url: "https://run.googleapis.com/v2".to_owned(),
+            service_account_key_file: None,
+            token_uri: None,
+            metadata_host: "metadata.google.internal".to_owned(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LocalConfig {
@@ -277,6 +363,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             daily: DailyConfig::default(),
             fly: FlyConfig::default(),
+            fargate: FargateSection::default(),
+            cloudrun: CloudRunSection::default(),
             local: LocalConfig::default(),
             agents: BTreeMap::new(),
         }
@@ -325,7 +413,7 @@ impl Config {
         if let Some(v) = get("BOTDISPATCH_PROVIDER") {
             self.provider = ProviderKind::parse(v.trim()).ok_or_else(|| {
                 ConfigError(format!(
-                    "BOTDISPATCH_PROVIDER={v:?} is not a provider (expected local or fly)"
+                    "BOTDISPATCH_PROVIDER={v:?} is not a provider (expected local, fly, fargate or cloudrun)"
                 ))
             })?;
         }
@@ -428,6 +516,59 @@ impl Config {
         if let Some(v) = get("DAILY_DOMAIN_NAME") {
             self.daily.domain_name = Some(v);
         }
+        let list = |v: String| -> Vec<String> {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        let flag = |name: &str, v: String| -> Result<bool, ConfigError> {
+            match v.trim() {
+                "1" | "true" | "yes" => Ok(true),
+                "0" | "false" | "no" => Ok(false),
+                _ => err(format!("{name}={v:?} must be true or false")),
+            }
+        };
+        if let Some(v) = get("BOTDISPATCH_FARGATE_CLUSTER") {
+            self.fargate.cluster = Some(v);
+        }
+        if let Some(v) = get("BOTDISPATCH_FARGATE_TASK_DEFINITION") {
+            self.fargate.task_definition = Some(v);
+        }
+        if let Some(v) = get("BOTDISPATCH_FARGATE_CONTAINER") {
+            self.fargate.container_name = v;
+        }
+        if let Some(v) = get("BOTDISPATCH_FARGATE_SUBNETS") {
+            self.fargate.subnets = list(v);
+        }
+        if let Some(v) = get("BOTDISPATCH_FARGATE_SECURITY_GROUPS") {
+            self.fargate.security_groups = list(v);
+        }
+        if let Some(v) = get("BOTDISPATCH_FARGATE_PUBLIC_IP") {
+            self.fargate.assign_public_ip = flag("BOTDISPATCH_FARGATE_PUBLIC_IP", v)?;
+        }
+        if let Some(v) = get("BOTDISPATCH_FARGATE_SPOT") {
+            self.fargate.spot = flag("BOTDISPATCH_FARGATE_SPOT", v)?;
+        }
+        if let Some(v) = get("BOTDISPATCH_CLOUDRUN_PROJECT") {
+            self.cloudrun.project = Some(v);
+        }
+        if let Some(v) = get("BOTDISPATCH_CLOUDRUN_REGION") {
+            self.cloudrun.region = Some(v);
+        }
+        if let Some(v) = get("BOTDISPATCH_CLOUDRUN_JOB") {
+            self.cloudrun.job = Some(v);
+        }
+        if let Some(v) = get("CLOUD_RUN_API_URL") {
+            self.cloudrun.api_url = v;
+        }
+        if let Some(v) = get("GOOGLE_APPLICATION_CREDENTIALS") {
+            self.cloudrun.service_account_key_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("GCE_METADATA_HOST") {
+            self.cloudrun.metadata_host = v;
+        }
         if let Some(v) = get("FLY_API_TOKEN") {
             self.fly.api_token = Some(Secret::new(v));
         }
@@ -438,6 +579,18 @@ impl Config {
             self.fly.api_url = v;
         }
         if let Some(v) = get("FLY_REGION") {
+            self.fly.default_region = Some(v);
+        }
+        // On Fly itself, `FLY_*` names belong to the platform (every machine gets its own
+        // FLY_APP_NAME and FLY_REGION), so a dispatcher deployed on Fly names the bots' app with
+        // these, which win.
+        if let Some(v) = get("BOTDISPATCH_FLY_APP") {
+            self.fly.app_name = Some(v);
+        }
+        if let Some(v) = get("BOTDISPATCH_FLY_API_URL") {
+            self.fly.api_url = v;
+        }
+        if let Some(v) = get("BOTDISPATCH_FLY_REGION") {
             self.fly.default_region = Some(v);
         }
         if let Some(image) = get("BOTDISPATCH_BOT_IMAGE") {
@@ -457,6 +610,16 @@ impl Config {
             } else {
                 RoomsKind::Local
             });
+        }
+        let default_target = match self.provider {
+            ProviderKind::Fargate => self.fargate.task_definition.is_some(),
+            ProviderKind::Cloudrun => self.cloudrun.job.is_some(),
+            _ => false,
+        };
+        if default_target && !self.agents.contains_key(&self.default_agent) {
+            // The configured task definition / job is the default agent.
+            self.agents
+                .insert(self.default_agent.clone(), AgentConfig::default());
         }
         if self.provider == ProviderKind::Local && !self.agents.contains_key(&self.default_agent) {
             self.agents.insert(
@@ -644,6 +807,39 @@ impl Config {
                     }
                 }
             }
+            ProviderKind::Fargate => {
+                if !cfg!(feature = "fargate") {
+                    return err("provider = \"fargate\" needs a build with the `fargate` cargo feature");
+                }
+                let f = &self.fargate;
+                if f.cluster.as_deref().is_none_or(str::is_empty) {
+                    return err("fargate.cluster (BOTDISPATCH_FARGATE_CLUSTER) is required when provider = \"fargate\"");
+                }
+                if f.subnets.is_empty() {
+                    return err("fargate.subnets (BOTDISPATCH_FARGATE_SUBNETS) needs at least one subnet");
+                }
+                if f.container_name.is_empty() {
+                    return err("fargate.container_name (BOTDISPATCH_FARGATE_CONTAINER) is empty");
+                }
+                if let Some(url) = &f.endpoint_url {
+                    check_url("fargate.endpoint_url", url)?;
+                }
+            }
+            ProviderKind::Cloudrun => {
+                if !cfg!(feature = "cloudrun") {
+                    return err("provider = \"cloudrun\" needs a build with the `cloudrun` cargo feature");
+                }
+                let c = &self.cloudrun;
+                for (key, value) in [
+                    ("cloudrun.project (BOTDISPATCH_CLOUDRUN_PROJECT)", &c.project),
+                    ("cloudrun.region (BOTDISPATCH_CLOUDRUN_REGION)", &c.region),
+                ] {
+                    if value.as_deref().is_none_or(str::is_empty) {
+                        return err(format!("{key} is required when provider = \"cloudrun\""));
+                    }
+                }
+                check_url("cloudrun.api_url (CLOUD_RUN_API_URL)", &c.api_url)?;
+            }
         }
         match self.rooms_kind() {
             RoomsKind::Local if self.is_production() => {
@@ -673,11 +869,24 @@ impl Config {
                     "agents.{name}: agent names use lowercase letters, digits, '-' and '_' (at most 63)"
                 ));
             }
+            let default_target = match self.provider {
+                ProviderKind::Fargate => self.fargate.task_definition.is_some(),
+                ProviderKind::Cloudrun => self.cloudrun.job.is_some(),
+                _ => false,
+            };
             match (&agent.image, &agent.cmd) {
-                (None, _) if self.provider != ProviderKind::Local => {
+                (None, _) if matches!(self.provider, ProviderKind::Fargate) && !default_target => {
+                    return err(format!("agents.{name}.image (its task definition) or fargate.task_definition (BOTDISPATCH_FARGATE_TASK_DEFINITION) is required"))
+                }
+                (None, _) if matches!(self.provider, ProviderKind::Cloudrun) && !default_target => {
+                    return err(format!("agents.{name}.image (its job) or cloudrun.job (BOTDISPATCH_CLOUDRUN_JOB) is required"))
+                }
+                (None, _) if self.provider == ProviderKind::Fly => {
                     return err(format!("agents.{name}.image is required (or BOTDISPATCH_BOT_IMAGE for the default agent)"))
                 }
-                (None, None) => return err(format!("agents.{name}: set image (a program) or cmd")),
+                (None, None) if self.provider == ProviderKind::Local => {
+                    return err(format!("agents.{name}: set image (a program) or cmd"))
+                }
                 _ => {}
             }
             if agent.cmd.as_ref().is_some_and(Vec::is_empty) {

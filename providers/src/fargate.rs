@@ -8,9 +8,12 @@
 //! bot contract as the bot container's environment, the agent's `cmd` as its command, and the
 //! guest size as task-level `cpu`/`memory`, rounded up to the smallest Fargate size that fits.
 //!
-//! The task carries the session labels as ECS tags and the session key as `startedBy`, so any
-//! replica can find it again without local memory; `clientToken` is derived from the session key,
-//! so a retried `RunTask` returns the task the first attempt started instead of a second one.
+//! The task carries the session labels as ECS tags and the session key as `startedBy` (so session
+//! keys must be 1 to 36 letters, digits, `-` or `_`; botdispatch's are 26-character ULIDs), so any
+//! replica can find it again without local memory. `clientToken` is derived from the session key:
+//! a retried `RunTask` returns the task the first attempt started instead of a second one, and a
+//! launch of the same session with other parameters is a [`ProviderError::Conflict`]. The
+//! deadline label can be moved later (`TagResource`).
 //! ECS tag values only allow letters, digits, spaces and `_ . : / = + - @`: a label value with any
 //! other character is stored as `b64.` followed by its unpadded base64url encoding and decoded
 //! when read back, so any JWT `sub` round-trips.
@@ -22,7 +25,8 @@
 //! botdispatch stopped reads back without labels.
 //!
 //! The SDK's own retries are disabled: botdispatch retries transient failures
-//! ([`ProviderError::is_transient`]) in its own deadline-bounded layer. Every call is bounded by
+//! ([`ProviderError::is_transient`]) in its own deadline-bounded layer, under the documented ECS
+//! rate limits ([`MachineProvider::rate_limits`]). Every call is bounded by
 //! [`FargateConfig::request_timeout`]. Error messages carry ECS's error code and the first line of
 //! its message only, never credentials or signatures.
 
@@ -35,7 +39,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_ecs::config::http::HttpResponse;
-use aws_sdk_ecs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ecs::types::{
     AssignPublicIp, AwsVpcConfiguration, CapacityProviderStrategyItem, ContainerOverride,
     DesiredStatus, Failure, KeyValuePair, LaunchType, NetworkConfiguration, Tag, Task, TaskField,
@@ -44,8 +48,9 @@ use aws_sdk_ecs::types::{
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
+use crate::resilient::{Op, RateLimit};
 use crate::{
-    parse_retry_after, LaunchSpec, Launched, MachineProvider, MachineState, MachineStatus,
+    label, parse_retry_after, LaunchSpec, Launched, MachineProvider, MachineState, MachineStatus,
     ProviderError, SessionLabels,
 };
 
@@ -408,6 +413,21 @@ impl MachineProvider for FargateProvider {
         NAME
     }
 
+    /// AWS's documented ECS throttling, per account and region: `RunTask` and `StopTask` share
+    /// a bucket of 100 refilling 40/s and Fargate launches one of 100 refilling 20/s;
+    /// `DescribeTasks` and `ListTasks` share 100 refilling 20/s. Shared buckets are split
+    /// between the operations that draw from them. `TagResource` has no published bucket.
+    fn rate_limits(&self) -> Vec<(Op, RateLimit)> {
+        vec![
+            (Op::Launch, RateLimit::app(20.0, 100)),
+            (Op::Terminate, RateLimit::app(20.0, 50)),
+            (Op::Status, RateLimit::app(10.0, 50)),
+            (Op::Wait, RateLimit::app(5.0, 25)),
+            (Op::List, RateLimit::app(5.0, 25)),
+            (Op::Label, RateLimit::app(5.0, 10)),
+        ]
+    }
+
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, ProviderError> {
         let out = self.run_task_request(spec)?.send().await.map_err(|e| {
             if e.code() == Some("ConflictException") {
@@ -525,6 +545,30 @@ impl MachineProvider for FargateProvider {
             .collect())
     }
 
+    fn can_set_deadline(&self) -> bool {
+        true
+    }
+
+    /// Overwrites the task's deadline tag (`TagResource` keeps the other tags).
+    async fn set_deadline(
+        &self,
+        handle: &str,
+        deadline: DateTime<Utc>,
+    ) -> Result<(), ProviderError> {
+        let tag = Tag::builder()
+            .key(label::DEADLINE)
+            .value(deadline.timestamp().to_string())
+            .build();
+        self.client
+            .tag_resource()
+            .resource_arn(handle)
+            .tags(tag)
+            .send()
+            .await
+            .map_err(|e| map_sdk_error(e, "tag task"))?;
+        Ok(())
+    }
+
     async fn check(&self) -> Result<(), ProviderError> {
         let out = self
             .client
@@ -581,14 +625,19 @@ fn task_status(task: &Task, container_name: &str, region: &str) -> MachineStatus
 
     let state = if is_stopping(task) {
         let failed = match stop_code {
-            Some("TaskFailedToStart") => true,
-            // AWS took the capacity away mid-session.
-            Some("SpotInterruption" | "TerminationNotice" | "InfrastructureHealth") => true,
+            // Never started, or AWS took the capacity away mid-session.
+            Some(
+                "TaskFailedToStart"
+                | "SpotInterruption"
+                | "TerminationNotice"
+                | "InfrastructureHealth",
+            ) => true,
+            // Stopped on purpose, whatever the bot's exit code after SIGTERM.
             Some("UserInitiated" | "ServiceSchedulerInitiated") => false,
             _ if exit_code.is_some_and(|c| c != 0) => true,
             Some(_) => false,
-            // No stop code yet: over normally if it ever ran.
-            None => started_at.is_none() && last_status != "STOPPED" && exit_code.is_none(),
+            // No stop code yet (moto records none): failed if it never ran.
+            None => started_at.is_none() && exit_code.is_none(),
         };
         if failed {
             MachineState::Failed
@@ -847,29 +896,41 @@ where
             provider: NAME,
             message: format!("{what}: timed out"),
         },
-        SdkError::DispatchFailure(failure) => ProviderError::Unavailable {
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => ProviderError::Unavailable {
             provider: NAME,
-            message: if failure.is_timeout() {
-                format!("{what}: timed out")
-            } else {
-                format!(
-                    "{what}: {}",
-                    truncate(&DisplayErrorContext(&err).to_string(), 300)
-                )
-            },
+            message: format!("{what}: timed out"),
+        },
+        SdkError::DispatchFailure(_) => ProviderError::Unavailable {
+            provider: NAME,
+            message: format!("{what}: {}", error_chain(&err)),
         },
         SdkError::ConstructionFailure(_) => config_error(format!(
             "{what}: the request could not be built: {}",
-            truncate(&DisplayErrorContext(&err).to_string(), 300)
+            error_chain(&err)
         )),
         _ => ProviderError::Unavailable {
             provider: NAME,
-            message: format!(
-                "{what}: unreadable answer: {}",
-                truncate(&DisplayErrorContext(&err).to_string(), 300)
-            ),
+            message: match err.raw_response() {
+                Some(raw) => format!(
+                    "{what}: unreadable answer (HTTP {}): {}",
+                    raw.status().as_u16(),
+                    error_chain(&err)
+                ),
+                None => format!("{what}: {}", error_chain(&err)),
+            },
         },
     }
+}
+
+/// An error and its sources, `: `-separated, without `Debug` dumps of requests or responses.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    truncate(&text, 300)
 }
 
 /// Maps an ECS error answer (HTTP status, error code, message) to a provider error.

@@ -12,5 +12,6 @@ mod embedded;
 mod hostile;
 mod observability;
 mod prism;
+mod providers;
 mod resilience;
 mod start_fly;

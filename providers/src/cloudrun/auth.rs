@@ -29,6 +29,8 @@ const ASSERTION_LIFETIME_SECS: i64 = 3600;
 const REFRESH_MARGIN: Duration = Duration::from_secs(60);
 /// Lifetime assumed when a token answer does not say (Google's tokens last an hour; be modest).
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
+/// Longest lifetime believed (Google's access tokens last at most 12 h).
+const MAX_LIFETIME_SECS: u64 = 12 * 3600;
 
 /// Where access tokens come from; shared by every request of one provider.
 pub(super) struct TokenSource {
@@ -230,9 +232,10 @@ impl TokenSource {
                 message: format!("{what}: the answer carries no access token"),
             });
         }
-        let lifetime = answer
-            .expires_in
-            .map_or(DEFAULT_LIFETIME, Duration::from_secs);
+        // Capped, so that a nonsensical `expires_in` cannot overflow the clock arithmetic.
+        let lifetime = answer.expires_in.map_or(DEFAULT_LIFETIME, |secs| {
+            Duration::from_secs(secs.min(MAX_LIFETIME_SECS))
+        });
         tracing::debug!(
             source = what,
             expires_in_s = lifetime.as_secs(),

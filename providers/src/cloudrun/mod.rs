@@ -11,7 +11,8 @@
 //! * **No image override.** A job's template fixes its image, so for `cloudrun` an agent's `image`
 //!   names the **job** to run (`bots`, not `us-docker.pkg.dev/…`); an empty `image` runs the
 //!   configured job. Guest size, retries (`maxRetries`, which should be 0 for bots) and the
-//!   service account are the job's too; `guest` is ignored here.
+//!   service account are the job's too; `guest` is ignored here. Only `args` can be overridden,
+//!   not the entrypoint: an agent's `cmd` becomes the container's args (`[]` clears them).
 //! * **No labels at run time.** `RunJobRequest` has no `labels` (an execution's labels are
 //!   output-only, copied from the job), so the session labels travel as one env var,
 //!   [`LABELS_ENV`] (a JSON object), and are read back from the execution's `template` env, which
@@ -20,9 +21,10 @@
 //!   `…/jobs/-/executions` (every job of the region, so agents naming other jobs are found and
 //!   reaped by any replica) and filter on the client. Cloud Run keeps up to 1000 completed
 //!   executions per job, each listed with its env, so listing costs grow with that history.
-//! * **No idempotent run.** A `:run` whose outcome is unknown (transport failure after sending,
-//!   5xx) is followed by one `find` by session key; an execution found there is adopted instead
-//!   of risking a second one on retry. Executions not yet listable then may still be doubled.
+//! * **No idempotent run.** A `:run` whose outcome is unknown (a transport failure, a 5xx, an
+//!   unreadable answer) is followed by one `find` by session key; an execution found there is
+//!   adopted instead of risking a second one on retry. One the listing does not show yet is
+//!   missed, and a retry may then run a second execution.
 //! * **Region.** A job lives in one region: a start naming another region is refused.
 //!
 //! States: an execution is *started* when `runningCount >= 1` (the bot's container runs), and
@@ -30,9 +32,10 @@
 //! (the `CANCELLING` reason), so a terminated session reads as over at once while Cloud Run stops
 //! its container. `failedCount >= 1` reads as failed.
 //!
-//! No outbound rate limits are declared: Cloud Run's Admin API quotas are per project and
-//! region and not fixed per operation; a 429 / `RESOURCE_EXHAUSTED` maps to
-//! [`ProviderError::Throttled`] and is retried by [`crate::resilient::Resilient`].
+//! No outbound rate limits are declared: the Admin API's request quotas are settings of the
+//! Google Cloud project, not constants this code could know; a 429 / `RESOURCE_EXHAUSTED` maps to
+//! [`ProviderError::Throttled`] (with `Retry-After` or `google.rpc.RetryInfo` as the hint) and
+//! is retried by [`crate::resilient::Resilient`].
 
 mod auth;
 
@@ -306,8 +309,8 @@ impl CloudRunProvider {
             .call(Method::POST, &resource, &[], Some(body), "run job")
             .await?;
         let operation: Operation = json_or_error(resp, "run job").await?;
-        if let Some(error) = operation.error.filter(|_| operation.done) {
-            return Err(operation_error(&error, "run job"));
+        if let Some(error) = operation.error.as_ref().filter(|_| operation.done) {
+            return Err(operation_error(error, "run job"));
         }
         operation
             .execution_name()
@@ -317,7 +320,7 @@ impl CloudRunProvider {
             })
     }
 
-    fn into_status(&self, execution: Execution) -> MachineStatus {
+    fn status_of(&self, execution: Execution) -> MachineStatus {
         let region = region_of(&execution.name)
             .unwrap_or(&self.config.region)
             .to_owned();
@@ -413,10 +416,7 @@ impl MachineProvider for CloudRunProvider {
     }
 
     async fn status(&self, handle: &str) -> Result<Option<MachineStatus>, ProviderError> {
-        Ok(self
-            .get_execution(handle)
-            .await?
-            .map(|e| self.into_status(e)))
+        Ok(self.get_execution(handle).await?.map(|e| self.status_of(e)))
     }
 
     async fn terminate(&self, handle: &str) -> Result<(), ProviderError> {
@@ -456,7 +456,7 @@ impl MachineProvider for CloudRunProvider {
             false
         })
         .await?;
-        Ok(found.map(|e| self.into_status(e)))
+        Ok(found.map(|e| self.status_of(e)))
     }
 
     async fn list_managed(&self) -> Result<Vec<MachineStatus>, ProviderError> {
@@ -468,7 +468,7 @@ impl MachineProvider for CloudRunProvider {
             false
         })
         .await?;
-        Ok(live.into_iter().map(|e| self.into_status(e)).collect())
+        Ok(live.into_iter().map(|e| self.status_of(e)).collect())
     }
 
     async fn check(&self) -> Result<(), ProviderError> {
@@ -733,7 +733,7 @@ fn parse_google_duration(value: &str) -> Option<Duration> {
 /// Seconds from `now` to the session's deadline, rounded up, between 1 s and Cloud Run's 24 h.
 fn task_timeout_secs(deadline: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
     let millis = (deadline - now).num_milliseconds();
-    ((millis + 999) / 1000).clamp(1, MAX_TASK_TIMEOUT_SECS)
+    (millis.saturating_add(999) / 1000).clamp(1, MAX_TASK_TIMEOUT_SECS)
 }
 
 /// A Cloud Run job name: lowercase letters, digits and dashes, starting with a letter, not

@@ -4,8 +4,12 @@
 //! Everything here is only compiled with the `testkit` feature and is meant for tests: the fakes
 //! bind to `127.0.0.1:0`, run on the caller's tokio runtime and keep all state in memory.
 
+#[cfg(feature = "cloudrun")]
+pub mod cloudrun_fake;
 pub mod contract;
 pub mod daily_fake;
+#[cfg(feature = "fargate")]
+pub mod ecs_fake;
 pub mod faults;
 pub mod fly_fake;
 pub mod prism;

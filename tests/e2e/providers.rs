@@ -1,0 +1,165 @@
+//! The same client scenario — start (wait), poll, stop, poll — against every provider, each
+//! selected purely by configuration of the real binary, with its fake behind it.
+
+use std::time::{Duration, Instant};
+
+use providers::testkit::cloudrun_fake::{FakeCloudRun, FakeCloudRunConfig};
+use providers::testkit::ecs_fake::{FakeEcs, FakeEcsConfig};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+/// Runs the scenario against a dispatcher process started with `env`; returns the machine
+/// handle the session reported.
+async fn scenario(provider: &str, env: Vec<(&'static str, String)>) -> String {
+    let mut env = env;
+    env.push(("BOTDISPATCH_LISTEN", "127.0.0.1:0".into()));
+    env.push(("BOTDISPATCH_PROVIDER", provider.into()));
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut d = Dispatcher::spawn(&refs);
+    let base = tokio::task::block_in_place(|| d.wait_ready());
+    let http = reqwest::Client::new();
+    let token = hs_token("alice");
+    let t = Instant::now();
+    let resp = http
+        .post(format!("{base}/start"))
+        .bearer_auth(&token)
+        .json(&json!({"body": {"provider": provider}}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let started: Value = resp.json().await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{provider}: {started}\n{}",
+        d.output()
+    );
+    println!(
+        "{provider}: /start answered ready in {} ms",
+        t.elapsed().as_millis()
+    );
+    let url = format!("{base}{}", started["statusUrl"].as_str().unwrap());
+    let view: Value = http
+        .get(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["status"], "ready", "{provider}: {view}");
+    assert_eq!(view["provider"], provider);
+    let resp = http.delete(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{provider}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let view: Value = http
+            .get(&url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if view["status"] == "ended" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{provider}: never ended: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Readiness and `check` against the same provider.
+    let resp = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{provider}");
+    view_machine(&view)
+}
+
+fn view_machine(view: &Value) -> String {
+    view["machineId"].as_str().unwrap().to_owned()
+}
+
+fn base_env(daily: &providers::testkit::daily_fake::FakeDaily) -> Vec<(&'static str, String)> {
+    vec![
+        ("BOTDISPATCH_ROOMS", "daily".into()),
+        ("BOTDISPATCH_JWT_SECRET", JWT_SECRET.into()),
+        ("DAILY_API_KEY", DAILY_KEY.into()),
+        ("DAILY_API_URL", daily.base_url()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fly_by_configuration() {
+    let (fly, daily) = start_fakes(&Options::default().fly).await;
+    let mut env = base_env(&daily);
+    env.extend([
+        ("BOTDISPATCH_BOT_IMAGE", BOT_IMAGE.to_owned()),
+        ("FLY_API_TOKEN", FLY_TOKEN.to_owned()),
+        ("FLY_APP_NAME", "not-the-bots-app".to_owned()),
+        // On Fly, FLY_APP_NAME is the dispatcher's own app: BOTDISPATCH_FLY_APP wins.
+        ("BOTDISPATCH_FLY_APP", FLY_APP.to_owned()),
+        ("BOTDISPATCH_FLY_API_URL", fly.base_url()),
+    ]);
+    let machine = scenario("fly", env).await;
+    assert_eq!(fly.machine(&machine).unwrap().state, "destroyed");
+    assert!(fly.spec_violations().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fargate_by_configuration() {
+    let ecs = FakeEcs::start(FakeEcsConfig::default()).await;
+    let (_, daily) = start_fakes(&Options::default().fly).await;
+    let mut env = base_env(&daily);
+    env.extend([
+        ("BOTDISPATCH_FARGATE_CLUSTER", "bots".to_owned()),
+        ("BOTDISPATCH_FARGATE_TASK_DEFINITION", "bot:1".to_owned()),
+        ("BOTDISPATCH_FARGATE_CONTAINER", "bot".to_owned()),
+        ("BOTDISPATCH_FARGATE_SUBNETS", "subnet-0a1b2c3d".to_owned()),
+        (
+            "BOTDISPATCH_FARGATE_SECURITY_GROUPS",
+            "sg-0a1b2c3d".to_owned(),
+        ),
+        // The SDK's standard chain, pointed at the fake. No instance metadata lookups.
+        ("AWS_ACCESS_KEY_ID", ecs.config().access_key_id.clone()),
+        ("AWS_SECRET_ACCESS_KEY", "fake-secret".to_owned()),
+        ("AWS_REGION", ecs.config().region.clone()),
+        ("AWS_ENDPOINT_URL_ECS", ecs.endpoint_url()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+    ]);
+    let task = scenario("fargate", env).await;
+    let fake = ecs.task(&task).expect("the session's task");
+    assert_eq!(fake.desired_status, "STOPPED", "StopTask was sent");
+    assert_eq!(fake.stop_code.as_deref(), Some("UserInitiated"));
+    assert!(
+        ecs.spec_violations().is_empty(),
+        "{:?}",
+        ecs.spec_violations()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudrun_by_configuration() {
+    let run = FakeCloudRun::start(FakeCloudRunConfig::default()).await;
+    let (_, daily) = start_fakes(&Options::default().fly).await;
+    let mut env = base_env(&daily);
+    env.extend([
+        (
+            "BOTDISPATCH_CLOUDRUN_PROJECT",
+            "botdispatch-test".to_owned(),
+        ),
+        ("BOTDISPATCH_CLOUDRUN_REGION", "europe-west1".to_owned()),
+        ("BOTDISPATCH_CLOUDRUN_JOB", "bots".to_owned()),
+        ("CLOUD_RUN_API_URL", run.api_url()),
+        ("GCE_METADATA_HOST", run.metadata_host()),
+    ]);
+    let execution = scenario("cloudrun", env).await;
+    assert!(run.execution(&execution).is_some());
+    assert!(
+        run.spec_violations().is_empty(),
+        "{:?}",
+        run.spec_violations()
+    );
+}
