@@ -1054,6 +1054,56 @@ mod tests {
     }
 
     #[test]
+    fn example_configs_are_valid() {
+        let secrets = [
+            ("BOTDISPATCH_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+            ("DAILY_API_KEY", "k"),
+            ("FLY_API_TOKEN", "t"),
+        ];
+        let mut examples = vec![
+            ("fly", include_str!("../examples/fly.toml")),
+            ("local", include_str!("../examples/local.toml")),
+        ];
+        if cfg!(feature = "fargate") {
+            examples.push(("fargate", include_str!("../examples/fargate.toml")));
+        }
+        if cfg!(feature = "cloudrun") {
+            examples.push(("cloudrun", include_str!("../examples/cloudrun.toml")));
+        }
+        for (name, text) in examples {
+            let c = load(text, &secrets).unwrap_or_else(|e| panic!("examples/{name}.toml: {e}"));
+            assert_eq!(c.provider.to_string(), name);
+        }
+    }
+
+    #[test]
+    fn provider_sections_name_their_missing_keys() {
+        if cfg!(feature = "fargate") {
+            let m = message(load("", &[("BOTDISPATCH_PROVIDER", "fargate")]));
+            assert!(m.contains("BOTDISPATCH_FARGATE_CLUSTER"), "{m}");
+            let m = message(load(
+                "",
+                &[("BOTDISPATCH_PROVIDER", "fargate"), ("BOTDISPATCH_FARGATE_CLUSTER", "c")],
+            ));
+            assert!(m.contains("BOTDISPATCH_FARGATE_SUBNETS"), "{m}");
+        }
+        if cfg!(feature = "cloudrun") {
+            let m = message(load("", &[("BOTDISPATCH_PROVIDER", "cloudrun")]));
+            assert!(m.contains("BOTDISPATCH_CLOUDRUN_PROJECT"), "{m}");
+        }
+        // On Fly the reserved FLY_APP_NAME is the dispatcher's own app: ours wins.
+        let c = load(
+            "",
+            &[
+                ("FLY_APP_NAME", "dispatcher"),
+                ("BOTDISPATCH_FLY_APP", "bots"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.fly.app_name.as_deref(), Some("bots"));
+    }
+
+    #[test]
     fn secrets_are_redacted_in_debug() {
         let c = load(
             "",
