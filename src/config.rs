@@ -1083,7 +1083,10 @@ mod tests {
             assert!(m.contains("BOTDISPATCH_FARGATE_CLUSTER"), "{m}");
             let m = message(load(
                 "",
-                &[("BOTDISPATCH_PROVIDER", "fargate"), ("BOTDISPATCH_FARGATE_CLUSTER", "c")],
+                &[
+                    ("BOTDISPATCH_PROVIDER", "fargate"),
+                    ("BOTDISPATCH_FARGATE_CLUSTER", "c"),
+                ],
             ));
             assert!(m.contains("BOTDISPATCH_FARGATE_SUBNETS"), "{m}");
         }

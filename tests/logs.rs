@@ -113,6 +113,11 @@ async fn a_full_scenario_logs_no_secret_and_names_its_sessions() {
         }
         if v["message"] == "session started" {
             assert_eq!(v["span"]["session.key"], key, "{line}");
+            // The start runs in its own task, still under the request's span and id.
+            assert!(
+                v["spans"][0]["name"] == "request" && v["spans"][0]["request.id"].is_string(),
+                "{line}"
+            );
         }
     }
     assert!(about_session >= 2, "session lines: {about_session}\n{logs}");

@@ -5,6 +5,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
+use tracing::Instrument;
 
 use super::{ApiJson, ApiPath};
 use crate::app::AppState;
@@ -125,11 +126,15 @@ async fn run(
     let cancel = state.shutdown.child_token();
     let guard = cancel.clone().drop_guard();
     let app = state.0.clone();
-    let task = state.tasks.spawn(async move {
-        let result = app.sessions.start(plan, cancel).await;
-        drop(permit);
-        result
-    });
+    // The task keeps the request's span (and so its request id) as the parent of its own.
+    let task = state.tasks.spawn(
+        async move {
+            let result = app.sessions.start(plan, cancel).await;
+            drop(permit);
+            result
+        }
+        .instrument(tracing::Span::current()),
+    );
     let result = task.await;
     guard.disarm();
     let started = result.map_err(|e| {

@@ -100,7 +100,12 @@ impl ResilientRooms {
                     message: format!("{op}: no answer before the deadline"),
                 }),
             };
-            crate::metrics::daily_call(op, result.as_ref().map_or_else(RoomError::kind, |_| "ok"));
+            if self.inner.kind() == "daily" {
+                crate::metrics::daily_call(
+                    op,
+                    result.as_ref().map_or_else(RoomError::kind, |_| "ok"),
+                );
+            }
             result
         };
         retry(&self.policy, deadline, attempt, |err, delay| {
