@@ -28,20 +28,6 @@ fn peers_installed(root: &Path) -> bool {
         })
 }
 
-/// The base URL and development token from the printed curl command (as embedded.rs reads it).
-fn base_and_token(curl: &str) -> (String, String) {
-    let url = curl
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("the curl line has the URL");
-    let token = curl
-        .split("Bearer ")
-        .nth(1)
-        .and_then(|rest| rest.split('\'').next())
-        .expect("the curl line has the token");
-    (url.trim_end_matches("/start").to_owned(), token.to_owned())
-}
-
 /// Runs the Node script; its JSON lines by `case`.
 async fn run_client(root: &Path, base: &str, token: &str) -> (Value, Value, Value) {
     let mut cmd = tokio::process::Command::new("node");
@@ -113,8 +99,7 @@ async fn pipecat_client_js_starts_a_session_and_shows_botdispatch_errors() {
     }
 
     let mut d = Dispatcher::spawn(&[]);
-    let curl = d.wait_for("curl -s -X POST http://", Duration::from_secs(30));
-    let (base, token) = base_and_token(&curl);
+    let (base, token) = d.wait_dev_banner();
 
     let (start, unknown_field, bad_token) = run_client(root, &base, &token).await;
 

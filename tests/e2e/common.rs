@@ -256,6 +256,18 @@ pub fn decode_hs256(token: &str, key: &str) -> Value {
     .claims
 }
 
+/// GET `url` with a bearer token; the JSON answer.
+pub async fn get_json(http: &reqwest::Client, url: &str, token: &str) -> Value {
+    http.get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The plain session key: the first part of a session id.
 pub fn session_key(session_id: &str) -> &str {
     session_id.split('.').next().unwrap()
@@ -350,6 +362,21 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
+    /// The embedded default's printed curl command: the base URL and the development token.
+    pub fn wait_dev_banner(&mut self) -> (String, String) {
+        let curl = self.wait_for("curl -s -X POST http://", Duration::from_secs(30));
+        let url = curl
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .expect("the curl line has the URL");
+        let token = curl
+            .split("Bearer ")
+            .nth(1)
+            .and_then(|rest| rest.split('\'').next())
+            .expect("the curl line has the token");
+        (url.trim_end_matches("/start").to_owned(), token.to_owned())
+    }
+
     /// The address from the JSON "botdispatch ready" log line.
     pub fn wait_ready(&mut self) -> String {
         let line = self.wait_for("botdispatch ready", Duration::from_secs(30));

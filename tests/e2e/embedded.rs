@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{nix_kill, Dispatcher};
+use crate::common::{get_json, nix_kill, session_key, Dispatcher};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -12,21 +12,8 @@ use serde_json::{json, Value};
 #[tokio::test]
 async fn embedded_default_runs_a_real_local_bot_and_stops_it() {
     let mut d = Dispatcher::spawn(&[]);
-    let curl = d.wait_for("curl -s -X POST http://", Duration::from_secs(30));
-    let url = curl
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap()
-        .to_owned();
-    let base = url.trim_end_matches("/start").to_owned();
-    let token = curl
-        .split("Bearer ")
-        .nth(1)
-        .unwrap()
-        .split('\'')
-        .next()
-        .unwrap()
-        .to_owned();
+    let (base, token) = d.wait_dev_banner();
+    let url = format!("{base}/start");
     let http = reqwest::Client::new();
 
     let resp = http
@@ -43,13 +30,7 @@ async fn embedded_default_runs_a_real_local_bot_and_stops_it() {
         .as_str()
         .unwrap()
         .starts_with("https://local-rooms.invalid/bd-"));
-    let key = started["sessionId"]
-        .as_str()
-        .unwrap()
-        .split('.')
-        .next()
-        .unwrap()
-        .to_owned();
+    let key = session_key(started["sessionId"].as_str().unwrap()).to_owned();
 
     // The bot is a real process that got the contract through its environment.
     d.wait_for(
@@ -61,15 +42,7 @@ async fn embedded_default_runs_a_real_local_bot_and_stops_it() {
         Duration::from_secs(5),
     );
     let status_url = format!("{base}{}", started["statusUrl"].as_str().unwrap());
-    let view: Value = http
-        .get(&status_url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view = get_json(&http, &status_url, &token).await;
     assert_eq!(view["status"], "ready", "{view}");
     assert_eq!(view["provider"], "local");
 
@@ -84,15 +57,7 @@ async fn embedded_default_runs_a_real_local_bot_and_stops_it() {
         &format!("[local-bot {key}] SIGTERM: leaving the room"),
         Duration::from_secs(10),
     );
-    let view: Value = http
-        .get(&status_url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view = get_json(&http, &status_url, &token).await;
     assert_eq!(view["status"], "ended", "{view}");
 
     // The tokens never reach the output (the bot prints only their length).
@@ -120,20 +85,8 @@ async fn embedded_default_runs_a_real_local_bot_and_stops_it() {
 #[tokio::test]
 async fn local_bots_are_stopped_when_the_dispatcher_shuts_down() {
     let mut d = Dispatcher::spawn(&[]);
-    let curl = d.wait_for("curl -s -X POST http://", Duration::from_secs(30));
-    let url = curl
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap()
-        .to_owned();
-    let token = curl
-        .split("Bearer ")
-        .nth(1)
-        .unwrap()
-        .split('\'')
-        .next()
-        .unwrap()
-        .to_owned();
+    let (base, token) = d.wait_dev_banner();
+    let url = format!("{base}/start");
     let resp = reqwest::Client::new()
         .post(&url)
         .bearer_auth(&token)
@@ -143,13 +96,7 @@ async fn local_bots_are_stopped_when_the_dispatcher_shuts_down() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let started: Value = resp.json().await.unwrap();
-    let key = started["sessionId"]
-        .as_str()
-        .unwrap()
-        .split('.')
-        .next()
-        .unwrap()
-        .to_owned();
+    let key = session_key(started["sessionId"].as_str().unwrap()).to_owned();
     d.wait_for(
         &format!("[local-bot {key}] started"),
         Duration::from_secs(10),

@@ -42,30 +42,14 @@ async fn scenario(provider: &str, env: Vec<(&'static str, String)>) -> String {
         t.elapsed().as_millis()
     );
     let url = format!("{base}{}", started["statusUrl"].as_str().unwrap());
-    let view: Value = http
-        .get(&url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view = get_json(&http, &url, &token).await;
     assert_eq!(view["status"], "ready", "{provider}: {view}");
     assert_eq!(view["provider"], provider);
     let resp = http.delete(&url).bearer_auth(&token).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK, "{provider}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let view: Value = http
-            .get(&url)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let view = get_json(&http, &url, &token).await;
         if view["status"] == "ended" {
             break;
         }
