@@ -19,7 +19,12 @@ use botdispatch::{app, build_router, telemetry, App, AppState};
     about = "Starts one isolated bot machine per voice-AI session.",
     long_about = "Starts one isolated bot machine per voice-AI session: authenticates POST /start, \
 creates a Daily room and tokens, launches the bot on the configured provider and answers with \
-the join URL. With no configuration it runs locally: bots are child processes, rooms are fake."
+the join URL. With no configuration it runs locally: bots are child processes, rooms are fake.",
+    after_help = "Examples:\n  \
+botdispatch                                         run locally; prints a ready-to-paste curl command\n  \
+botdispatch --config examples/fly.toml check        validate config and credentials before deploying\n  \
+BOTDISPATCH_JWT_SECRET=... botdispatch token --sub alice --ttl 1h\n\n\
+Configuration keys and their environment variables: README.md (Configuration)."
 )]
 struct Cli {
     /// TOML config file (environment variables override it).
