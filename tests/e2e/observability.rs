@@ -150,6 +150,15 @@ async fn committed_openapi_matches_the_code() {
     ] {
         assert!(served["paths"][path].is_object(), "{path} missing");
     }
+    // The rendered table in docs/api.md lists every operation of the document.
+    let api_md =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/api.md")).unwrap();
+    for (path, ops) in served["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            let row = format!("| {} | `{path}` |", method.to_uppercase());
+            assert!(api_md.contains(&row), "docs/api.md lacks {row}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
