@@ -621,14 +621,15 @@ impl Sessions {
         }))
     }
 
-    /// Destroys what a failed start created, concurrently. Failures are logged: the reaper
-    /// reconciles what could not be removed now (the room expires by itself regardless).
+    /// Destroys what a failed start created, concurrently. The provider and rooms clients
+    /// already retry transient failures; what still fails is logged, and the reaper reconciles
+    /// it (the room expires by itself regardless).
     async fn compensate(&self, key: &str, machine: MachineCleanup, room: Option<&str>) {
         let machine_cleanup = async {
             let handle = match machine {
                 MachineCleanup::Nothing => return,
                 MachineCleanup::Handle(h) => h,
-                MachineCleanup::Find => match with_retries(|| self.provider.find(key)).await {
+                MachineCleanup::Find => match self.provider.find(key).await {
                     Ok(Some(m)) => m.handle,
                     Ok(None) => return,
                     Err(e) => {
@@ -637,13 +638,13 @@ impl Sessions {
                     }
                 },
             };
-            if let Err(e) = with_retries(|| self.provider.terminate(&handle)).await {
+            if let Err(e) = self.provider.terminate(&handle).await {
                 warn!(machine.id = %handle, error = %e, "cannot destroy the machine of a failed start; left for the reaper");
             }
         };
         let room_cleanup = async {
             if let Some(room) = room {
-                if let Err(e) = with_retries(|| self.rooms.delete(room)).await {
+                if let Err(e) = self.rooms.delete(room).await {
                     warn!(room, error = %e, "cannot delete the room of a failed start; it expires by itself");
                 }
             }
@@ -721,46 +722,6 @@ impl Sessions {
         room?;
         info!("session stopped");
         Ok(())
-    }
-}
-
-/// A few quick retries for clean-up calls on transient errors.
-async fn with_retries<T, E, F, Fut>(mut call: F) -> Result<T, E>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
-    E: Transient,
-{
-    let mut delay = Duration::from_millis(200);
-    let mut attempt = 1;
-    loop {
-        match call().await {
-            Err(e) if e.is_transient() && attempt < 3 => {
-                tokio::time::sleep(delay).await;
-                delay *= 4;
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
-}
-
-trait Transient {
-    fn is_transient(&self) -> bool;
-}
-
-impl Transient for ProviderError {
-    fn is_transient(&self) -> bool {
-        ProviderError::is_transient(self)
-    }
-}
-
-impl Transient for RoomError {
-    fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            RoomError::Throttled { .. } | RoomError::Unavailable { .. }
-        )
     }
 }
 
