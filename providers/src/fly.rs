@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::resilient::{Op, RateLimit};
+use crate::transport_message;
 use crate::{
     label, parse_retry_after, LaunchSpec, Launched, MachineProvider, MachineState, MachineStatus,
     ProviderError, Secret, SessionLabels, MANAGED_BY,
@@ -529,25 +530,6 @@ fn truncate(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &text[..i]),
         None => text.to_owned(),
-    }
-}
-
-/// A transport error without the URL's query (never secret here, but long and noisy).
-pub(crate) fn transport_message(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".to_owned()
-    } else if e.is_connect() {
-        "connection failed".to_owned()
-    } else if e.is_decode() {
-        "invalid JSON".to_owned()
-    } else {
-        let mut msg = e.to_string();
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            msg = format!("{msg}: {s}");
-            source = s.source();
-        }
-        msg
     }
 }
 

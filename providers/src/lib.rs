@@ -363,6 +363,26 @@ pub trait MachineProvider: Send + Sync + 'static {
     async fn shutdown(&self) {}
 }
 
+/// A short, secret-free description of a transport error (timeout, connection, decoding), for
+/// error messages of every HTTP client here and in the service.
+pub fn transport_message(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        "connection failed".to_owned()
+    } else if e.is_decode() {
+        "invalid JSON".to_owned()
+    } else {
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            msg = format!("{msg}: {s}");
+            source = s.source();
+        }
+        msg
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use super::{
     ListedRoom, Room, RoomError, RoomRequest, RoomService, TokenClaims, TokenRequest, ROOM_PREFIX,
 };
-use providers::{parse_retry_after, Secret};
+use providers::{parse_retry_after, transport_message, Secret};
 
 /// Daily's error body: `{"error": "<type>", "info": "<text>"}`.
 #[derive(Debug, Deserialize)]
@@ -108,16 +108,7 @@ impl DailyRooms {
 
     async fn send(&self, req: RequestBuilder, what: &str) -> Result<Response, RoomError> {
         req.send().await.map_err(|e| RoomError::Unavailable {
-            message: format!(
-                "{what}: {}",
-                if e.is_timeout() {
-                    "timed out".to_owned()
-                } else if e.is_connect() {
-                    "connection failed".to_owned()
-                } else {
-                    e.to_string()
-                }
-            ),
+            message: format!("{what}: {}", transport_message(&e)),
         })
     }
 }
@@ -245,7 +236,7 @@ async fn json_or_error<T: serde::de::DeserializeOwned>(
         return Err(error_from(resp, what).await);
     }
     resp.json().await.map_err(|e| RoomError::Unavailable {
-        message: format!("{what}: unreadable answer: {e}"),
+        message: format!("{what}: unreadable answer: {}", transport_message(&e)),
     })
 }
 

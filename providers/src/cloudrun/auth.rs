@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::{CloudRunAuth, NAME};
-use crate::fly::transport_message;
+use crate::transport_message;
 use crate::{parse_retry_after, ProviderError, Secret};
 
 /// The one scope botdispatch asks for: Cloud Run Admin needs `cloud-platform` (or `run`).

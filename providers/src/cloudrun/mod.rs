@@ -49,7 +49,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::fly::transport_message;
+use crate::transport_message;
 use crate::{
     parse_retry_after, LaunchSpec, Launched, MachineProvider, MachineState, MachineStatus,
     ProviderError, Secret, SessionLabels,
