@@ -76,7 +76,10 @@ fn describe() {
         THROTTLED,
         "Outbound calls throttled (429 from the API, or queued past the deadline)"
     );
-    describe_counter!(REAPER_ACTIONS, "Reaper actions by kind");
+    describe_counter!(
+        REAPER_ACTIONS,
+        "Reaper passes, actions (destroy_*, delete_room) and errors, by kind"
+    );
     describe_counter!(
         ADMISSION_REFUSED,
         "Starts refused before anything was created, by reason"

@@ -13,7 +13,6 @@
 //! client). Every action is logged and counted.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,22 +34,12 @@ pub struct PassReport {
     pub errors: usize,
 }
 
-/// Totals since start-up (for metrics).
-#[derive(Debug, Default)]
-pub struct ReaperStats {
-    pub passes: AtomicU64,
-    pub machines_destroyed: AtomicU64,
-    pub rooms_deleted: AtomicU64,
-    pub errors: AtomicU64,
-}
-
 pub struct Reaper {
     provider: Arc<dyn MachineProvider>,
     rooms: Arc<dyn RoomService>,
     start_timeout: Duration,
     /// Margin beyond the start timeout before anything young is considered debris.
     grace: Duration,
-    pub stats: Arc<ReaperStats>,
 }
 
 impl Reaper {
@@ -65,7 +54,6 @@ impl Reaper {
             rooms,
             start_timeout,
             grace,
-            stats: Arc::default(),
         }
     }
 
@@ -93,13 +81,13 @@ impl Reaper {
     /// One reconcile pass.
     pub async fn pass(&self) -> PassReport {
         let mut report = PassReport::default();
-        self.stats.passes.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::reaper_action("pass");
         let machines = match self.provider.list_managed().await {
             Ok(m) => m,
             Err(e) => {
                 warn!(error = %e, "reaper cannot list machines; will retry next pass");
                 report.errors += 1;
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::reaper_action("error");
                 return report;
             }
         };
@@ -149,15 +137,12 @@ impl Reaper {
             match reason {
                 Some((reason, action)) => match self.provider.terminate(&m.handle).await {
                     Ok(()) => {
-                        self.stats
-                            .machines_destroyed
-                            .fetch_add(1, Ordering::Relaxed);
                         crate::metrics::reaper_action(action);
                         info!(machine.id = %m.handle, session.key = %labels.session_key, reason, "reaper destroyed a machine");
                     }
                     Err(e) => {
                         report.errors += 1;
-                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::reaper_action("error");
                         warn!(machine.id = %m.handle, error = %e, "reaper cannot destroy a machine");
                     }
                 },
@@ -174,13 +159,12 @@ impl Reaper {
             match self.rooms.delete(&room.name).await {
                 Ok(()) => {
                     report.rooms_deleted += 1;
-                    self.stats.rooms_deleted.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::reaper_action("delete_room");
                     info!(room = %room.name, "reaper deleted a room whose machine is gone");
                 }
                 Err(e) => {
                     report.errors += 1;
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::reaper_action("error");
                     warn!(room = %room.name, error = %e, "reaper cannot delete a room");
                 }
             }
