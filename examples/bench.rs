@@ -39,12 +39,10 @@ async fn dispatcher(fly: &FakeFly, daily: &FakeDaily) -> (Arc<App>, String) {
         ("DAILY_API_KEY", "bench-daily".to_owned()),
         ("DAILY_API_URL", daily.base_url()),
     ];
-    let mut config = Config::default();
-    config
-        .apply_env(&|k| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
-        .unwrap();
-    config.fill_defaults();
-    config.validate().unwrap();
+    let config = Config::parse("", &|k| {
+        env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    })
+    .unwrap();
     let app = Arc::new(
         App::build(config, app::http_client().unwrap())
             .await

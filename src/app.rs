@@ -1,11 +1,15 @@
 //! The application object shared by every handler: configuration, authenticator, the session
-//! flow with its provider and rooms, the tracker of in-flight starts, and the readiness cache.
+//! flow with its provider and rooms, the reaper, the tracker of in-flight work, and the
+//! readiness cache.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use hmac::{Hmac, Mac};
+use providers::resilient::Resilient;
+use providers::retry::RetryPolicy;
+use providers::{BuildContext, MachineProvider};
 use rand::RngCore;
 use sha2::Sha256;
 use tokio::sync::Mutex;
@@ -14,19 +18,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::capacity::Capacity;
-use crate::config::{Config, ProviderKind, RoomsKind};
+use crate::config::{Config, RoomsKind};
 use crate::reaper::Reaper;
 use crate::rooms::daily::DailyRooms;
 use crate::rooms::local::LocalRooms;
 use crate::rooms::resilient::ResilientRooms;
 use crate::rooms::RoomService;
 use crate::session_id::SessionIds;
-use crate::sessions::{SessionSettings, Sessions};
-use providers::fly::{FlyConfig, FlyProvider};
-use providers::local::{LocalConfig, LocalProvider};
-use providers::resilient::{ResilienceStats, Resilient, RetryPolicy};
-use providers::MachineProvider;
+use crate::sessions::Sessions;
 
 /// How long a readiness answer is reused, so probes never hammer the providers.
 const READY_TTL: Duration = Duration::from_secs(10);
@@ -34,15 +33,14 @@ const READY_TTL: Duration = Duration::from_secs(10);
 pub struct App {
     pub config: Config,
     pub auth: Authenticator,
-    pub sessions: Sessions,
-    pub capacity: Capacity,
+    pub sessions: Arc<Sessions>,
     pub reaper: Arc<Reaper>,
-    /// Every start runs as a tracked task, so shutdown can let it finish (or clean up).
+    /// Every start and background loop runs as a tracked task, so shutdown can let it finish
+    /// (or clean up).
     pub tasks: TaskTracker,
     /// Cancelled when the shutdown grace period is over: in-flight starts clean up and answer
     /// 503, background loops stop.
     pub shutdown: CancellationToken,
-    pub provider_stats: Arc<ResilienceStats>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     ready: Mutex<Option<(Instant, Result<(), String>)>>,
 }
@@ -68,40 +66,60 @@ pub fn http_client() -> anyhow::Result<reqwest::Client> {
         .context("cannot build the HTTP client")
 }
 
+/// What building the provider needs from the configuration.
+pub fn build_context(config: &Config, http: reqwest::Client) -> BuildContext {
+    BuildContext {
+        http,
+        request_timeout: config.request_timeout(),
+        production: config.is_production(),
+    }
+}
+
 impl App {
-    /// Builds everything from a validated config, with the network I/O start-up needs (Daily's
-    /// domain). `config` must have its secrets filled ([`Config::fill_dev_secrets`]).
+    /// Builds everything from a validated config, with the I/O start-up needs (credentials,
+    /// Daily's domain). `config` must have its secrets filled ([`Config::fill_dev_secrets`]).
     pub async fn build(config: Config, http: reqwest::Client) -> anyhow::Result<Self> {
+        let provider = config
+            .provider
+            .settings()
+            .build(&build_context(&config, http.clone()))
+            .await?;
+        let rooms = build_rooms(&config, http).await?;
+        Self::with_parts(config, provider, rooms)
+    }
+
+    /// Builds around a given provider and rooms backend (tests inject in-memory ones); wraps
+    /// both with retries and their documented rate limits.
+    pub fn with_parts(
+        config: Config,
+        provider: Arc<dyn MachineProvider>,
+        rooms: Arc<dyn RoomService>,
+    ) -> anyhow::Result<Self> {
         let auth = Authenticator::new(&config.auth, config.auth.jwt_secret.as_ref())?;
         let policy = RetryPolicy {
             call_budget: config.request_timeout() * 2,
             ..RetryPolicy::default()
         };
-        let resilient = Resilient::new(
-            build_provider(&config, http.clone()).await?,
-            policy.clone(),
-            config.outbound_rate_scale,
-        )
-        .with_observer(Arc::new(crate::metrics::ProviderMetrics));
-        let provider_stats = Arc::clone(&resilient.stats);
-        let provider: Arc<dyn MachineProvider> = Arc::new(resilient);
+        let provider: Arc<dyn MachineProvider> = Arc::new(
+            Resilient::new(provider, policy.clone(), config.outbound_rate_scale)
+                .with_observer(Arc::new(crate::metrics::ProviderMetrics)),
+        );
         let rooms: Arc<dyn RoomService> = Arc::new(ResilientRooms::new(
-            build_rooms(&config, http).await?,
+            rooms,
             policy,
             config.outbound_rate_scale,
         ));
         let ids = SessionIds::new(&session_key(&config), provider.name());
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
-        let sessions = Sessions::new(
+        let sessions = Arc::new(Sessions::new(
+            &config,
             Arc::clone(&provider),
             Arc::clone(&rooms),
             ids,
-            SessionSettings::from(&config),
             tasks.clone(),
             shutdown.clone(),
-        );
-        let capacity = Capacity::new(&config, Arc::clone(&provider));
+        )?);
         let reaper = Arc::new(Reaper::new(
             provider,
             rooms,
@@ -112,11 +130,9 @@ impl App {
             config,
             auth,
             sessions,
-            capacity,
             reaper,
             tasks,
             shutdown,
-            provider_stats,
             metrics: crate::metrics::install(),
             ready: Mutex::new(None),
         })
@@ -154,75 +170,7 @@ impl App {
     }
 }
 
-pub(crate) async fn build_provider(
-    config: &Config,
-    http: reqwest::Client,
-) -> anyhow::Result<Arc<dyn MachineProvider>> {
-    Ok(match config.provider {
-        ProviderKind::Local => Arc::new(LocalProvider::new(LocalConfig {
-            stop_grace: Duration::from_secs(config.local.stop_grace_secs),
-        })),
-        ProviderKind::Fly => Arc::new(FlyProvider::new(
-            http,
-            FlyConfig {
-                api_url: config.fly.api_url.clone(),
-                api_token: config.fly.api_token.clone().unwrap_or_default(),
-                app_name: config.fly.app_name.clone().unwrap_or_default(),
-                default_region: config.fly.default_region.clone(),
-                request_timeout: config.request_timeout(),
-            },
-        )?),
-        #[cfg(feature = "fargate")]
-        ProviderKind::Fargate => {
-            let f = &config.fargate;
-            Arc::new(
-                providers::fargate::FargateProvider::new(providers::fargate::FargateConfig {
-                    cluster: f.cluster.clone().unwrap_or_default(),
-                    task_definition: f.task_definition.clone().unwrap_or_default(),
-                    container_name: f.container_name.clone(),
-                    subnets: f.subnets.clone(),
-                    security_groups: f.security_groups.clone(),
-                    assign_public_ip: f.assign_public_ip,
-                    spot: f.spot,
-                    region: f.region.clone(),
-                    endpoint_url: f.endpoint_url.clone(),
-                    request_timeout: config.request_timeout(),
-                })
-                .await?,
-            )
-        }
-        #[cfg(feature = "cloudrun")]
-        ProviderKind::Cloudrun => {
-            use providers::cloudrun::{CloudRunAuth, CloudRunConfig, CloudRunProvider};
-            let c = &config.cloudrun;
-            let auth = match &c.service_account_key_file {
-                Some(path) => CloudRunAuth::ServiceAccountKey {
-                    key_json: providers::Secret::new(std::fs::read_to_string(path).with_context(
-                        || format!("cannot read the service-account key {}", path.display()),
-                    )?),
-                    token_uri_override: c.token_uri.clone(),
-                },
-                None => CloudRunAuth::MetadataServer {
-                    host: c.metadata_host.clone(),
-                },
-            };
-            Arc::new(CloudRunProvider::new(
-                http,
-                CloudRunConfig {
-                    api_url: c.api_url.clone(),
-                    project: c.project.clone().unwrap_or_default(),
-                    region: c.region.clone().unwrap_or_default(),
-                    job: c.job.clone().unwrap_or_default(),
-                    auth,
-                    request_timeout: config.request_timeout(),
-                },
-            )?)
-        }
-        #[allow(unreachable_patterns)]
-        other => anyhow::bail!("this build has no `{other}` provider (cargo feature `{other}`)"),
-    })
-}
-
+/// The configured rooms backend (reads Daily's domain once unless configured).
 pub(crate) async fn build_rooms(
     config: &Config,
     http: reqwest::Client,

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::app::{build_provider, build_rooms};
+use crate::app::{build_context, build_rooms};
 use crate::auth::Authenticator;
 use crate::config::Config;
 
@@ -46,7 +46,7 @@ pub async fn run(config: &Config, http: reqwest::Client) -> Vec<CheckRow> {
         "configuration",
         Ok(format!(
             "provider={}, rooms={}, agents={}, app_env={}",
-            config.provider,
+            config.provider.name(),
             config.rooms_kind(),
             config.agents.keys().cloned().collect::<Vec<_>>().join(","),
             config.app_env
@@ -74,8 +74,13 @@ pub async fn run(config: &Config, http: reqwest::Client) -> Vec<CheckRow> {
         )),
         Err(e) => rows.push(row(rooms_name, Err(format!("{e:#}")))),
     }
-    let provider_name = format!("provider ({})", config.provider);
-    match build_provider(config, http).await {
+    let provider_name = format!("provider ({})", config.provider.name());
+    match config
+        .provider
+        .settings()
+        .build(&build_context(config, http))
+        .await
+    {
         Ok(provider) => rows.push(row(
             provider_name,
             provider

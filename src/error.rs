@@ -1,6 +1,6 @@
 //! The one API error type: it alone decides status codes and the JSON error shape
 //! `{"error": "<code>", "detail": "<text>", "info": "<text>"}` (Pipecat clients show
-//! `info ?? detail`). Internal details are logged where the error is handled, never sent.
+//! `info ?? detail`).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -177,8 +177,12 @@ impl From<SessionError> for ApiError {
             SessionError::IdempotencyKeyUsed => {
                 Self::new(StatusCode::CONFLICT, "idempotency_key_used", detail)
             }
+            SessionError::Capacity(e) => e.into(),
             SessionError::Provider(e) => e.into(),
             SessionError::Room(e) => e.into(),
+            SessionError::Internal => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", detail)
+            }
             // Nobody reads this answer; the status is for access logs.
             SessionError::ClientGone => Self::new(
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),

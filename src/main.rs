@@ -138,7 +138,7 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             // finish; after it they are cancelled, clean up what they created and answer 503.
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
-                if !app.tasks.is_empty() {
+                if app.sessions.starts_in_flight() > 0 {
                     tracing::warn!(
                         grace_secs = grace.as_secs(),
                         "grace period over: cancelling in-flight starts"

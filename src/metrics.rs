@@ -139,11 +139,11 @@ pub fn admission_refused(reason: &'static str) {
 pub struct ProviderMetrics;
 
 impl providers::resilient::CallObserver for ProviderMetrics {
-    fn attempt(&self, provider: &'static str, op: providers::resilient::Op, outcome: &'static str) {
+    fn attempt(&self, provider: &'static str, op: providers::retry::Op, outcome: &'static str) {
         provider_call(provider, op.as_str(), outcome);
     }
 
-    fn retry(&self, provider: &'static str, op: providers::resilient::Op) {
+    fn retry(&self, provider: &'static str, op: providers::retry::Op) {
         retry(provider, op.as_str());
     }
 }

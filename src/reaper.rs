@@ -108,7 +108,6 @@ impl Reaper {
         };
         let room_names: Option<HashSet<&str>> = rooms
             .as_ref()
-            .filter(|_| self.rooms.kind() == "daily")
             .map(|r| r.iter().map(|r| r.name.as_str()).collect());
 
         let mut live_rooms: HashSet<String> = HashSet::new();
@@ -117,7 +116,7 @@ impl Reaper {
             if m.state.is_terminal() {
                 continue;
             }
-            let reason = if labels.deadline < now {
+            let reason = if labels.deadline.wall() < now {
                 report.past_deadline += 1;
                 Some(("past its deadline", "destroy_past_deadline"))
             } else if m.state == MachineState::Starting && old_enough(m.created_at) {

@@ -3,8 +3,8 @@
 //! A session's task is started with `RunTask` (launch type `FARGATE`, or a `FARGATE_SPOT` capacity
 //! provider strategy) from a task definition the operator registered beforehand. ECS cannot swap a
 //! container's image per run, so for this provider an agent's `image` names the **task
-//! definition** (`family`, `family:revision` or its ARN); an empty image uses
-//! [`FargateConfig::task_definition`]. Everything per-session travels in the run's overrides: the
+//! definition** (`family`, `family:revision` or its ARN); an agent without one uses
+//! [`FargateConfig::task_definition`] ([`Workload::TaskDefinition`]). Everything per-session travels in the run's overrides: the
 //! bot contract as the bot container's environment, the agent's `cmd` as its command, and the
 //! guest size as task-level `cpu`/`memory`, rounded up to the smallest Fargate size that fits.
 //!
@@ -14,9 +14,8 @@
 //! a retried `RunTask` returns the task the first attempt started instead of a second one, and a
 //! launch of the same session with other parameters is a [`ProviderError::Conflict`]. The
 //! deadline label can be moved later (`TagResource`).
-//! ECS tag values only allow letters, digits, spaces and `_ . : / = + - @`: a label value with any
-//! other character is stored as `b64.` followed by its unpadded base64url encoding and decoded
-//! when read back, so any JWT `sub` round-trips.
+//! ECS tag values only allow letters, digits, spaces and `_ . : / = + - @`: label values go
+//! through [`LabelCodec::ECS_TAGS`], so any JWT `sub` round-trips.
 //!
 //! "Started" means the task's `lastStatus` reached `RUNNING` (its containers run). A task is over
 //! as soon as ECS wants it stopped (`desiredStatus == STOPPED`), even while it still drains:
@@ -26,12 +25,13 @@
 //!
 //! The SDK's own retries are disabled: botdispatch retries transient failures
 //! ([`ProviderError::is_transient`]) in its own deadline-bounded layer, under the documented ECS
-//! rate limits ([`MachineProvider::rate_limits`]). Every call is bounded by
-//! [`FargateConfig::request_timeout`]. Error messages carry ECS's error code and the first line of
+//! rate limits ([`MachineProvider::rate_limits`]). Every call is bounded by the request timeout
+//! of the [`BuildContext`]. Error messages carry ECS's error code and the first line of
 //! its message only, never credentials or signatures.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -46,24 +46,26 @@ use aws_sdk_ecs::types::{
     TaskOverride,
 };
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::resilient::{Op, RateLimit};
+use crate::config::{check_url, required, BuildContext, ConfigError, ProviderSettings};
+use crate::env::Env;
+use crate::http::{error_chain, parse_retry_after, truncate};
+use crate::labels::key;
+use crate::retry::{Op, RateLimit};
 use crate::{
-    label, parse_retry_after, LaunchSpec, Launched, MachineProvider, MachineState, MachineStatus,
-    ProviderError, SessionLabels,
+    Deadline, LabelCodec, Launched, MachineProvider, MachineState, MachineStatus, MachineTemplate,
+    ProviderError, Relabel, SessionBinding, SessionLabels, Workload,
 };
 
 const NAME: &str = "fargate";
 /// `reason` of every `StopTask` botdispatch sends; shows up as the task's `stoppedReason`.
 pub const STOP_REASON: &str = "botdispatch: session ended";
-/// Prefix of an encoded tag value (see the module docs).
-const ENCODED_PREFIX: &str = "b64.";
 /// Prefix of the `clientToken` of a session's `RunTask`.
 const CLIENT_TOKEN_PREFIX: &str = "botdispatch-";
 /// Longest session key used as `startedBy` as is.
 const MAX_STARTED_BY: usize = 36;
-const MAX_TAG_VALUE: usize = 256;
 /// `DescribeTasks` takes at most this many tasks per call; `ListTasks` pages are as large.
 const PAGE: usize = 100;
 /// ECS is eventually consistent: a task `RunTask` just returned may read as `MISSING` for a moment.
@@ -71,75 +73,116 @@ const MISSING_GRACE: Duration = Duration::from_secs(10);
 const POLL_FIRST: Duration = Duration::from_millis(100);
 const POLL_MAX: Duration = Duration::from_secs(1);
 
-/// Settings of the `fargate` provider. Credentials and (unless set here) the region come from the
-/// AWS SDK's standard chain (`AWS_REGION`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, profiles,
-/// web identity, container and instance roles).
-#[derive(Debug, Clone)]
+/// Settings of the `fargate` provider: the `[fargate]` section of the configuration file.
+/// Credentials and (unless set here) the region come from the AWS SDK's standard chain
+/// (`AWS_REGION`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, profiles, web identity, container
+/// and instance roles).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct FargateConfig {
-    /// ECS cluster name or ARN.
-    pub cluster: String,
-    /// Task definition (`family`, `family:revision` or ARN) used when an agent names no image.
-    pub task_definition: String,
+    /// ECS cluster name or ARN. `BOTDISPATCH_FARGATE_CLUSTER`.
+    pub cluster: Option<String>,
+    /// Task definition (`family`, `family:revision` or ARN) of agents without an image.
+    /// `BOTDISPATCH_FARGATE_TASK_DEFINITION`.
+    pub task_definition: Option<String>,
     /// Name of the bot's container in the task definition; it receives the env and command.
+    /// `BOTDISPATCH_FARGATE_CONTAINER`, default `bot`.
     pub container_name: String,
     /// Subnets of the tasks' network interfaces (`awsvpc` networking); at least one.
+    /// `BOTDISPATCH_FARGATE_SUBNETS` (comma separated).
     pub subnets: Vec<String>,
     /// Security groups of the tasks' network interfaces; empty means the VPC's default group.
+    /// `BOTDISPATCH_FARGATE_SECURITY_GROUPS` (comma separated).
     pub security_groups: Vec<String>,
     /// Gives each task a public IP (needed in public subnets without a NAT to pull images and
-    /// reach Daily).
+    /// reach Daily). `BOTDISPATCH_FARGATE_PUBLIC_IP`.
     pub assign_public_ip: bool,
     /// Runs tasks on Fargate Spot (cheaper, may be interrupted with two minutes' notice).
+    /// `BOTDISPATCH_FARGATE_SPOT`.
     pub spot: bool,
-    /// AWS region; `None` takes it from the SDK's chain.
+    /// AWS region; unset takes it from the SDK's chain.
     pub region: Option<String>,
     /// Overrides the ECS endpoint (tests, private endpoints). The SDK also honours
     /// `AWS_ENDPOINT_URL_ECS` by itself.
     pub endpoint_url: Option<String>,
-    /// Timeout of every single API call.
-    pub request_timeout: Duration,
 }
 
 impl Default for FargateConfig {
     fn default() -> Self {
         Self {
-            cluster: String::new(),
-            task_definition: String::new(),
-            container_name: String::new(),
+            cluster: None,
+            task_definition: None,
+            container_name: "bot".to_owned(),
             subnets: Vec::new(),
             security_groups: Vec::new(),
             assign_public_ip: false,
             spot: false,
             region: None,
             endpoint_url: None,
-            request_timeout: Duration::from_secs(10),
         }
     }
 }
 
-impl FargateConfig {
-    fn validate(&self) -> Result<(), ProviderError> {
-        let missing = if self.cluster.is_empty() {
-            Some("cluster is empty")
-        } else if self.task_definition.is_empty() {
-            Some("task_definition is empty")
-        } else if self.container_name.is_empty() {
-            Some("container_name is empty")
-        } else if self.subnets.is_empty() {
-            Some("subnets is empty: Fargate tasks need at least one subnet")
-        } else if self.request_timeout.is_zero() {
-            Some("request_timeout is zero")
-        } else {
-            None
-        };
-        if let Some(message) = missing {
-            return Err(config_error(message.to_owned()));
+#[async_trait]
+impl ProviderSettings for FargateConfig {
+    fn apply_env(&mut self, env: &Env) -> Result<(), ConfigError> {
+        env.apply("BOTDISPATCH_FARGATE_CLUSTER", &mut self.cluster)?;
+        env.apply(
+            "BOTDISPATCH_FARGATE_TASK_DEFINITION",
+            &mut self.task_definition,
+        )?;
+        env.apply("BOTDISPATCH_FARGATE_CONTAINER", &mut self.container_name)?;
+        env.apply("BOTDISPATCH_FARGATE_SUBNETS", &mut self.subnets)?;
+        env.apply(
+            "BOTDISPATCH_FARGATE_SECURITY_GROUPS",
+            &mut self.security_groups,
+        )?;
+        env.apply("BOTDISPATCH_FARGATE_PUBLIC_IP", &mut self.assign_public_ip)?;
+        env.apply("BOTDISPATCH_FARGATE_SPOT", &mut self.spot)
+    }
+
+    fn validate(&self, _production: bool) -> Result<(), ConfigError> {
+        required(
+            self.cluster.as_deref(),
+            "fargate.cluster (BOTDISPATCH_FARGATE_CLUSTER)",
+            NAME,
+        )?;
+        if self.subnets.is_empty() {
+            return Err(ConfigError::new(
+                "fargate.subnets (BOTDISPATCH_FARGATE_SUBNETS) needs at least one subnet",
+            ));
+        }
+        if self.container_name.is_empty() {
+            return Err(ConfigError::new(
+                "fargate.container_name (BOTDISPATCH_FARGATE_CONTAINER) is empty",
+            ));
         }
         if let Some(url) = &self.endpoint_url {
-            url::Url::parse(url)
-                .map_err(|e| config_error(format!("endpoint_url {url:?} is not a URL: {e}")))?;
+            check_url("fargate.endpoint_url", url)?;
         }
         Ok(())
+    }
+
+    fn workload(
+        &self,
+        agent: &str,
+        image: Option<&str>,
+        _cmd: Option<&[String]>,
+    ) -> Result<Workload, ConfigError> {
+        image
+            .or(self.task_definition.as_deref())
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| Workload::TaskDefinition(t.to_owned()))
+            .ok_or_else(|| {
+                ConfigError::new(format!(
+                    "agents.{agent}.image (its task definition) or fargate.task_definition (BOTDISPATCH_FARGATE_TASK_DEFINITION) is required"
+                ))
+            })
+    }
+
+    async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn MachineProvider>, ProviderError> {
+        Ok(Arc::new(FargateProvider::new(ctx, self.clone()).await?))
     }
 }
 
@@ -147,6 +190,8 @@ impl FargateConfig {
 pub struct FargateProvider {
     client: aws_sdk_ecs::Client,
     config: FargateConfig,
+    /// `config.cluster`, validated.
+    cluster: String,
     region: String,
 }
 
@@ -162,23 +207,34 @@ impl fmt::Debug for FargateProvider {
 
 impl FargateProvider {
     /// Loads credentials and region from the AWS SDK's standard chain.
-    pub async fn new(config: FargateConfig) -> Result<Self, ProviderError> {
-        config.validate()?;
+    pub async fn new(ctx: &BuildContext, config: FargateConfig) -> Result<Self, ProviderError> {
+        config
+            .validate(ctx.production)
+            .map_err(|e| config_error(e.0))?;
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(region) = &config.region {
             loader = loader.region(Region::new(region.clone()));
         }
-        Self::from_sdk_config(&loader.load().await, config)
+        Self::from_sdk_config(ctx, &loader.load().await, config)
     }
 
     /// Builds the provider on an already loaded SDK configuration (tests pass static
     /// credentials this way). `config.region` and `config.endpoint_url` win over `sdk`'s.
-    pub fn from_sdk_config(sdk: &SdkConfig, config: FargateConfig) -> Result<Self, ProviderError> {
-        config.validate()?;
+    pub fn from_sdk_config(
+        ctx: &BuildContext,
+        sdk: &SdkConfig,
+        config: FargateConfig,
+    ) -> Result<Self, ProviderError> {
+        config
+            .validate(ctx.production)
+            .map_err(|e| config_error(e.0))?;
+        if ctx.request_timeout.is_zero() {
+            return Err(config_error("the request timeout is zero".into()));
+        }
         let timeouts = TimeoutConfig::builder()
-            .connect_timeout(config.request_timeout)
-            .operation_attempt_timeout(config.request_timeout)
-            .operation_timeout(config.request_timeout)
+            .connect_timeout(ctx.request_timeout)
+            .operation_attempt_timeout(ctx.request_timeout)
+            .operation_timeout(ctx.request_timeout)
             .build();
         let mut builder = aws_sdk_ecs::config::Builder::from(sdk)
             .retry_config(RetryConfig::disabled())
@@ -198,6 +254,7 @@ impl FargateProvider {
             })?;
         Ok(Self {
             client: aws_sdk_ecs::Client::from_conf(ecs_config),
+            cluster: config.cluster.clone().unwrap_or_default(),
             config,
             region,
         })
@@ -220,7 +277,7 @@ impl FargateProvider {
             let mut req = self
                 .client
                 .describe_tasks()
-                .cluster(&self.config.cluster)
+                .cluster(&self.cluster)
                 .set_tasks(Some(chunk.to_vec()));
             if with_tags {
                 req = req.include(TaskField::Tags);
@@ -268,7 +325,7 @@ impl FargateProvider {
             let out = self
                 .client
                 .list_tasks()
-                .cluster(&self.config.cluster)
+                .cluster(&self.cluster)
                 .set_started_by(started_by.map(str::to_owned))
                 .set_desired_status(desired.clone())
                 .max_results(PAGE as i32)
@@ -288,19 +345,26 @@ impl FargateProvider {
         task_status(task, &self.config.container_name, &self.region)
     }
 
-    /// The `RunTask` request of `spec`, without sending it.
+    /// The `RunTask` request of a session, without sending it.
     fn run_task_request(
         &self,
-        spec: &LaunchSpec,
+        template: &MachineTemplate,
+        session: &SessionBinding,
     ) -> Result<aws_sdk_ecs::operation::run_task::builders::RunTaskFluentBuilder, ProviderError>
     {
-        let key = &spec.labels.session_key;
+        let Workload::TaskDefinition(task_definition) = &template.workload else {
+            return Err(rejected(format!(
+                "fargate runs task definitions, not {:?}",
+                template.workload
+            )));
+        };
+        let key = &session.labels.session_key;
         if !is_started_by(key) {
             return Err(rejected(format!(
                 "session key {key:?} cannot be an ECS startedBy (1 to {MAX_STARTED_BY} letters, digits, '-' or '_')"
             )));
         }
-        if let Some(region) = &spec.region {
+        if let Some(region) = &template.region {
             if region != &self.region {
                 return Err(rejected(format!(
                     "region {region:?} is not available: this provider runs tasks in {}",
@@ -308,17 +372,17 @@ impl FargateProvider {
                 )));
             }
         }
-        let (cpu, memory) = fargate_size(spec.guest.cpus, spec.guest.memory_mb)?;
-        let tags = encode_tags(&spec.labels.to_map())?;
-        let environment = spec
-            .env
-            .iter()
+        let (cpu, memory) = fargate_size(template.guest.cpus, template.guest.memory_mb)?;
+        let tags = encode_tags(&session.labels.to_map())?;
+        let environment = session
+            .machine_env(template)
+            .into_iter()
             .map(|(name, value)| KeyValuePair::builder().name(name).value(value).build())
             .collect();
         let container = ContainerOverride::builder()
             .name(&self.config.container_name)
             .set_environment(Some(environment))
-            .set_command(spec.cmd.clone())
+            .set_command(template.cmd.clone())
             .build();
         let overrides = TaskOverride::builder()
             .container_overrides(container)
@@ -335,15 +399,10 @@ impl FargateProvider {
             })
             .build()
             .map_err(|e| config_error(format!("network configuration: {e}")))?;
-        let task_definition = if spec.image.is_empty() {
-            &self.config.task_definition
-        } else {
-            &spec.image
-        };
         let req = self
             .client
             .run_task()
-            .cluster(&self.config.cluster)
+            .cluster(&self.cluster)
             .task_definition(task_definition)
             .count(1)
             .network_configuration(
@@ -428,23 +487,30 @@ impl MachineProvider for FargateProvider {
         ]
     }
 
-    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, ProviderError> {
-        let out = self.run_task_request(spec)?.send().await.map_err(|e| {
-            if e.code() == Some("ConflictException") {
-                // The client token was used with different parameters: a different launch of
-                // the same session already happened.
-                ProviderError::Conflict {
-                    provider: NAME,
-                    name: spec.name.clone(),
+    async fn launch(
+        &self,
+        template: &MachineTemplate,
+        session: &SessionBinding,
+    ) -> Result<Launched, ProviderError> {
+        let out = self
+            .run_task_request(template, session)?
+            .send()
+            .await
+            .map_err(|e| {
+                if e.code() == Some("ConflictException") {
+                    // The client token was used with different parameters: a different launch of
+                    // the same session already happened.
+                    ProviderError::Conflict {
+                        provider: NAME,
+                        name: session.name.clone(),
+                    }
+                } else {
+                    map_sdk_error(e, "run task")
                 }
-            } else {
-                map_sdk_error(e, "run task")
-            }
-        })?;
+            })?;
         if let Some(task) = out.tasks().first() {
-            let handle = task.task_arn().ok_or_else(|| ProviderError::Unavailable {
-                provider: NAME,
-                message: "run task: the answer's task has no ARN".into(),
+            let handle = task.task_arn().ok_or_else(|| {
+                ProviderError::unavailable(NAME, "run task: the answer's task has no ARN")
             })?;
             return Ok(Launched {
                 handle: handle.to_owned(),
@@ -454,10 +520,10 @@ impl MachineProvider for FargateProvider {
         }
         let failures: Vec<String> = out.failures().iter().map(describe_failure).collect();
         if failures.is_empty() {
-            return Err(ProviderError::Unavailable {
-                provider: NAME,
-                message: "run task: the answer has neither a task nor a failure".into(),
-            });
+            return Err(ProviderError::unavailable(
+                NAME,
+                "run task: the answer has neither a task nor a failure",
+            ));
         }
         Err(ProviderError::Rejected {
             provider: NAME,
@@ -469,9 +535,14 @@ impl MachineProvider for FargateProvider {
     async fn wait_started(
         &self,
         launched: &Launched,
-        timeout: Duration,
+        deadline: Deadline,
     ) -> Result<(), ProviderError> {
-        match tokio::time::timeout(timeout, self.poll_until_running(&launched.handle)).await {
+        match tokio::time::timeout_at(
+            deadline.instant(),
+            self.poll_until_running(&launched.handle),
+        )
+        .await
+        {
             Ok(result) => result,
             Err(_) => Err(ProviderError::Timeout { provider: NAME }),
         }
@@ -488,7 +559,7 @@ impl MachineProvider for FargateProvider {
         let result = self
             .client
             .stop_task()
-            .cluster(&self.config.cluster)
+            .cluster(&self.cluster)
             .task(handle)
             .reason(STOP_REASON)
             .send()
@@ -545,39 +616,19 @@ impl MachineProvider for FargateProvider {
             .collect())
     }
 
-    fn can_set_deadline(&self) -> bool {
-        true
-    }
-
-    /// Overwrites the task's deadline tag (`TagResource` keeps the other tags).
-    async fn set_deadline(
-        &self,
-        handle: &str,
-        deadline: DateTime<Utc>,
-    ) -> Result<(), ProviderError> {
-        let tag = Tag::builder()
-            .key(label::DEADLINE)
-            .value(deadline.timestamp().to_string())
-            .build();
-        self.client
-            .tag_resource()
-            .resource_arn(handle)
-            .tags(tag)
-            .send()
-            .await
-            .map_err(|e| map_sdk_error(e, "tag task"))?;
-        Ok(())
+    fn relabel(&self) -> Option<&dyn Relabel> {
+        Some(self)
     }
 
     async fn check(&self) -> Result<(), ProviderError> {
         let out = self
             .client
             .describe_clusters()
-            .clusters(&self.config.cluster)
+            .clusters(&self.cluster)
             .send()
             .await
             .map_err(|e| map_sdk_error(e, "describe clusters"))?;
-        let cluster = &self.config.cluster;
+        let cluster = &self.cluster;
         match out.clusters().first() {
             Some(c) if c.status() == Some("ACTIVE") => Ok(()),
             Some(c) => Err(rejected(format!(
@@ -593,6 +644,25 @@ impl MachineProvider for FargateProvider {
                 },
             }),
         }
+    }
+}
+
+#[async_trait]
+impl Relabel for FargateProvider {
+    /// Overwrites the task's deadline tag (`TagResource` keeps the other tags).
+    async fn set_deadline(&self, handle: &str, deadline: Deadline) -> Result<(), ProviderError> {
+        let tag = Tag::builder()
+            .key(key::DEADLINE)
+            .value(deadline.unix_secs().to_string())
+            .build();
+        self.client
+            .tag_resource()
+            .resource_arn(handle)
+            .tags(tag)
+            .send()
+            .await
+            .map_err(|e| map_sdk_error(e, "tag task"))?;
+        Ok(())
     }
 }
 
@@ -675,7 +745,7 @@ fn task_status(task: &Task, container_name: &str, region: &str) -> MachineStatus
         .filter_map(|t| {
             Some((
                 t.key()?.to_owned(),
-                decode_tag_value(t.value().unwrap_or("")),
+                LabelCodec::ECS_TAGS.decode(t.value().unwrap_or("")),
             ))
         })
         .collect();
@@ -761,104 +831,25 @@ fn fargate_size(cpus: u32, memory_mb: u32) -> Result<(u32, u32), ProviderError> 
         })
 }
 
-/// Characters ECS accepts in tag values that are left as they are (ASCII subset of the spec's
-/// `[\p{L}\p{Z}\p{N}_.:/=+\-@]`).
-fn is_plain_tag_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, ' ' | '_' | '.' | ':' | '/' | '=' | '+' | '-' | '@')
-}
-
-/// A label value as an ECS tag value: as is when ECS accepts it and it cannot be mistaken for an
-/// encoded value or an AWS-reserved one, else `b64.` + unpadded base64url.
-fn encode_tag_value(value: &str) -> String {
-    let plain = value.chars().all(is_plain_tag_char)
-        && !value.starts_with(ENCODED_PREFIX)
-        && !value
-            .get(..4)
-            .is_some_and(|p| p.eq_ignore_ascii_case("aws:"));
-    if plain {
-        value.to_owned()
-    } else {
-        format!("{ENCODED_PREFIX}{}", base64url_encode(value.as_bytes()))
-    }
-}
-
-/// Inverse of [`encode_tag_value`]; values that are not validly encoded are kept as they are.
-fn decode_tag_value(value: &str) -> String {
-    value
-        .strip_prefix(ENCODED_PREFIX)
-        .and_then(base64url_decode)
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .unwrap_or_else(|| value.to_owned())
-}
-
 fn encode_tags(labels: &BTreeMap<String, String>) -> Result<Vec<Tag>, ProviderError> {
     labels
         .iter()
         .map(|(key, value)| {
-            let value = encode_tag_value(value);
-            if value.chars().count() > MAX_TAG_VALUE {
-                return Err(rejected(format!(
-                    "label {key} is too long for an ECS tag ({MAX_TAG_VALUE} characters once encoded)"
-                )));
-            }
+            let value = LabelCodec::ECS_TAGS
+                .encode(value)
+                .map_err(|e| rejected(format!("label {key}: {e}")))?;
             Ok(Tag::builder().key(key).value(value).build())
         })
         .collect()
 }
 
-const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-fn base64url_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(char::from(BASE64URL[(n >> (18 - 6 * i) & 63) as usize]));
-        }
-    }
-    out
-}
-
-fn base64url_decode(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    for chunk in text.as_bytes().chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            let v = BASE64URL.iter().position(|a| a == c)? as u32;
-            n |= v << (18 - 6 * i);
-        }
-        for i in 0..chunk.len() - 1 {
-            out.push((n >> (16 - 8 * i)) as u8);
-        }
-        // Non-canonical encodings (stray low bits) are not ours.
-        let used = (chunk.len() - 1) * 8;
-        if n << used & 0x00ff_ffff != 0 {
-            return None;
-        }
-    }
-    Some(out)
-}
-
 fn config_error(message: String) -> ProviderError {
-    ProviderError::Config {
-        provider: NAME,
-        message,
-    }
+    ProviderError::config(NAME, message)
 }
 
 /// A request botdispatch refuses to send because ECS would refuse it.
 fn rejected(message: String) -> ProviderError {
-    ProviderError::Rejected {
-        provider: NAME,
-        status: 400,
-        message,
-    }
+    ProviderError::rejected(NAME, message)
 }
 
 /// ECS error codes that mean "slow down" (the JSON protocol sends them with HTTP 400).
@@ -892,45 +883,33 @@ where
                 what,
             )
         }
-        SdkError::TimeoutError(_) => ProviderError::Unavailable {
-            provider: NAME,
-            message: format!("{what}: timed out"),
-        },
-        SdkError::DispatchFailure(failure) if failure.is_timeout() => ProviderError::Unavailable {
-            provider: NAME,
-            message: format!("{what}: timed out"),
-        },
-        SdkError::DispatchFailure(_) => ProviderError::Unavailable {
-            provider: NAME,
-            message: format!("{what}: {}", error_chain(&err)),
-        },
         SdkError::ConstructionFailure(_) => config_error(format!(
             "{what}: the request could not be built: {}",
             error_chain(&err)
         )),
-        _ => ProviderError::Unavailable {
-            provider: NAME,
-            message: match err.raw_response() {
-                Some(raw) => format!(
-                    "{what}: unreadable answer (HTTP {}): {}",
-                    raw.status().as_u16(),
-                    error_chain(&err)
-                ),
-                None => format!("{what}: {}", error_chain(&err)),
-            },
-        },
+        _ => {
+            let message = match &err {
+                SdkError::TimeoutError(_) => format!("{what}: timed out"),
+                SdkError::DispatchFailure(failure) if failure.is_timeout() => {
+                    format!("{what}: timed out")
+                }
+                SdkError::DispatchFailure(_) => format!("{what}: {}", error_chain(&err)),
+                _ => match err.raw_response() {
+                    Some(raw) => format!(
+                        "{what}: unreadable answer (HTTP {}): {}",
+                        raw.status().as_u16(),
+                        error_chain(&err)
+                    ),
+                    None => format!("{what}: {}", error_chain(&err)),
+                },
+            };
+            ProviderError::Unavailable {
+                provider: NAME,
+                message,
+                source: Some(Box::new(err)),
+            }
+        }
     }
-}
-
-/// An error and its sources, `: `-separated, without `Debug` dumps of requests or responses.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text = format!("{text}: {s}");
-        source = s.source();
-    }
-    truncate(&text, 300)
 }
 
 /// Maps an ECS error answer (HTTP status, error code, message) to a provider error.
@@ -950,23 +929,13 @@ fn classify(
             retry_after,
         }
     } else if status >= 500 || code == "ServerException" || code == "ServiceUnavailableException" {
-        ProviderError::Unavailable {
-            provider: NAME,
-            message,
-        }
+        ProviderError::unavailable(NAME, message)
     } else {
         ProviderError::Rejected {
             provider: NAME,
             status,
             message,
         }
-    }
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &text[..i]),
-        None => text.to_owned(),
     }
 }
 

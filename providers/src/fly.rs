@@ -6,6 +6,7 @@
 //! local memory. Requests follow the published OpenAPI spec (`testkit/specs/`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,92 +14,186 @@ use chrono::{DateTime, Utc};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::time::Instant;
 
-use crate::resilient::{Op, RateLimit};
-use crate::transport_message;
+use crate::config::{check_url, is_slug, required, BuildContext, ConfigError, ProviderSettings};
+use crate::env::Env;
+use crate::http::{self, CallFailure, ErrorShape};
+use crate::labels::{key, MANAGED_BY};
+use crate::retry::{Op, RateLimit};
 use crate::{
-    label, parse_retry_after, LaunchSpec, Launched, MachineProvider, MachineState, MachineStatus,
-    ProviderError, Secret, SessionLabels, MANAGED_BY,
+    Deadline, Launched, MachineProvider, MachineState, MachineStatus, MachineTemplate,
+    ProviderError, Relabel, Secret, SessionBinding, SessionLabels, Workload,
 };
 
 const NAME: &str = "fly";
 /// Fly's `/wait` refuses to wait longer than this per call; longer waits loop.
 const MAX_WAIT_SECS: u64 = 60;
+/// Default base URL of the Machines API (`FLY_API_URL`).
+pub const DEFAULT_API_URL: &str = "https://api.machines.dev/v1";
 
-/// Settings of the `fly` provider.
-#[derive(Debug, Clone)]
+/// Settings of the `fly` provider: the `[fly]` section of the configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct FlyConfig {
-    /// Base URL including the version, e.g. `https://api.machines.dev/v1`.
+    /// `FLY_API_TOKEN`.
+    pub api_token: Option<Secret>,
+    /// The app the bot machines run in. `BOTDISPATCH_FLY_APP`, else `FLY_APP_NAME`.
+    pub app_name: Option<String>,
+    /// Base URL including the version. `BOTDISPATCH_FLY_API_URL`, else `FLY_API_URL`; default
+    /// `https://api.machines.dev/v1`.
     pub api_url: String,
-    pub api_token: Secret,
-    pub app_name: String,
-    /// Region used when a start names none; `None` lets Fly choose.
+    /// Region used when a start names none; unset lets Fly choose.
+    /// `BOTDISPATCH_FLY_REGION`, else `FLY_REGION`.
     pub default_region: Option<String>,
-    /// Timeout of every single API call except `/wait` (which gets its own wait time plus this).
-    pub request_timeout: Duration,
 }
+
+impl Default for FlyConfig {
+    fn default() -> Self {
+        Self {
+            api_token: None,
+            app_name: None,
+            api_url: DEFAULT_API_URL.to_owned(),
+            default_region: None,
+        }
+    }
+}
+
+#[async_trait]
+impl ProviderSettings for FlyConfig {
+    fn apply_env(&mut self, env: &Env) -> Result<(), ConfigError> {
+        env.apply("FLY_API_TOKEN", &mut self.api_token)?;
+        env.apply("FLY_APP_NAME", &mut self.app_name)?;
+        env.apply("FLY_API_URL", &mut self.api_url)?;
+        env.apply("FLY_REGION", &mut self.default_region)?;
+        // On Fly itself, `FLY_*` names belong to the platform (every machine gets its own
+        // FLY_APP_NAME and FLY_REGION), so a dispatcher deployed on Fly names the bots' app
+        // with these, which win.
+        env.apply("BOTDISPATCH_FLY_APP", &mut self.app_name)?;
+        env.apply("BOTDISPATCH_FLY_API_URL", &mut self.api_url)?;
+        env.apply("BOTDISPATCH_FLY_REGION", &mut self.default_region)
+    }
+
+    fn validate(&self, _production: bool) -> Result<(), ConfigError> {
+        required(
+            self.api_token.as_ref().map(Secret::expose),
+            "fly.api_token (FLY_API_TOKEN)",
+            NAME,
+        )?;
+        let app = required(
+            self.app_name.as_deref(),
+            "fly.app_name (FLY_APP_NAME)",
+            NAME,
+        )?;
+        if !is_slug(app, 63) {
+            return Err(ConfigError::new(format!(
+                "fly.app_name (FLY_APP_NAME) = {app:?} is not a Fly app name"
+            )));
+        }
+        check_url("fly.api_url (FLY_API_URL)", &self.api_url)?;
+        if let Some(region) = &self.default_region {
+            if !is_slug(region, 32) {
+                return Err(ConfigError::new(format!(
+                    "fly.default_region (FLY_REGION) = {region:?} is not a region code"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn workload(
+        &self,
+        agent: &str,
+        image: Option<&str>,
+        _cmd: Option<&[String]>,
+    ) -> Result<Workload, ConfigError> {
+        match image.map(str::trim).filter(|i| !i.is_empty()) {
+            Some(image) => Ok(Workload::Image(image.to_owned())),
+            None => Err(ConfigError::new(format!(
+                "agents.{agent}.image is required (or BOTDISPATCH_BOT_IMAGE for the default agent)"
+            ))),
+        }
+    }
+
+    async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn MachineProvider>, ProviderError> {
+        Ok(Arc::new(FlyProvider::new(ctx, self.clone())?))
+    }
+}
+
+/// Fly's error body: `{"error": "...", "status": ...}`.
+const FLY_ERRORS: ErrorShape = ErrorShape {
+    parse: |text| {
+        #[derive(Deserialize)]
+        struct FlyError {
+            error: Option<String>,
+        }
+        let message = serde_json::from_str::<FlyError>(text).ok()?.error?;
+        Some(http::ParsedError::message(message))
+    },
+    throttling_codes: &[],
+};
 
 /// Launches sessions as Fly Machines.
 pub struct FlyProvider {
     http: reqwest::Client,
-    config: FlyConfig,
+    api_url: String,
+    api_token: Secret,
+    app_name: String,
+    default_region: Option<String>,
+    request_timeout: Duration,
 }
 
 impl FlyProvider {
-    /// `http` is the dispatcher's one shared client (connection pool, TLS config).
-    pub fn new(http: reqwest::Client, mut config: FlyConfig) -> Result<Self, ProviderError> {
-        let trimmed = config.api_url.trim_end_matches('/').to_owned();
-        url::Url::parse(&trimmed).map_err(|e| ProviderError::Config {
-            provider: NAME,
-            message: format!("FLY_API_URL {trimmed:?} is not a URL: {e}"),
-        })?;
-        if config.app_name.is_empty() {
-            return Err(ProviderError::Config {
-                provider: NAME,
-                message: "FLY_APP_NAME is empty".into(),
-            });
-        }
-        if config.api_token.is_empty() {
-            return Err(ProviderError::Config {
-                provider: NAME,
-                message: "FLY_API_TOKEN is empty".into(),
-            });
-        }
-        config.api_url = trimmed;
-        Ok(Self { http, config })
-    }
-
-    fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        let url = format!(
-            "{}/apps/{}{}",
-            self.config.api_url, self.config.app_name, path
-        );
-        self.http
-            .request(method, url)
-            .bearer_auth(self.config.api_token.expose())
-            .timeout(self.config.request_timeout)
-    }
-
-    /// Sends a request and turns transport failures into [`ProviderError::Unavailable`].
-    async fn send(&self, req: RequestBuilder, what: &str) -> Result<Response, ProviderError> {
-        req.send().await.map_err(|e| ProviderError::Unavailable {
-            provider: NAME,
-            message: format!("{what}: {}", transport_message(&e)),
+    /// Validates `config` (no I/O) and builds the client on the context's shared HTTP client.
+    pub fn new(ctx: &BuildContext, config: FlyConfig) -> Result<Self, ProviderError> {
+        config
+            .validate(ctx.production)
+            .map_err(|e| ProviderError::config(NAME, e.0))?;
+        Ok(Self {
+            http: ctx.http.clone(),
+            api_url: config.api_url.trim_end_matches('/').to_owned(),
+            api_token: config.api_token.unwrap_or_default(),
+            app_name: config.app_name.unwrap_or_default(),
+            default_region: config.default_region,
+            request_timeout: ctx.request_timeout,
         })
     }
 
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let url = format!("{}/apps/{}{}", self.api_url, self.app_name, path);
+        self.http
+            .request(method, url)
+            .bearer_auth(self.api_token.expose())
+            .timeout(self.request_timeout)
+    }
+
+    /// Sends a request; any failure becomes the provider error of `what`.
+    async fn send(&self, req: RequestBuilder, what: &str) -> Result<Response, ProviderError> {
+        http::send(req).await.map_err(|f| fail(what, f))
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        req: RequestBuilder,
+        what: &str,
+    ) -> Result<T, ProviderError> {
+        let resp = self.send(req, what).await?;
+        http::read_json(resp, FLY_ERRORS)
+            .await
+            .map_err(|f| fail(what, f))
+    }
+
     async fn get_machine(&self, id: &str) -> Result<Option<FlyMachine>, ProviderError> {
+        let what = "get machine";
         let resp = self
-            .send(
-                self.request(Method::GET, &format!("/machines/{id}")),
-                "get machine",
-            )
+            .send(self.request(Method::GET, &format!("/machines/{id}")), what)
             .await?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        Ok(Some(json_or_error(resp, "get machine").await?))
+        http::read_json(resp, FLY_ERRORS)
+            .await
+            .map(Some)
+            .map_err(|f| fail(what, f))
     }
 
     async fn list(
@@ -113,38 +208,68 @@ impl FlyProvider {
         if include_deleted {
             query.push(("include_deleted".to_owned(), "true"));
         }
-        let resp = self
-            .send(
-                self.request(Method::GET, "/machines").query(&query),
-                "list machines",
-            )
-            .await?;
-        json_or_error(resp, "list machines").await
+        self.json(
+            self.request(Method::GET, "/machines").query(&query),
+            "list machines",
+        )
+        .await
     }
 
-    fn create_body(&self, spec: &LaunchSpec) -> Value {
-        let metadata: BTreeMap<String, String> = spec.labels.to_map();
+    fn create_body(
+        &self,
+        template: &MachineTemplate,
+        session: &SessionBinding,
+    ) -> Result<Value, ProviderError> {
+        let Workload::Image(image) = &template.workload else {
+            return Err(ProviderError::rejected(
+                NAME,
+                format!("fly runs container images, not {:?}", template.workload),
+            ));
+        };
+        let metadata: BTreeMap<String, String> = session.labels.to_map();
         let mut config = json!({
-            "image": spec.image,
-            "env": spec.env,
+            "image": image,
+            "env": session.machine_env(template),
             "guest": {
-                "cpus": spec.guest.cpus,
-                "memory_mb": spec.guest.memory_mb,
-                "cpu_kind": spec.guest.cpu_kind,
+                "cpus": template.guest.cpus,
+                "memory_mb": template.guest.memory_mb,
+                "cpu_kind": template.guest.cpu_kind,
             },
             "metadata": metadata,
             "auto_destroy": true,
             "restart": { "policy": "no" },
         });
-        if let Some(cmd) = &spec.cmd {
+        if let Some(cmd) = &template.cmd {
             config["init"] = json!({ "cmd": cmd });
         }
-        let mut body = json!({ "name": spec.name, "config": config });
-        if let Some(region) = spec.region.as_ref().or(self.config.default_region.as_ref()) {
+        let mut body = json!({ "name": session.name, "config": config });
+        if let Some(region) = template.region.as_ref().or(self.default_region.as_ref()) {
             body["region"] = json!(region);
         }
-        body
+        Ok(body)
     }
+
+    /// After a wait that Fly ended early (400/404/412): reads the machine to say why.
+    async fn why_not_started(&self, handle: &str, wait_error: ProviderError) -> ProviderError {
+        match self.status(handle).await {
+            Ok(Some(status)) if status.state.is_terminal() => ProviderError::StartFailed {
+                provider: NAME,
+                message: status
+                    .detail
+                    .unwrap_or_else(|| format!("machine is {}", status.provider_state)),
+            },
+            Ok(None) => ProviderError::StartFailed {
+                provider: NAME,
+                message: "machine disappeared while starting".into(),
+            },
+            _ => wait_error,
+        }
+    }
+}
+
+/// The provider error of a failed call of `what`.
+fn fail(what: &str, failure: CallFailure) -> ProviderError {
+    ProviderError::from_call(NAME, what, failure)
 }
 
 #[async_trait]
@@ -166,21 +291,25 @@ impl MachineProvider for FlyProvider {
         ]
     }
 
-    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, ProviderError> {
+    async fn launch(
+        &self,
+        template: &MachineTemplate,
+        session: &SessionBinding,
+    ) -> Result<Launched, ProviderError> {
+        let what = "create machine";
+        let body = self.create_body(template, session)?;
         let resp = self
-            .send(
-                self.request(Method::POST, "/machines")
-                    .json(&self.create_body(spec)),
-                "create machine",
-            )
+            .send(self.request(Method::POST, "/machines").json(&body), what)
             .await?;
         if resp.status() == StatusCode::CONFLICT {
             return Err(ProviderError::Conflict {
                 provider: NAME,
-                name: spec.name.clone(),
+                name: session.name.clone(),
             });
         }
-        let machine: FlyMachine = json_or_error(resp, "create machine").await?;
+        let machine: FlyMachine = http::read_json(resp, FLY_ERRORS)
+            .await
+            .map_err(|f| fail(what, f))?;
         Ok(Launched {
             handle: machine.id,
             region: machine.region,
@@ -191,11 +320,11 @@ impl MachineProvider for FlyProvider {
     async fn wait_started(
         &self,
         launched: &Launched,
-        timeout: Duration,
+        deadline: Deadline,
     ) -> Result<(), ProviderError> {
-        let deadline = Instant::now() + timeout;
+        let what = "wait for machine";
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let remaining = deadline.remaining();
             if remaining.is_zero() {
                 return Err(ProviderError::Timeout { provider: NAME });
             }
@@ -211,39 +340,31 @@ impl MachineProvider for FlyProvider {
             let req = self
                 .request(Method::GET, &format!("/machines/{}/wait", launched.handle))
                 .query(&query)
-                .timeout(Duration::from_secs(secs) + self.config.request_timeout);
-            let resp =
-                match tokio::time::timeout(remaining, self.send(req, "wait for machine")).await {
-                    Ok(resp) => resp?,
-                    Err(_) => return Err(ProviderError::Timeout { provider: NAME }),
-                };
-            match resp.status() {
-                s if s.is_success() => return Ok(()),
-                StatusCode::REQUEST_TIMEOUT => continue,
-                s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-                    return Err(error_from(resp, "wait for machine").await)
-                }
-                _ => {
-                    // 400/404/412: the machine will not become started. Read it to say why.
-                    let wait_error = error_from(resp, "wait for machine").await;
-                    return Err(match self.status(&launched.handle).await {
-                        Ok(Some(status)) if status.state == MachineState::Started => return Ok(()),
-                        Ok(Some(status)) if status.state.is_terminal() => {
-                            ProviderError::StartFailed {
-                                provider: NAME,
-                                message: status.detail.unwrap_or_else(|| {
-                                    format!("machine is {}", status.provider_state)
-                                }),
-                            }
-                        }
-                        Ok(None) => ProviderError::StartFailed {
-                            provider: NAME,
-                            message: "machine disappeared while starting".into(),
-                        },
-                        _ => wait_error,
-                    });
-                }
+                .timeout(Duration::from_secs(secs) + self.request_timeout);
+            let resp = match tokio::time::timeout_at(deadline.instant(), self.send(req, what)).await
+            {
+                Ok(resp) => resp?,
+                Err(_) => return Err(ProviderError::Timeout { provider: NAME }),
+            };
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(());
             }
+            if status == StatusCode::REQUEST_TIMEOUT {
+                continue;
+            }
+            let error = fail(
+                what,
+                CallFailure::Answer(http::ErrorAnswer::read(resp, FLY_ERRORS).await),
+            );
+            if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                return Err(error);
+            }
+            // 400/404/412: the machine will not become started. Read it to say why.
+            return match self.status(&launched.handle).await {
+                Ok(Some(s)) if s.state == MachineState::Started => Ok(()),
+                _ => Err(self.why_not_started(&launched.handle, error).await),
+            };
         }
     }
 
@@ -254,11 +375,12 @@ impl MachineProvider for FlyProvider {
     async fn terminate(&self, handle: &str) -> Result<(), ProviderError> {
         // Stop first so the bot gets its SIGTERM, then destroy whatever is left; with
         // auto_destroy the stop alone usually removes it and the delete answers 404.
+        let what = "stop machine";
         let resp = self
             .send(
                 self.request(Method::POST, &format!("/machines/{handle}/stop"))
                     .json(&json!({})),
-                "stop machine",
+                what,
             )
             .await?;
         match resp.status() {
@@ -266,30 +388,35 @@ impl MachineProvider for FlyProvider {
             s if s.is_success() => {}
             // A machine that cannot be stopped (already stopping, failed) is still destroyed below.
             s if s.is_client_error() && s != StatusCode::TOO_MANY_REQUESTS => {}
-            _ => return Err(error_from(resp, "stop machine").await),
+            _ => {
+                return Err(fail(
+                    what,
+                    CallFailure::Answer(http::ErrorAnswer::read(resp, FLY_ERRORS).await),
+                ))
+            }
         }
+        let what = "destroy machine";
         let resp = self
             .send(
                 self.request(Method::DELETE, &format!("/machines/{handle}"))
                     .query(&[("force", "true")]),
-                "destroy machine",
+                what,
             )
             .await?;
-        match resp.status() {
-            StatusCode::NOT_FOUND => Ok(()),
-            s if s.is_success() => Ok(()),
-            _ => Err(error_from(resp, "destroy machine").await),
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(());
         }
+        http::expect_success(resp, FLY_ERRORS)
+            .await
+            .map(drop)
+            .map_err(|f| fail(what, f))
     }
 
     async fn find(&self, session_key: &str) -> Result<Option<MachineStatus>, ProviderError> {
         // Destroyed machines too: an idempotent retry must see that its session already ran.
         let machines = self
             .list(
-                &[
-                    (label::MANAGED_BY, MANAGED_BY),
-                    (label::SESSION, session_key),
-                ],
+                &[(key::MANAGED_BY, MANAGED_BY), (key::SESSION, session_key)],
                 true,
             )
             .await?;
@@ -309,7 +436,7 @@ impl MachineProvider for FlyProvider {
     }
 
     async fn list_managed(&self) -> Result<Vec<MachineStatus>, ProviderError> {
-        let machines = self.list(&[(label::MANAGED_BY, MANAGED_BY)], false).await?;
+        let machines = self.list(&[(key::MANAGED_BY, MANAGED_BY)], false).await?;
         Ok(machines
             .into_iter()
             .map(FlyMachine::into_status)
@@ -317,50 +444,40 @@ impl MachineProvider for FlyProvider {
             .collect())
     }
 
-    fn can_set_deadline(&self) -> bool {
-        true
-    }
-
-    async fn set_deadline(
-        &self,
-        handle: &str,
-        deadline: DateTime<Utc>,
-    ) -> Result<(), ProviderError> {
-        let resp = self
-            .send(
-                self.request(
-                    Method::POST,
-                    &format!("/machines/{handle}/metadata/{}", label::DEADLINE),
-                )
-                .json(&json!({ "value": deadline.timestamp().to_string() })),
-                "update machine metadata",
-            )
-            .await?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(error_from(resp, "update machine metadata").await)
-        }
-    }
-
     async fn check(&self) -> Result<(), ProviderError> {
-        let resp = self
-            .send(
-                self.http
-                    .get(format!(
-                        "{}/apps/{}",
-                        self.config.api_url, self.config.app_name
-                    ))
-                    .bearer_auth(self.config.api_token.expose())
-                    .timeout(self.config.request_timeout),
-                "get app",
+        let req = self
+            .http
+            .get(format!("{}/apps/{}", self.api_url, self.app_name))
+            .bearer_auth(self.api_token.expose())
+            .timeout(self.request_timeout);
+        let resp = self.send(req, "get app").await?;
+        http::expect_success(resp, FLY_ERRORS)
+            .await
+            .map(drop)
+            .map_err(|f| fail("get app", f))
+    }
+
+    fn relabel(&self) -> Option<&dyn Relabel> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl Relabel for FlyProvider {
+    /// One metadata key, set without restarting the machine.
+    async fn set_deadline(&self, handle: &str, deadline: Deadline) -> Result<(), ProviderError> {
+        let what = "update machine metadata";
+        let req = self
+            .request(
+                Method::POST,
+                &format!("/machines/{handle}/metadata/{}", key::DEADLINE),
             )
-            .await?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(error_from(resp, "get app").await)
-        }
+            .json(&json!({ "value": deadline.unix_secs().to_string() }));
+        let resp = self.send(req, what).await?;
+        http::expect_success(resp, FLY_ERRORS)
+            .await
+            .map(drop)
+            .map_err(|f| fail(what, f))
     }
 }
 
@@ -470,66 +587,6 @@ impl FlyMachine {
             labels,
             detail,
         }
-    }
-}
-
-/// Fly's error body: `{"error": "...", "status": ...}`.
-#[derive(Debug, Deserialize)]
-struct FlyError {
-    #[serde(default)]
-    error: Option<String>,
-}
-
-async fn json_or_error<T: serde::de::DeserializeOwned>(
-    resp: Response,
-    what: &str,
-) -> Result<T, ProviderError> {
-    if !resp.status().is_success() {
-        return Err(error_from(resp, what).await);
-    }
-    resp.json().await.map_err(|e| ProviderError::Unavailable {
-        provider: NAME,
-        message: format!("{what}: unreadable answer: {}", transport_message(&e)),
-    })
-}
-
-/// Maps a non-success answer to a provider error, keeping Fly's own message.
-async fn error_from(resp: Response, what: &str) -> ProviderError {
-    let status = resp.status();
-    let retry_after = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after);
-    let text = resp.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<FlyError>(&text)
-        .ok()
-        .and_then(|e| e.error)
-        .unwrap_or_else(|| truncate(&text, 200));
-    let message = format!("{what}: HTTP {}: {message}", status.as_u16());
-    match status {
-        StatusCode::TOO_MANY_REQUESTS => ProviderError::Throttled {
-            provider: NAME,
-            retry_after,
-        },
-        s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => {
-            ProviderError::Unavailable {
-                provider: NAME,
-                message,
-            }
-        }
-        s => ProviderError::Rejected {
-            provider: NAME,
-            status: s.as_u16(),
-            message,
-        },
-    }
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &text[..i]),
-        None => text.to_owned(),
     }
 }
 

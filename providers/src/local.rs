@@ -17,27 +17,67 @@ use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::sync::watch;
 
+use serde::Deserialize;
+
+use crate::config::{BuildContext, ConfigError, ProviderSettings};
+use crate::env::Env;
 use crate::{
-    LaunchSpec, Launched, MachineProvider, MachineState, MachineStatus, ProviderError,
-    SessionLabels,
+    Deadline, Launched, MachineProvider, MachineState, MachineStatus, MachineTemplate,
+    ProviderError, Relabel, SessionBinding, SessionLabels, Workload,
 };
 
 const NAME: &str = "local";
 /// How long an ended process stays readable through `status`.
 const KEEP_ENDED: Duration = Duration::from_secs(3600);
 
-/// Settings of the `local` provider.
-#[derive(Debug, Clone)]
+/// Settings of the `local` provider: the `[local]` section of the configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LocalConfig {
-    /// Time between SIGTERM and SIGKILL when stopping a bot.
-    pub stop_grace: Duration,
+    /// Seconds between SIGTERM and SIGKILL when a local bot is stopped. Default 5.
+    pub stop_grace_secs: u64,
 }
 
 impl Default for LocalConfig {
     fn default() -> Self {
-        Self {
-            stop_grace: Duration::from_secs(5),
+        Self { stop_grace_secs: 5 }
+    }
+}
+
+#[async_trait]
+impl ProviderSettings for LocalConfig {
+    fn apply_env(&mut self, _env: &Env) -> Result<(), ConfigError> {
+        Ok(())
+    }
+
+    fn validate(&self, production: bool) -> Result<(), ConfigError> {
+        if production {
+            return Err(ConfigError::new(
+                "provider (BOTDISPATCH_PROVIDER) = \"local\" runs bots as child processes and is refused when APP_ENV=production",
+            ));
         }
+        Ok(())
+    }
+
+    fn workload(
+        &self,
+        agent: &str,
+        image: Option<&str>,
+        cmd: Option<&[String]>,
+    ) -> Result<Workload, ConfigError> {
+        let program = image
+            .filter(|i| !i.trim().is_empty())
+            .or_else(|| cmd.and_then(|c| c.first()).map(String::as_str));
+        match program {
+            Some(program) => Ok(Workload::Program(program.to_owned())),
+            None => Err(ConfigError::new(format!(
+                "agents.{agent}: set image (a program) or cmd"
+            ))),
+        }
+    }
+
+    async fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn MachineProvider>, ProviderError> {
+        Ok(Arc::new(LocalProvider::new(self.clone())))
     }
 }
 
@@ -152,13 +192,23 @@ impl MachineProvider for LocalProvider {
         NAME
     }
 
-    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, ProviderError> {
+    async fn launch(
+        &self,
+        template: &MachineTemplate,
+        session: &SessionBinding,
+    ) -> Result<Launched, ProviderError> {
         self.prune();
-        let argv: Vec<String> = match &spec.cmd {
-            Some(cmd) if !cmd.is_empty() => cmd.clone(),
-            _ => vec![spec.image.clone()],
+        let argv: Vec<String> = match (&template.cmd, &template.workload) {
+            (Some(cmd), _) if !cmd.is_empty() => cmd.clone(),
+            (_, Workload::Program(program)) => vec![program.clone()],
+            (_, other) => {
+                return Err(ProviderError::rejected(
+                    NAME,
+                    format!("local runs programs, not {other:?}"),
+                ))
+            }
         };
-        let handle = spec.name.clone();
+        let handle = session.name.clone();
         {
             let table = self.lock();
             if table.get(&handle).is_some_and(|e| !e.state.is_terminal()) {
@@ -171,7 +221,7 @@ impl MachineProvider for LocalProvider {
         let mut command = Command::new(&argv[0]);
         command
             .args(&argv[1..])
-            .envs(&spec.env)
+            .envs(session.machine_env(template))
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
@@ -189,7 +239,7 @@ impl MachineProvider for LocalProvider {
             Entry {
                 pid,
                 state: MachineState::Started,
-                labels: spec.labels.clone(),
+                labels: session.labels.clone(),
                 created_at: now,
                 started_at: Some(now),
                 ended_at: None,
@@ -245,10 +295,10 @@ impl MachineProvider for LocalProvider {
     async fn wait_started(
         &self,
         launched: &Launched,
-        timeout: Duration,
+        deadline: Deadline,
     ) -> Result<(), ProviderError> {
         match self
-            .wait_for(&launched.handle, timeout, |s| {
+            .wait_for(&launched.handle, deadline.remaining(), |s| {
                 s != Some(MachineState::Starting)
             })
             .await
@@ -279,7 +329,8 @@ impl MachineProvider for LocalProvider {
         }
         self.signal(handle, Signal::SIGTERM);
         let ended = |s: Option<MachineState>| s.is_none_or(MachineState::is_terminal);
-        if ended(self.wait_for(handle, self.config.stop_grace, ended).await) {
+        let grace = Duration::from_secs(self.config.stop_grace_secs);
+        if ended(self.wait_for(handle, grace, ended).await) {
             return Ok(());
         }
         tracing::warn!(handle, "bot ignored SIGTERM; sending SIGKILL");
@@ -309,19 +360,8 @@ impl MachineProvider for LocalProvider {
         Ok(())
     }
 
-    fn can_set_deadline(&self) -> bool {
-        true
-    }
-
-    async fn set_deadline(
-        &self,
-        handle: &str,
-        deadline: DateTime<Utc>,
-    ) -> Result<(), ProviderError> {
-        if let Some(entry) = self.lock().get_mut(handle) {
-            entry.labels.deadline = deadline;
-        }
-        Ok(())
+    fn relabel(&self) -> Option<&dyn Relabel> {
+        Some(self)
     }
 
     async fn shutdown(&self) {
@@ -332,5 +372,15 @@ impl MachineProvider for LocalProvider {
             .map(|(h, _)| h.clone())
             .collect();
         futures_util::future::join_all(running.iter().map(|h| self.terminate(h))).await;
+    }
+}
+
+#[async_trait]
+impl Relabel for LocalProvider {
+    async fn set_deadline(&self, handle: &str, deadline: Deadline) -> Result<(), ProviderError> {
+        if let Some(entry) = self.lock().get_mut(handle) {
+            entry.labels.deadline = deadline;
+        }
+        Ok(())
     }
 }

@@ -47,15 +47,7 @@ pub async fn metrics(
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let ok = sent.is_some_and(|s| {
-            // Constant-time comparison: the token guards operational data.
-            s.len() == token.expose().len()
-                && s.bytes()
-                    .zip(token.expose().bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
-        });
-        if !ok {
+        if !sent.is_some_and(|s| token.matches(s)) {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",

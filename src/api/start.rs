@@ -5,7 +5,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
-use tracing::Instrument;
 
 use super::{ApiJson, ApiPath};
 use crate::app::AppState;
@@ -104,47 +103,11 @@ async fn run(
     headers: &HeaderMap,
     req: StartRequest,
 ) -> Result<Response, ApiError> {
-    let idempotency_key = match headers.get("idempotency-key") {
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?,
-        ),
-        None => None,
-    };
-    let plan = state
+    let idempotency_key = headers.get("idempotency-key").map(|v| v.as_bytes());
+    let started = state
         .sessions
-        .plan(&caller, agent.as_deref(), idempotency_key, req)?;
-    if state.shutdown.is_cancelled() {
-        return Err(crate::sessions::SessionError::ShuttingDown.into());
-    }
-    let permit = state.capacity.admit(&caller.sub).await.inspect_err(|e| {
-        crate::metrics::admission_refused(e.reason());
-    })?;
-    // The start runs as its own tracked task: if the client disconnects, this handler is
-    // dropped, the guard cancels the token, and the task cleans up what it created. The token
-    // is also a child of the shutdown token, so a shutdown past its grace period cancels it.
-    let cancel = state.shutdown.child_token();
-    let guard = cancel.clone().drop_guard();
-    let app = state.0.clone();
-    // The task keeps the request's span (and so its request id) as the parent of its own.
-    let task = state.tasks.spawn(
-        async move {
-            let result = app.sessions.start(plan, cancel).await;
-            drop(permit);
-            result
-        }
-        .instrument(tracing::Span::current()),
-    );
-    let result = task.await;
-    guard.disarm();
-    let started = result.map_err(|e| {
-        tracing::error!(error = %e, "start task panicked");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error",
-        )
-    })??;
+        .start(&caller, agent.as_deref(), idempotency_key, req)
+        .await?;
     let status = if started.ready {
         StatusCode::OK
     } else {

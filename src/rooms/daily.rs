@@ -4,22 +4,57 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use jsonwebtoken::{EncodingKey, Header};
+use providers::http::{self, CallFailure, ErrorShape, FailureClass, ParsedError};
+use providers::retry::RateLimit;
+use providers::Secret;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    ListedRoom, Room, RoomError, RoomRequest, RoomService, TokenClaims, TokenRequest, ROOM_PREFIX,
+    ListedRoom, Room, RoomError, RoomOp, RoomRequest, RoomService, TokenClaims, TokenRequest,
+    ROOM_PREFIX,
 };
-use providers::{parse_retry_after, transport_message, Secret};
 
 /// Daily's error body: `{"error": "<type>", "info": "<text>"}`.
-#[derive(Debug, Deserialize)]
-struct DailyError {
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default)]
-    info: Option<String>,
+const DAILY_ERRORS: ErrorShape = ErrorShape {
+    parse: |text| {
+        #[derive(Deserialize)]
+        struct DailyError {
+            error: Option<String>,
+            info: Option<String>,
+        }
+        let e = serde_json::from_str::<DailyError>(text).ok()?;
+        Some(ParsedError {
+            code: e.error,
+            message: e.info.unwrap_or_default(),
+            retry_after: None,
+        })
+    },
+    throttling_codes: &[],
+};
+
+impl RoomError {
+    /// The rooms error a failed Daily call of `what` stands for.
+    fn from_call(what: &str, failure: CallFailure) -> Self {
+        let message = failure.describe(what);
+        match failure {
+            CallFailure::Transport(e) => Self::Unavailable {
+                message,
+                source: Some(Box::new(e)),
+            },
+            CallFailure::Answer(answer) => match answer.class() {
+                FailureClass::Throttled => Self::Throttled {
+                    retry_after: answer.retry_after,
+                },
+                FailureClass::Transient => Self::unavailable(message),
+                FailureClass::Refused => Self::Rejected {
+                    status: answer.status.as_u16(),
+                    message,
+                },
+            },
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,13 +115,9 @@ impl DailyRooms {
         let (id, name) = match domain {
             Some(d) => d,
             None => {
-                let info: DomainInfo = json_or_error(
-                    rooms
-                        .send(rooms.request(Method::GET, "/"), "read domain")
-                        .await?,
-                    "read domain",
-                )
-                .await?;
+                let info: DomainInfo = rooms
+                    .json(rooms.request(Method::GET, "/"), RoomOp::Get, "read domain")
+                    .await?;
                 (info.domain_id, info.domain_name)
             }
         };
@@ -106,10 +137,52 @@ impl DailyRooms {
             .timeout(self.timeout)
     }
 
-    async fn send(&self, req: RequestBuilder, what: &str) -> Result<Response, RoomError> {
-        req.send().await.map_err(|e| RoomError::Unavailable {
-            message: format!("{what}: {}", transport_message(&e)),
-        })
+    /// Sends one request and counts it (`botdispatch_daily_calls_total`): `Ok` is any answer
+    /// the caller reads itself.
+    async fn send(
+        &self,
+        req: RequestBuilder,
+        op: RoomOp,
+        what: &str,
+    ) -> Result<Response, RoomError> {
+        let result = http::send(req)
+            .await
+            .map_err(|f| RoomError::from_call(what, f));
+        let outcome = match &result {
+            Ok(resp) => match resp.status() {
+                StatusCode::TOO_MANY_REQUESTS => "throttled",
+                s if s.is_server_error() => "unavailable",
+                s if s.is_client_error() && s != StatusCode::NOT_FOUND => "rejected",
+                _ => "ok",
+            },
+            Err(e) => e.kind(),
+        };
+        crate::metrics::daily_call(op.as_str(), outcome);
+        result
+    }
+
+    /// The answer's JSON, or the rooms error of a failed `what`.
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        req: RequestBuilder,
+        op: RoomOp,
+        what: &str,
+    ) -> Result<T, RoomError> {
+        let resp = self.send(req, op, what).await?;
+        http::read_json(resp, DAILY_ERRORS)
+            .await
+            .map_err(|f| RoomError::from_call(what, f))
+    }
+
+    /// Success for 2xx and 404 (what the caller wanted gone is gone); `Ok(false)` for 404.
+    async fn found(resp: Response, what: &str) -> Result<bool, RoomError> {
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        http::expect_success(resp, DAILY_ERRORS)
+            .await
+            .map(|_| true)
+            .map_err(|f| RoomError::from_call(what, f))
     }
 }
 
@@ -117,6 +190,16 @@ impl DailyRooms {
 impl RoomService for DailyRooms {
     fn kind(&self) -> &'static str {
         "daily"
+    }
+
+    /// Daily allows 20 requests/s and 100 per 5 s on most endpoints, and about 2 deletes/s
+    /// (50 per 30 s). These buckets stay inside both windows: 16/s with bursts of 4 for
+    /// everything, and one delete per 625 ms.
+    fn rate_limits(&self) -> Vec<(Option<RoomOp>, RateLimit)> {
+        vec![
+            (None, RateLimit::app(16.0, 4)),
+            (Some(RoomOp::Delete), RateLimit::app(1.6, 1)),
+        ]
     }
 
     fn room_url(&self, name: &str) -> String {
@@ -128,22 +211,23 @@ impl RoomService for DailyRooms {
         properties.insert("exp".into(), json!(req.exp.timestamp()));
         properties.insert("eject_at_room_exp".into(), json!(true));
         let body = json!({ "name": req.name, "privacy": "private", "properties": properties });
+        let what = "create room";
         let resp = self
             .send(
                 self.request(Method::POST, "/rooms").json(&body),
-                "create room",
+                RoomOp::Create,
+                what,
             )
             .await?;
-        if resp.status() == StatusCode::BAD_REQUEST {
-            let err = error_from(resp, "create room").await;
-            return Err(match err {
-                RoomError::Rejected { message, .. } if message.contains("already exists") => {
-                    RoomError::AlreadyExists(req.name.clone())
-                }
-                other => other,
-            });
-        }
-        let room: DailyRoom = json_or_error(resp, "create room").await?;
+        let room: DailyRoom = match http::read_json(resp, DAILY_ERRORS).await {
+            Ok(room) => room,
+            Err(CallFailure::Answer(a))
+                if a.status == StatusCode::BAD_REQUEST && a.message.contains("already exists") =>
+            {
+                return Err(RoomError::AlreadyExists(req.name.clone()))
+            }
+            Err(f) => return Err(RoomError::from_call(what, f)),
+        };
         Ok(Room {
             name: room.name,
             url: room.url,
@@ -151,31 +235,27 @@ impl RoomService for DailyRooms {
     }
 
     async fn delete(&self, name: &str) -> Result<(), RoomError> {
+        let what = "delete room";
         let resp = self
             .send(
                 self.request(Method::DELETE, &format!("/rooms/{name}")),
-                "delete room",
+                RoomOp::Delete,
+                what,
             )
             .await?;
-        match resp.status() {
-            StatusCode::NOT_FOUND => Ok(()),
-            s if s.is_success() => Ok(()),
-            _ => Err(error_from(resp, "delete room").await),
-        }
+        Self::found(resp, what).await.map(drop)
     }
 
     async fn exists(&self, name: &str) -> Result<bool, RoomError> {
+        let what = "get room";
         let resp = self
             .send(
                 self.request(Method::GET, &format!("/rooms/{name}")),
-                "get room",
+                RoomOp::Get,
+                what,
             )
             .await?;
-        match resp.status() {
-            StatusCode::NOT_FOUND => Ok(false),
-            s if s.is_success() => Ok(true),
-            _ => Err(error_from(resp, "get room").await),
-        }
+        Self::found(resp, what).await
     }
 
     async fn list_managed(&self) -> Result<Vec<ListedRoom>, RoomError> {
@@ -189,8 +269,7 @@ impl RoomService for DailyRooms {
             if let Some(id) = &ending_before {
                 req = req.query(&[("ending_before", id.as_str())]);
             }
-            let page: RoomPage =
-                json_or_error(self.send(req, "list rooms").await?, "list rooms").await?;
+            let page: RoomPage = self.json(req, RoomOp::List, "list rooms").await?;
             let last = page.data.last().map(|r| r.id.clone());
             let full = page.data.len() >= 100;
             rooms.extend(
@@ -217,52 +296,12 @@ impl RoomService for DailyRooms {
     fn mint_token(&self, req: &TokenRequest<'_>) -> Result<String, RoomError> {
         let claims = TokenClaims::new(&self.domain_id, req);
         jsonwebtoken::encode(&Header::default(), &claims, &self.signing_key)
-            .map_err(|e| RoomError::Token(e.to_string()))
+            .map_err(RoomError::Token)
     }
 
     async fn check(&self) -> Result<(), RoomError> {
-        let resp = self
-            .send(self.request(Method::GET, "/"), "read domain")
-            .await?;
-        json_or_error::<Value>(resp, "read domain").await.map(drop)
-    }
-}
-
-async fn json_or_error<T: serde::de::DeserializeOwned>(
-    resp: Response,
-    what: &str,
-) -> Result<T, RoomError> {
-    if !resp.status().is_success() {
-        return Err(error_from(resp, what).await);
-    }
-    resp.json().await.map_err(|e| RoomError::Unavailable {
-        message: format!("{what}: unreadable answer: {}", transport_message(&e)),
-    })
-}
-
-async fn error_from(resp: Response, what: &str) -> RoomError {
-    let status = resp.status();
-    let retry_after = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after);
-    let text = resp.text().await.unwrap_or_default();
-    let message = match serde_json::from_str::<DailyError>(&text) {
-        Ok(DailyError { error, info }) => format!(
-            "{what}: HTTP {}: {}{}",
-            status.as_u16(),
-            error.unwrap_or_default(),
-            info.map(|i| format!(": {i}")).unwrap_or_default()
-        ),
-        Err(_) => format!("{what}: HTTP {}", status.as_u16()),
-    };
-    match status {
-        StatusCode::TOO_MANY_REQUESTS => RoomError::Throttled { retry_after },
-        s if s.is_server_error() => RoomError::Unavailable { message },
-        s => RoomError::Rejected {
-            status: s.as_u16(),
-            message,
-        },
+        self.json::<Value>(self.request(Method::GET, "/"), RoomOp::Get, "read domain")
+            .await
+            .map(drop)
     }
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use providers::retry::{RateLimit, Transient};
+use providers::BoxError;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -43,18 +45,69 @@ pub const CLIENT_TOKEN_PROPERTIES: &[(&str, &str)] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoomError {
-    /// Daily refused (bad property, duplicate name, bad key). Retrying will not help.
+    /// Daily refused (bad property, bad key). Retrying will not help.
     #[error("Daily refused the request: {message}")]
     Rejected { status: u16, message: String },
-    /// A room of this name exists already (an earlier attempt of the same session).
+    /// A room of this name exists already (an earlier attempt of the same session); the
+    /// resilient wrapper adopts it.
     #[error("a room named {0} already exists")]
     AlreadyExists(String),
+    /// Daily throttled the call, or the outbound rate limit would not let it through in time.
     #[error("Daily is throttling requests")]
     Throttled { retry_after: Option<Duration> },
+    /// Daily failed (5xx), did not answer in time, could not be reached, or answered
+    /// something unreadable; the call may be retried. `source` is the transport error, if any.
     #[error("Daily is unavailable: {message}")]
-    Unavailable { message: String },
-    #[error("cannot sign the meeting token: {0}")]
-    Token(String),
+    Unavailable {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A meeting token could not be signed.
+    #[error("cannot sign the meeting token")]
+    Token(#[source] jsonwebtoken::errors::Error),
+}
+
+impl RoomError {
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            source: None,
+        }
+    }
+}
+
+impl Transient for RoomError {
+    fn is_transient(&self) -> bool {
+        matches!(self, Self::Throttled { .. } | Self::Unavailable { .. })
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Throttled { retry_after } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The operations of a rooms backend, as rate limits, retries and metrics count them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomOp {
+    Create,
+    Delete,
+    Get,
+    List,
+}
+
+impl RoomOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create room",
+            Self::Delete => "delete room",
+            Self::Get => "get room",
+            Self::List => "list rooms",
+        }
+    }
 }
 
 impl RoomError {
@@ -146,13 +199,18 @@ impl<'a> TokenClaims<'a> {
 pub trait RoomService: Send + Sync + 'static {
     /// `daily` or `local`.
     fn kind(&self) -> &'static str;
+    /// The backend's documented rate limits: `(None, limit)` applies to every operation,
+    /// `(Some(op), limit)` to `op` alone. Applied by the resilient wrapper.
+    fn rate_limits(&self) -> Vec<(Option<RoomOp>, RateLimit)> {
+        Vec::new()
+    }
     /// The URL a room of this name has (known before it is created, so the bot can be launched
     /// concurrently with the room creation).
     fn room_url(&self, name: &str) -> String;
     async fn create(&self, req: &RoomRequest) -> Result<Room, RoomError>;
     /// Deletes a room; a room that does not exist is success.
     async fn delete(&self, name: &str) -> Result<(), RoomError>;
-    /// Whether the room still exists (for the reaper).
+    /// Whether the room still exists (and has not expired).
     async fn exists(&self, name: &str) -> Result<bool, RoomError>;
     /// Every existing room botdispatch created (for the reaper).
     async fn list_managed(&self) -> Result<Vec<ListedRoom>, RoomError>;

@@ -233,13 +233,7 @@ pub async fn start_fakes(fly: &FakeFlyConfig) -> (FakeFly, FakeDaily) {
 
 /// Builds a validated config from TOML and an environment map, as `main` does.
 pub fn config_from(toml: &str, env: &BTreeMap<&str, String>) -> Result<Config, String> {
-    let mut config = Config::from_toml(toml).map_err(|e| e.to_string())?;
-    config
-        .apply_env(&|k| env.get(k).cloned())
-        .map_err(|e| e.to_string())?;
-    config.fill_defaults();
-    config.validate().map_err(|e| e.to_string())?;
-    Ok(config)
+    Config::parse(toml, &|k| env.get(k).cloned()).map_err(|e| e.to_string())
 }
 
 /// Decodes a JWT's claims after checking its HS256 signature with `key`.

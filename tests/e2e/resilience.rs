@@ -602,15 +602,14 @@ async fn soak_with_five_percent_faults_leaks_nothing() {
     let report = report.lock().await;
     let faults: usize = report.faults.values().sum();
     println!(
-        "soak (seed {seed}): {} sessions in {:.1} s, {} started, {faults} faults injected {:?}, client errors {:?}, leaked machines 0, leaked rooms 0, machines created {}, retries {}, adopted {}",
+        "soak (seed {seed}): {} sessions in {:.1} s, {} started, {faults} faults injected {:?}, client errors {:?}, leaked machines 0, leaked rooms 0, machines created {}, Fly requests {}",
         report.sessions,
         elapsed.as_secs_f64(),
         report.started,
         report.faults,
         report.client_errors,
         env.fly.machines().len(),
-        env.app.provider_stats.retries.load(std::sync::atomic::Ordering::Relaxed),
-        env.app.provider_stats.adopted.load(std::sync::atomic::Ordering::Relaxed),
+        env.fly.requests().len(),
     );
     assert_eq!(report.sessions, sessions);
     assert!(faults > 0);

@@ -342,6 +342,32 @@ async fn a_persistent_provider_outage_fails_cleanly() {
     opts.env
         .push(("BOTDISPATCH_START_TIMEOUT_SECS", "2".into()));
     let env = TestEnv::with(opts).await;
+    env.fly.set_fault(
+        FlyOp::Create,
+        Fault::Status {
+            status: 503,
+            retry_after: None,
+        },
+        1000,
+    );
+    let (status, err) = env.post_start("alice", start_body()).await;
+    assert!(
+        status == StatusCode::BAD_GATEWAY || status == StatusCode::GATEWAY_TIMEOUT,
+        "{status} {err}"
+    );
+    env.assert_nothing_left_within(Duration::from_secs(10))
+        .await;
+}
+
+#[tokio::test]
+async fn the_ghost_machines_of_a_failed_start_are_destroyed() {
+    // Every create makes a machine but answers 503; the machines never start. The start
+    // adopts the ghost, times out waiting for it, and destroys it and the room.
+    let mut opts = Options::default();
+    opts.env
+        .push(("BOTDISPATCH_START_TIMEOUT_SECS", "2".into()));
+    let env = TestEnv::with(opts).await;
+    env.fly.set_never_start(true);
     env.fly
         .set_fault(FlyOp::Create, Fault::GhostCreate { status: 503 }, 1000);
     let (status, err) = env.post_start("alice", start_body()).await;
@@ -349,6 +375,7 @@ async fn a_persistent_provider_outage_fails_cleanly() {
         status == StatusCode::BAD_GATEWAY || status == StatusCode::GATEWAY_TIMEOUT,
         "{status} {err}"
     );
+    assert!(!env.fly.machines().is_empty(), "a ghost machine was made");
     env.assert_nothing_left_within(Duration::from_secs(10))
         .await;
 }

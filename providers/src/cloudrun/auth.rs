@@ -11,14 +11,14 @@ use std::time::Duration;
 
 use chrono::Utc;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use reqwest::{header, Response, StatusCode};
+use reqwest::header;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::{CloudRunAuth, NAME};
-use crate::transport_message;
-use crate::{parse_retry_after, ProviderError, Secret};
+use crate::http::{self, CallFailure, ErrorShape, FailureClass};
+use crate::{ProviderError, Secret};
 
 /// The one scope botdispatch asks for: Cloud Run Admin needs `cloud-platform` (or `run`).
 pub(super) const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -100,11 +100,22 @@ struct OAuthError {
 }
 
 fn config_error(message: impl Into<String>) -> ProviderError {
-    ProviderError::Config {
-        provider: NAME,
-        message: message.into(),
-    }
+    ProviderError::config(NAME, message)
 }
+
+/// An OAuth token endpoint's error body: `{"error": "...", "error_description": "..."}`.
+const OAUTH_ERRORS: ErrorShape = ErrorShape {
+    parse: |text| {
+        let e = serde_json::from_str::<OAuthError>(text).ok()?;
+        let message = match (e.error.is_empty(), e.error_description.is_empty()) {
+            (true, _) => return None,
+            (false, true) => e.error,
+            (false, false) => format!("{}: {}", e.error, e.error_description),
+        };
+        Some(http::ParsedError::message(message))
+    },
+    throttling_codes: &[],
+};
 
 impl TokenSource {
     /// Checks the credentials without any I/O (the key is parsed, nothing is fetched).
@@ -210,27 +221,17 @@ impl TokenSource {
                 )
             }
         };
-        let resp =
-            request
-                .timeout(self.timeout)
-                .send()
-                .await
-                .map_err(|e| ProviderError::Unavailable {
-                    provider: NAME,
-                    message: format!("{what}: {}", transport_message(&e)),
-                })?;
-        if !resp.status().is_success() {
-            return Err(token_error(resp, what).await);
+        let answer: TokenAnswer = async {
+            let resp = http::send(request.timeout(self.timeout)).await?;
+            http::read_json(resp, OAUTH_ERRORS).await
         }
-        let answer: TokenAnswer = resp.json().await.map_err(|e| ProviderError::Unavailable {
-            provider: NAME,
-            message: format!("{what}: unreadable answer: {}", transport_message(&e)),
-        })?;
+        .await
+        .map_err(|f| token_error(f, what))?;
         if answer.access_token.is_empty() {
-            return Err(ProviderError::Unavailable {
-                provider: NAME,
-                message: format!("{what}: the answer carries no access token"),
-            });
+            return Err(ProviderError::unavailable(
+                NAME,
+                format!("{what}: the answer carries no access token"),
+            ));
         }
         // Capped, so that a nonsensical `expires_in` cannot overflow the clock arithmetic.
         let lifetime = answer.expires_in.map_or(DEFAULT_LIFETIME, |secs| {
@@ -309,35 +310,11 @@ impl ServiceAccount {
 }
 
 /// Maps a failed token request. Refusals are configuration problems (a revoked key, a VM
-/// without a service account); throttling and server errors are transient.
-async fn token_error(resp: Response, what: &str) -> ProviderError {
-    let status = resp.status();
-    let retry_after = resp
-        .headers()
-        .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after);
-    let text = resp.text().await.unwrap_or_default();
-    let detail = match serde_json::from_str::<OAuthError>(&text) {
-        Ok(e) if !e.error.is_empty() && !e.error_description.is_empty() => {
-            format!("{}: {}", e.error, e.error_description)
-        }
-        Ok(e) if !e.error.is_empty() => e.error,
-        _ => super::truncate(text.trim(), 200),
-    };
-    let message = format!("{what}: HTTP {}: {detail}", status.as_u16());
-    match status {
-        StatusCode::TOO_MANY_REQUESTS => ProviderError::Throttled {
-            provider: NAME,
-            retry_after,
-        },
-        s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => {
-            ProviderError::Unavailable {
-                provider: NAME,
-                message,
-            }
-        }
-        _ => config_error(message),
+/// without a service account); throttling, server errors and transport failures are transient.
+fn token_error(failure: CallFailure, what: &str) -> ProviderError {
+    match failure.class() {
+        FailureClass::Refused => config_error(failure.describe(what)),
+        _ => ProviderError::from_call(NAME, what, failure),
     }
 }
 

@@ -22,9 +22,9 @@
 //!   reaped by any replica) and filter on the client. Cloud Run keeps up to 1000 completed
 //!   executions per job, each listed with its env, so listing costs grow with that history.
 //! * **No idempotent run.** A `:run` whose outcome is unknown (a transport failure, a 5xx, an
-//!   unreadable answer) is followed by one `find` by session key; an execution found there is
-//!   adopted instead of risking a second one on retry. One the listing does not show yet is
-//!   missed, and a retry may then run a second execution.
+//!   unreadable answer) is an [`ProviderError::Unavailable`]; the resilient wrapper then finds
+//!   the session's execution by key and adopts it instead of risking a second one on retry.
+//!   One the listing does not show yet is missed, and a retry may then run a second execution.
 //! * **Region.** A job lives in one region: a start naming another region is refused.
 //!
 //! States: an execution is *started* when `runningCount >= 1` (the bot's container runs), and
@@ -40,6 +40,8 @@
 mod auth;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -49,10 +51,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::transport_message;
+use crate::config::{check_url, required, BuildContext, ConfigError, ProviderSettings};
+use crate::env::Env;
+use crate::http::{self, CallFailure, ErrorAnswer, ErrorShape};
 use crate::{
-    parse_retry_after, LaunchSpec, Launched, MachineProvider, MachineState, MachineStatus,
-    ProviderError, Secret, SessionLabels,
+    Deadline, Launched, MachineProvider, MachineState, MachineStatus, MachineTemplate,
+    ProviderError, Secret, SessionBinding, SessionLabels, Workload,
 };
 use auth::TokenSource;
 
@@ -78,20 +82,133 @@ const EXECUTION_TYPE: &str = "type.googleapis.com/google.cloud.run.v2.Execution"
 const POLL_FIRST: Duration = Duration::from_millis(100);
 const POLL_MAX: Duration = Duration::from_secs(1);
 
-/// Settings of the `cloudrun` provider.
-#[derive(Debug, Clone)]
+/// Settings of the `cloudrun` provider: the `[cloudrun]` section of the configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct CloudRunConfig {
-    /// Base URL including the version, [`DEFAULT_API_URL`] unless set (`CLOUD_RUN_API_URL`).
-    pub api_url: String,
-    /// Project id (or number) that owns the jobs.
-    pub project: String,
+    /// Project id (or number) that owns the jobs. `BOTDISPATCH_CLOUDRUN_PROJECT`.
+    pub project: Option<String>,
     /// Region of the jobs (`europe-west1`); every execution runs there.
-    pub region: String,
-    /// Job run for agents whose `image` is empty; `check` reads it.
-    pub job: String,
-    pub auth: CloudRunAuth,
-    /// Timeout of every single API and token call.
-    pub request_timeout: Duration,
+    /// `BOTDISPATCH_CLOUDRUN_REGION`.
+    pub region: Option<String>,
+    /// Job run for agents without an image; `check` reads it. `BOTDISPATCH_CLOUDRUN_JOB`.
+    pub job: Option<String>,
+    /// Base URL including the version. `CLOUD_RUN_API_URL`, default
+    /// `https://run.googleapis.com/v2`.
+    pub api_url: String,
+    /// Service-account JSON key file; unset: the metadata server.
+    /// `GOOGLE_APPLICATION_CREDENTIALS`.
+    pub service_account_key_file: Option<PathBuf>,
+    /// Overrides the key's `token_uri` (private endpoints, tests).
+    pub token_uri: Option<String>,
+    /// Metadata server host. `GCE_METADATA_HOST`, default `metadata.google.internal`.
+    pub metadata_host: String,
+}
+
+impl Default for CloudRunConfig {
+    fn default() -> Self {
+        Self {
+            project: None,
+            region: None,
+            job: None,
+            api_url: DEFAULT_API_URL.to_owned(),
+            service_account_key_file: None,
+            token_uri: None,
+            metadata_host: DEFAULT_METADATA_HOST.to_owned(),
+        }
+    }
+}
+
+impl CloudRunConfig {
+    /// Where tokens come from: the key file (read now), else the metadata server.
+    pub fn auth(&self) -> Result<CloudRunAuth, ProviderError> {
+        Ok(match &self.service_account_key_file {
+            Some(path) => CloudRunAuth::ServiceAccountKey {
+                key_json: Secret::new(std::fs::read_to_string(path).map_err(|e| {
+                    ProviderError::Config {
+                        provider: NAME,
+                        message: format!("cannot read the service-account key {}", path.display()),
+                        source: Some(Box::new(e)),
+                    }
+                })?),
+                token_uri_override: self.token_uri.clone(),
+            },
+            None => CloudRunAuth::MetadataServer {
+                host: self.metadata_host.clone(),
+            },
+        })
+    }
+}
+
+#[async_trait]
+impl ProviderSettings for CloudRunConfig {
+    fn apply_env(&mut self, env: &Env) -> Result<(), ConfigError> {
+        env.apply("BOTDISPATCH_CLOUDRUN_PROJECT", &mut self.project)?;
+        env.apply("BOTDISPATCH_CLOUDRUN_REGION", &mut self.region)?;
+        env.apply("BOTDISPATCH_CLOUDRUN_JOB", &mut self.job)?;
+        env.apply("CLOUD_RUN_API_URL", &mut self.api_url)?;
+        env.apply(
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            &mut self.service_account_key_file,
+        )?;
+        env.apply("GCE_METADATA_HOST", &mut self.metadata_host)
+    }
+
+    fn validate(&self, _production: bool) -> Result<(), ConfigError> {
+        let project = required(
+            self.project.as_deref(),
+            "cloudrun.project (BOTDISPATCH_CLOUDRUN_PROJECT)",
+            NAME,
+        )?;
+        let region = required(
+            self.region.as_deref(),
+            "cloudrun.region (BOTDISPATCH_CLOUDRUN_REGION)",
+            NAME,
+        )?;
+        check_url("cloudrun.api_url (CLOUD_RUN_API_URL)", &self.api_url)?;
+        if !is_segment(project) {
+            return Err(ConfigError::new(format!(
+                "cloudrun.project (BOTDISPATCH_CLOUDRUN_PROJECT) = {project:?} is not a project id"
+            )));
+        }
+        if !region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(ConfigError::new(format!(
+                "cloudrun.region (BOTDISPATCH_CLOUDRUN_REGION) = {region:?} is not a region name"
+            )));
+        }
+        if let Some(job) = &self.job {
+            if !is_job_name(job) {
+                return Err(ConfigError::new(format!(
+                    "cloudrun.job (BOTDISPATCH_CLOUDRUN_JOB) = {job:?} is not a job name (lowercase letters, digits and dashes)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn workload(
+        &self,
+        agent: &str,
+        image: Option<&str>,
+        _cmd: Option<&[String]>,
+    ) -> Result<Workload, ConfigError> {
+        match image.or(self.job.as_deref()).map(str::trim).filter(|j| !j.is_empty()) {
+            Some(job) if is_job_name(job) => Ok(Workload::Job(job.to_owned())),
+            Some(job) => Err(ConfigError::new(format!(
+                "agents.{agent}.image = {job:?}: for cloudrun an agent's image names the Cloud Run job to run (lowercase letters, digits and dashes); the job's template decides the container image"
+            ))),
+            None => Err(ConfigError::new(format!(
+                "agents.{agent}.image (its job) or cloudrun.job (BOTDISPATCH_CLOUDRUN_JOB) is required"
+            ))),
+        }
+    }
+
+    async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn MachineProvider>, ProviderError> {
+        Ok(Arc::new(CloudRunProvider::new(ctx, self, self.auth()?)?))
+    }
 }
 
 /// Where the provider's OAuth access tokens come from.
@@ -113,63 +230,40 @@ pub enum CloudRunAuth {
 /// Launches sessions as Cloud Run job executions.
 pub struct CloudRunProvider {
     http: reqwest::Client,
-    config: CloudRunConfig,
+    api_url: String,
+    region: String,
+    /// The job `check` reads (the configured default job, if any).
+    job: Option<String>,
+    request_timeout: Duration,
     tokens: TokenSource,
     /// `projects/{project}/locations/{region}`.
     location: String,
 }
 
 impl CloudRunProvider {
-    /// `http` is the dispatcher's one shared client. Validates the settings without any I/O.
-    pub fn new(http: reqwest::Client, mut config: CloudRunConfig) -> Result<Self, ProviderError> {
-        let trimmed = config.api_url.trim_end_matches('/').to_owned();
-        match url::Url::parse(&trimmed) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            Ok(_) => {
-                return Err(config_error(format!(
-                    "CLOUD_RUN_API_URL {trimmed:?} is not http(s)"
-                )))
-            }
-            Err(e) => {
-                return Err(config_error(format!(
-                    "CLOUD_RUN_API_URL {trimmed:?} is not a URL: {e}"
-                )))
-            }
-        }
-        config.api_url = trimmed;
-        if !is_segment(&config.project) {
-            return Err(config_error(format!(
-                "the Cloud Run project {:?} is not a project id",
-                config.project
-            )));
-        }
-        if config.region.is_empty()
-            || !config
-                .region
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            return Err(config_error(format!(
-                "the Cloud Run region {:?} is not a region name",
-                config.region
-            )));
-        }
-        if !is_job_name(&config.job) {
-            return Err(config_error(format!(
-                "the Cloud Run job {:?} is not a job name (lowercase letters, digits and dashes)",
-                config.job
-            )));
-        }
-        if config.request_timeout.is_zero() {
+    /// Validates the settings without any I/O; tokens come from `auth`.
+    pub fn new(
+        ctx: &BuildContext,
+        config: &CloudRunConfig,
+        auth: CloudRunAuth,
+    ) -> Result<Self, ProviderError> {
+        config
+            .validate(ctx.production)
+            .map_err(|e| config_error(e.0))?;
+        if ctx.request_timeout.is_zero() {
             return Err(config_error("the request timeout is zero"));
         }
-        let tokens = TokenSource::new(http.clone(), &config.auth, config.request_timeout)?;
-        let location = format!("projects/{}/locations/{}", config.project, config.region);
+        let tokens = TokenSource::new(ctx.http.clone(), &auth, ctx.request_timeout)?;
+        let project = config.project.clone().unwrap_or_default();
+        let region = config.region.clone().unwrap_or_default();
         Ok(Self {
-            http,
-            config,
+            http: ctx.http.clone(),
+            api_url: config.api_url.trim_end_matches('/').to_owned(),
+            location: format!("projects/{project}/locations/{region}"),
+            region,
+            job: config.job.clone(),
+            request_timeout: ctx.request_timeout,
             tokens,
-            location,
         })
     }
 
@@ -183,7 +277,7 @@ impl CloudRunProvider {
         body: Option<&Value>,
         what: &str,
     ) -> Result<Response, ProviderError> {
-        let url = format!("{}/{resource}", self.config.api_url);
+        let url = format!("{}/{resource}", self.api_url);
         let mut retried = false;
         loop {
             let token = self.tokens.token().await?;
@@ -191,17 +285,14 @@ impl CloudRunProvider {
                 .http
                 .request(method.clone(), &url)
                 .bearer_auth(token.expose())
-                .timeout(self.config.request_timeout);
+                .timeout(self.request_timeout);
             if !query.is_empty() {
                 req = req.query(query);
             }
             if let Some(body) = body {
                 req = req.json(body);
             }
-            let resp = req.send().await.map_err(|e| ProviderError::Unavailable {
-                provider: NAME,
-                message: format!("{what}: {}", transport_message(&e)),
-            })?;
+            let resp = http::send(req).await.map_err(|f| fail(what, f))?;
             if resp.status() == StatusCode::UNAUTHORIZED && !retried && self.tokens.refreshable() {
                 self.tokens.invalidate(&token).await;
                 retried = true;
@@ -219,7 +310,7 @@ impl CloudRunProvider {
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        Ok(Some(json_or_error(resp, "get execution").await?))
+        Ok(Some(read_json(resp, "get execution").await?))
     }
 
     /// Pages through the executions of every job in the region, newest first, until `visit`
@@ -238,7 +329,7 @@ impl CloudRunProvider {
             let resp = self
                 .call(Method::GET, &resource, &query, None, "list executions")
                 .await?;
-            let page: ListExecutions = json_or_error(resp, "list executions").await?;
+            let page: ListExecutions = read_json(resp, "list executions").await?;
             for execution in page.executions {
                 if visit(execution) {
                     return Ok(());
@@ -249,38 +340,27 @@ impl CloudRunProvider {
                 None => return Ok(()),
             }
         }
-        Err(ProviderError::Unavailable {
-            provider: NAME,
-            message: format!("list executions: more than {MAX_PAGES} pages"),
-        })
-    }
-
-    /// The job a spec runs: its `image` when set, else the configured job.
-    fn job_for<'a>(&'a self, spec: &'a LaunchSpec) -> Result<&'a str, ProviderError> {
-        let job = spec.image.trim();
-        if job.is_empty() {
-            return Ok(&self.config.job);
-        }
-        if !is_job_name(job) {
-            return Err(rejected(format!(
-                "for cloudrun an agent's image names the Cloud Run job to run; {job:?} is not a \
-                 job name (the job's template decides the container image)"
-            )));
-        }
-        Ok(job)
+        Err(ProviderError::unavailable(
+            NAME,
+            format!("list executions: more than {MAX_PAGES} pages"),
+        ))
     }
 
     /// The `RunJobRequest` of a session.
-    fn run_body(&self, spec: &LaunchSpec) -> Result<Value, ProviderError> {
-        if spec.env.contains_key(LABELS_ENV) {
+    fn run_body(
+        &self,
+        template: &MachineTemplate,
+        session: &SessionBinding,
+    ) -> Result<Value, ProviderError> {
+        let env = session.machine_env(template);
+        if env.contains_key(LABELS_ENV) {
             return Err(rejected(format!(
                 "the env var {LABELS_ENV} is reserved by the cloudrun provider"
             )));
         }
-        let labels = serde_json::to_string(&spec.labels.to_map())
+        let labels = serde_json::to_string(&session.labels.to_map())
             .map_err(|e| rejected(format!("the session labels cannot be encoded: {e}")))?;
-        let env: Vec<Value> = spec
-            .env
+        let env: Vec<Value> = env
             .iter()
             .map(|(name, value)| json!({ "name": name, "value": value }))
             .chain(std::iter::once(
@@ -288,7 +368,7 @@ impl CloudRunProvider {
             ))
             .collect();
         let mut container = json!({ "env": env });
-        match spec.cmd.as_deref() {
+        match template.cmd.as_deref() {
             Some([]) => container["clearArgs"] = json!(true),
             Some(cmd) => container["args"] = json!(cmd),
             None => {}
@@ -297,7 +377,7 @@ impl CloudRunProvider {
             "overrides": {
                 "containerOverrides": [container],
                 "taskCount": 1,
-                "timeout": format!("{}s", task_timeout_secs(spec.labels.deadline, Utc::now())),
+                "timeout": format!("{}s", task_timeout_secs(session.labels.deadline.wall(), Utc::now())),
             }
         }))
     }
@@ -308,21 +388,21 @@ impl CloudRunProvider {
         let resp = self
             .call(Method::POST, &resource, &[], Some(body), "run job")
             .await?;
-        let operation: Operation = json_or_error(resp, "run job").await?;
+        let operation: Operation = read_json(resp, "run job").await?;
         if let Some(error) = operation.error.as_ref().filter(|_| operation.done) {
             return Err(operation_error(error, "run job"));
         }
-        operation
-            .execution_name()
-            .ok_or_else(|| ProviderError::Unavailable {
-                provider: NAME,
-                message: format!("run job: operation {:?} names no execution", operation.name),
-            })
+        operation.execution_name().ok_or_else(|| {
+            ProviderError::unavailable(
+                NAME,
+                format!("run job: operation {:?} names no execution", operation.name),
+            )
+        })
     }
 
     fn status_of(&self, execution: Execution) -> MachineStatus {
         let region = region_of(&execution.name)
-            .unwrap_or(&self.config.region)
+            .unwrap_or(&self.region)
             .to_owned();
         execution.into_status(region)
     }
@@ -334,40 +414,34 @@ impl MachineProvider for CloudRunProvider {
         NAME
     }
 
-    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, ProviderError> {
-        let job = self.job_for(spec)?;
-        if let Some(region) = spec.region.as_deref().filter(|r| *r != self.config.region) {
+    async fn launch(
+        &self,
+        template: &MachineTemplate,
+        session: &SessionBinding,
+    ) -> Result<Launched, ProviderError> {
+        let Workload::Job(job) = &template.workload else {
+            return Err(rejected(format!(
+                "cloudrun runs jobs, not {:?}",
+                template.workload
+            )));
+        };
+        if !is_job_name(job) {
+            return Err(rejected(format!("{job:?} is not a Cloud Run job name")));
+        }
+        if let Some(region) = template.region.as_deref().filter(|r| *r != self.region) {
             return Err(rejected(format!(
                 "cloudrun runs sessions in {} only, not in {region:?}",
-                self.config.region
+                self.region
             )));
         }
-        let body = self.run_body(spec)?;
+        let body = self.run_body(template, session)?;
         // Get (or reuse) the token first, so that an auth failure is never taken for a run whose
         // outcome is unknown.
         self.tokens.token().await?;
-        let handle = match self.run_job(job, &body).await {
-            Ok(handle) => handle,
-            Err(error @ ProviderError::Unavailable { .. }) => {
-                // The run may have happened: adopt its execution rather than risk a second.
-                let key = &spec.labels.session_key;
-                match self.find(key).await {
-                    Ok(Some(m))
-                        if m.labels
-                            .as_ref()
-                            .is_some_and(|l| l.owner == spec.labels.owner) =>
-                    {
-                        tracing::info!(machine.id = %m.handle, "adopted the execution of a run whose answer was lost");
-                        m.handle
-                    }
-                    _ => return Err(error),
-                }
-            }
-            Err(error) => return Err(error),
-        };
-        tracing::debug!(machine.id = %handle, job, env = ?spec.env_names(), "ran Cloud Run job");
+        let handle = self.run_job(job, &body).await?;
+        tracing::debug!(machine.id = %handle, job, env = ?session.env_names(template), "ran Cloud Run job");
         Ok(Launched {
-            region: Some(region_of(&handle).unwrap_or(&self.config.region).to_owned()),
+            region: Some(region_of(&handle).unwrap_or(&self.region).to_owned()),
             handle,
             version: None,
         })
@@ -376,9 +450,9 @@ impl MachineProvider for CloudRunProvider {
     async fn wait_started(
         &self,
         launched: &Launched,
-        timeout: Duration,
+        deadline: Deadline,
     ) -> Result<(), ProviderError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline.instant();
         let mut interval = POLL_FIRST;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -434,8 +508,8 @@ impl MachineProvider for CloudRunProvider {
         if status.is_success() || status == StatusCode::NOT_FOUND {
             return Ok(());
         }
-        let error = read_error(resp, "cancel execution").await;
-        if error.rpc_status == "FAILED_PRECONDITION" {
+        let error = ErrorAnswer::read(resp, GOOGLE_ERRORS).await;
+        if error.code.as_deref() == Some("FAILED_PRECONDITION") {
             // Typically "already completed": fine if the execution is indeed over (or gone).
             match self.get_execution(handle).await? {
                 None => return Ok(()),
@@ -443,7 +517,7 @@ impl MachineProvider for CloudRunProvider {
                 Some(_) => {}
             }
         }
-        Err(error.into_provider_error())
+        Err(fail("cancel execution", CallFailure::Answer(error)))
     }
 
     async fn find(&self, session_key: &str) -> Result<Option<MachineStatus>, ProviderError> {
@@ -471,16 +545,24 @@ impl MachineProvider for CloudRunProvider {
         Ok(live.into_iter().map(|e| self.status_of(e)).collect())
     }
 
+    /// Reads the configured job, or (with none) lists the region's jobs: proves the token and
+    /// the project.
     async fn check(&self) -> Result<(), ProviderError> {
-        let resource = format!("{}/jobs/{}", self.location, self.config.job);
+        let (resource, what) = match &self.job {
+            Some(job) => (format!("{}/jobs/{job}", self.location), "get job"),
+            None => (format!("{}/jobs", self.location), "list jobs"),
+        };
+        let query = match self.job {
+            Some(_) => Vec::new(),
+            None => vec![("pageSize", "1".to_owned())],
+        };
         let resp = self
-            .call(Method::GET, &resource, &[], None, "get job")
+            .call(Method::GET, &resource, &query, None, what)
             .await?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(read_error(resp, "get job").await.into_provider_error())
-        }
+        http::expect_success(resp, GOOGLE_ERRORS)
+            .await
+            .map(drop)
+            .map_err(|f| fail(what, f))
     }
 }
 
@@ -784,81 +866,41 @@ fn region_of(name: &str) -> Option<&str> {
 }
 
 fn config_error(message: impl Into<String>) -> ProviderError {
-    ProviderError::Config {
-        provider: NAME,
-        message: message.into(),
-    }
+    ProviderError::config(NAME, message)
 }
 
 /// A refusal decided here, before any request (status 400, as Cloud Run would answer).
 fn rejected(message: String) -> ProviderError {
-    ProviderError::Rejected {
-        provider: NAME,
-        status: 400,
-        message,
-    }
+    ProviderError::rejected(NAME, message)
 }
 
-/// A Google error answer, read once.
-struct ApiError {
-    http: StatusCode,
-    rpc_status: String,
-    message: String,
-    retry_after: Option<Duration>,
+/// Google's HTTP error body: `{"error": {"code", "message", "status", "details"}}`; the
+/// canonical code's name (`status`) is the error code. `RESOURCE_EXHAUSTED` means over quota.
+const GOOGLE_ERRORS: ErrorShape = ErrorShape {
+    parse: |text| {
+        let status = serde_json::from_str::<ErrorBody>(text).ok()?.error?;
+        Some(http::ParsedError {
+            retry_after: status.retry_delay(),
+            code: Some(status.status).filter(|s| !s.is_empty()),
+            message: status.message,
+        })
+    },
+    throttling_codes: &["RESOURCE_EXHAUSTED"],
+};
+
+/// The provider error of a failed call of `what`.
+fn fail(what: &str, failure: CallFailure) -> ProviderError {
+    ProviderError::from_call(NAME, what, failure)
 }
 
-impl ApiError {
-    fn into_provider_error(self) -> ProviderError {
-        if self.http == StatusCode::TOO_MANY_REQUESTS || self.rpc_status == "RESOURCE_EXHAUSTED" {
-            return ProviderError::Throttled {
-                provider: NAME,
-                retry_after: self.retry_after,
-            };
-        }
-        if self.http.is_server_error() || self.http == StatusCode::REQUEST_TIMEOUT {
-            return ProviderError::Unavailable {
-                provider: NAME,
-                message: self.message,
-            };
-        }
-        ProviderError::Rejected {
-            provider: NAME,
-            status: self.http.as_u16(),
-            message: self.message,
-        }
-    }
-}
-
-/// Reads a non-success answer, keeping Google's `error.message` and `error.status`.
-async fn read_error(resp: Response, what: &str) -> ApiError {
-    let http = resp.status();
-    let header_hint = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after);
-    let text = resp.text().await.unwrap_or_default();
-    let status = serde_json::from_str::<ErrorBody>(&text)
-        .ok()
-        .and_then(|b| b.error);
-    let (rpc_status, message, retry_info) = match status {
-        Some(s) => {
-            let retry = s.retry_delay();
-            (s.status, s.message, retry)
-        }
-        None => (String::new(), truncate(text.trim(), 200), None),
-    };
-    let code = if rpc_status.is_empty() {
-        String::new()
-    } else {
-        format!(" {rpc_status}")
-    };
-    ApiError {
-        http,
-        message: format!("{what}: HTTP {}{code}: {message}", http.as_u16()),
-        rpc_status,
-        retry_after: header_hint.or(retry_info),
-    }
+/// The answer's JSON, or the provider error of a failed `what`.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    resp: Response,
+    what: &str,
+) -> Result<T, ProviderError> {
+    http::read_json(resp, GOOGLE_ERRORS)
+        .await
+        .map_err(|f| fail(what, f))
 }
 
 /// Maps a finished Operation's error (a `google.rpc.Code`) like the HTTP status it stands for.
@@ -874,10 +916,7 @@ fn operation_error(status: &RpcStatus, what: &str) -> ProviderError {
             retry_after: status.retry_delay(),
         },
         // DEADLINE_EXCEEDED, ABORTED, INTERNAL, UNAVAILABLE
-        4 | 10 | 13 | 14 => ProviderError::Unavailable {
-            provider: NAME,
-            message,
-        },
+        4 | 10 | 13 | 14 => ProviderError::unavailable(NAME, message),
         code => ProviderError::Rejected {
             provider: NAME,
             status: match code {
@@ -890,26 +929,6 @@ fn operation_error(status: &RpcStatus, what: &str) -> ProviderError {
             },
             message,
         },
-    }
-}
-
-async fn json_or_error<T: serde::de::DeserializeOwned>(
-    resp: Response,
-    what: &str,
-) -> Result<T, ProviderError> {
-    if !resp.status().is_success() {
-        return Err(read_error(resp, what).await.into_provider_error());
-    }
-    resp.json().await.map_err(|e| ProviderError::Unavailable {
-        provider: NAME,
-        message: format!("{what}: unreadable answer: {}", transport_message(&e)),
-    })
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &text[..i]),
-        None => text.to_owned(),
     }
 }
 

@@ -15,7 +15,8 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use crate::{
-    Guest, LaunchSpec, Launched, MachineProvider, MachineState, ProviderError, SessionLabels,
+    Deadline, Guest, Launched, MachineProvider, MachineState, MachineTemplate, ProviderError,
+    SessionBinding, SessionLabels, Workload,
 };
 
 /// Scenarios a peer may be unable to stage.
@@ -32,8 +33,8 @@ pub enum Scenario {
 #[async_trait]
 pub trait ContractPeer: Send + Sync {
     fn provider(&self) -> Arc<dyn MachineProvider>;
-    /// The image (or program, for `local`) that launches a well-behaved bot.
-    fn image(&self) -> String;
+    /// What launches a well-behaved bot (an image, a task definition, a job, a program).
+    fn workload(&self) -> Workload;
     /// Command override for the well-behaved bot, if the provider needs one.
     fn cmd(&self) -> Option<Vec<String>> {
         None
@@ -51,6 +52,20 @@ pub trait ContractPeer: Send + Sync {
     async fn create_foreign_machine(&self);
 }
 
+/// One launch of the suite: the peer's template and a session with a unique key per call.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub template: MachineTemplate,
+    pub session: SessionBinding,
+}
+
+impl LaunchSpec {
+    /// Launches it on `provider`.
+    pub async fn launch(&self, provider: &dyn MachineProvider) -> Result<Launched, ProviderError> {
+        provider.launch(&self.template, &self.session).await
+    }
+}
+
 /// A launch spec for the suite: a unique session key per call.
 pub fn spec_for(peer: &dyn ContractPeer, tag: &str) -> LaunchSpec {
     let key = format!(
@@ -59,32 +74,37 @@ pub fn spec_for(peer: &dyn ContractPeer, tag: &str) -> LaunchSpec {
         Utc::now().timestamp_nanos_opt().unwrap_or_default() % 1_000_000_000_000
     );
     LaunchSpec {
-        name: format!("bd-{key}"),
-        image: peer.image(),
-        cmd: peer.cmd(),
-        env: [
-            (
-                "DAILY_ROOM_URL".to_owned(),
-                "https://x.daily.co/r".to_owned(),
-            ),
-            ("DAILY_ROOM_TOKEN".to_owned(), "token".to_owned()),
-            ("BOTDISPATCH_SESSION_ID".to_owned(), key.clone()),
-            ("BOTDISPATCH_BODY".to_owned(), "{}".to_owned()),
-        ]
-        .into_iter()
-        .collect(),
-        guest: Guest::default(),
-        region: None,
-        labels: SessionLabels {
-            session_key: key.clone(),
-            owner: "contract-owner".to_owned(),
-            room: format!("bd-{key}"),
-            agent: "default".to_owned(),
-            // Whole seconds: labels carry unix seconds.
-            deadline: chrono::DateTime::from_timestamp(Utc::now().timestamp() + 600, 0)
-                .expect("valid time"),
+        template: MachineTemplate {
+            workload: peer.workload(),
+            cmd: peer.cmd(),
+            guest: Guest::default(),
+            region: None,
+            env: Default::default(),
         },
-        deadline: None,
+        session: SessionBinding {
+            name: format!("bd-{key}"),
+            env: [
+                (
+                    "DAILY_ROOM_URL".to_owned(),
+                    "https://x.daily.co/r".to_owned(),
+                ),
+                ("DAILY_ROOM_TOKEN".to_owned(), "token".to_owned()),
+                ("BOTDISPATCH_SESSION_ID".to_owned(), key.clone()),
+                ("BOTDISPATCH_BODY".to_owned(), "{}".to_owned()),
+            ]
+            .into_iter()
+            .collect(),
+            labels: SessionLabels {
+                session_key: key.clone(),
+                owner: "contract-owner".to_owned(),
+                room: format!("bd-{key}"),
+                agent: "default".to_owned(),
+                // Whole seconds: labels carry unix seconds.
+                deadline: Deadline::from_unix_secs(Utc::now().timestamp() + 600)
+                    .expect("valid time"),
+            },
+            deadline: Deadline::after(Duration::from_secs(60)),
+        },
     }
 }
 
@@ -144,12 +164,12 @@ const START: Duration = Duration::from_secs(20);
 async fn launch_started(peer: &dyn ContractPeer, tag: &str) -> (LaunchSpec, Launched) {
     let provider = peer.provider();
     let spec = spec_for(peer, tag);
-    let launched = provider
-        .launch(&spec)
+    let launched = spec
+        .launch(provider.as_ref())
         .await
         .unwrap_or_else(|e| panic!("[{tag}] launch: {e}"));
     provider
-        .wait_started(&launched, START)
+        .wait_started(&launched, Deadline::after(START))
         .await
         .unwrap_or_else(|e| panic!("[{tag}] wait_started: {e}"));
     (spec, launched)
@@ -171,7 +191,7 @@ async fn lifecycle(peer: &dyn ContractPeer) {
     assert_eq!(status.handle, launched.handle);
     assert_eq!(
         status.labels.as_ref(),
-        Some(&spec.labels),
+        Some(&spec.session.labels),
         "[lifecycle] labels read back from the machine"
     );
     assert!(
@@ -180,7 +200,7 @@ async fn lifecycle(peer: &dyn ContractPeer) {
     );
 
     let found = provider
-        .find(&spec.labels.session_key)
+        .find(&spec.session.labels.session_key)
         .await
         .expect("[lifecycle] find")
         .expect("[lifecycle] find by session key without the handle");
@@ -222,7 +242,7 @@ async fn unknown_handles(peer: &dyn ContractPeer) {
     let unknown = spec_for(peer, "unknown");
     assert!(
         provider
-            .find(&unknown.labels.session_key)
+            .find(&unknown.session.labels.session_key)
             .await
             .expect("[unknown] find")
             .is_none(),
@@ -247,12 +267,12 @@ async fn launch_refused(peer: &dyn ContractPeer) {
     peer.refuse_next_launch().await;
     let provider = peer.provider();
     let spec = spec_for(peer, "refused");
-    match provider.launch(&spec).await {
+    match spec.launch(provider.as_ref()).await {
         Err(ProviderError::Rejected { .. }) => {}
         other => panic!("[launch refused] expected Rejected, got {other:?}"),
     }
     let found = provider
-        .find(&spec.labels.session_key)
+        .find(&spec.session.labels.session_key)
         .await
         .expect("[launch refused] find");
     assert!(
@@ -265,10 +285,13 @@ async fn never_starts(peer: &dyn ContractPeer) {
     peer.set_never_start(true).await;
     let provider = peer.provider();
     let spec = spec_for(peer, "never");
-    let launched = provider.launch(&spec).await.expect("[never starts] launch");
+    let launched = spec
+        .launch(provider.as_ref())
+        .await
+        .expect("[never starts] launch");
     let t = Instant::now();
     let result = provider
-        .wait_started(&launched, Duration::from_secs(2))
+        .wait_started(&launched, Deadline::after(Duration::from_secs(2)))
         .await;
     peer.set_never_start(false).await;
     match result {
@@ -304,7 +327,7 @@ async fn never_starts(peer: &dyn ContractPeer) {
 async fn throttled(peer: &dyn ContractPeer) {
     peer.throttle_next_launch().await;
     let spec = spec_for(peer, "throttled");
-    match peer.provider().launch(&spec).await {
+    match spec.launch(peer.provider().as_ref()).await {
         Err(e @ ProviderError::Throttled { .. }) => assert!(e.is_transient()),
         other => panic!("[throttled] expected Throttled, got {other:?}"),
     }

@@ -1,0 +1,207 @@
+//! Session labels: what a machine carries so that the machine alone tells whose session it is
+//! (Fly metadata, ECS tags, Cloud Run env, Kubernetes labels), and a codec for label stores
+//! whose values allow only a restricted alphabet.
+
+use std::collections::BTreeMap;
+
+use data_encoding::Encoding;
+
+use crate::Deadline;
+
+/// Value of the `managed-by` label on every machine botdispatch launches; the reaper only ever
+/// touches machines that carry it.
+pub const MANAGED_BY: &str = "botdispatch";
+
+/// Label keys, shared by every provider so listings and the reaper read the same names.
+/// Lowercase with underscores: valid as Fly metadata keys, ECS tag keys and Cloud Run labels.
+pub mod key {
+    pub const MANAGED_BY: &str = "managed_by";
+    pub const SESSION: &str = "botdispatch_session";
+    pub const OWNER: &str = "botdispatch_owner";
+    pub const ROOM: &str = "botdispatch_room";
+    pub const DEADLINE: &str = "botdispatch_deadline";
+    pub const AGENT: &str = "botdispatch_agent";
+}
+
+/// What a provider attaches to a machine so that the machine alone tells whose session it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionLabels {
+    /// The plain session key (also the bot's `BOTDISPATCH_SESSION_ID`).
+    pub session_key: String,
+    /// The caller's JWT `sub`.
+    pub owner: String,
+    /// The Daily room name of the session; empty when the start created no room.
+    pub room: String,
+    /// The agent (bot profile) that was started.
+    pub agent: String,
+    /// When the session must be over, whatever the bot does (whole seconds).
+    pub deadline: Deadline,
+}
+
+impl SessionLabels {
+    /// The labels as key/value pairs, including the `managed-by` marker.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (key::MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+            (key::SESSION.to_owned(), self.session_key.clone()),
+            (key::OWNER.to_owned(), self.owner.clone()),
+            (key::ROOM.to_owned(), self.room.clone()),
+            (key::AGENT.to_owned(), self.agent.clone()),
+            (
+                key::DEADLINE.to_owned(),
+                self.deadline.unix_secs().to_string(),
+            ),
+        ])
+    }
+
+    /// Reads labels back from a machine; `None` when the machine is not one of ours.
+    pub fn from_map(map: &BTreeMap<String, String>) -> Option<Self> {
+        if map.get(key::MANAGED_BY).map(String::as_str) != Some(MANAGED_BY) {
+            return None;
+        }
+        let deadline = map.get(key::DEADLINE)?.parse::<i64>().ok()?;
+        Some(Self {
+            session_key: map.get(key::SESSION)?.clone(),
+            owner: map.get(key::OWNER)?.clone(),
+            room: map.get(key::ROOM)?.clone(),
+            agent: map.get(key::AGENT).cloned().unwrap_or_default(),
+            deadline: Deadline::from_unix_secs(deadline)?,
+        })
+    }
+}
+
+/// Stores label values in a label store with a restricted alphabet: a value the store accepts
+/// is kept as it is; any other is stored as a prefix plus an encoding made of allowed
+/// characters, and decoded when read back, so any value (a JWT `sub` with `|` in it, say)
+/// round-trips.
+#[derive(Debug, Clone, Copy)]
+pub struct LabelCodec {
+    /// Whether the store accepts a value as it is.
+    plain: fn(&str) -> bool,
+    /// Marks an encoded value; a plain value that starts with it is encoded too.
+    prefix: &'static str,
+    encoding: &'static Encoding,
+    /// Longest value the store accepts, in characters.
+    max_len: usize,
+}
+
+/// A value too long for the label store, even encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the value is too long for this label store ({max_len} characters once encoded)")]
+pub struct LabelTooLong {
+    pub max_len: usize,
+}
+
+impl LabelCodec {
+    /// ECS tag values: letters, digits, spaces and `_ . : / = + - @`, at most 256 characters;
+    /// values beginning with `aws:` are reserved by AWS.
+    pub const ECS_TAGS: Self = Self {
+        plain: |v| {
+            v.chars().all(|c| {
+                c.is_ascii_alphanumeric()
+                    || matches!(c, ' ' | '_' | '.' | ':' | '/' | '=' | '+' | '-' | '@')
+            }) && !v.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("aws:"))
+        },
+        prefix: "b64.",
+        encoding: &data_encoding::BASE64URL_NOPAD,
+        max_len: 256,
+    };
+
+    /// Kubernetes label values: at most 63 characters of `[A-Za-z0-9_.-]`, beginning and
+    /// ending with a letter or digit (or empty).
+    pub const KUBERNETES_LABELS: Self = Self {
+        plain: |v| {
+            let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+            v.is_empty()
+                || (alnum(v.chars().next())
+                    && alnum(v.chars().last())
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        },
+        prefix: "b32.",
+        encoding: &data_encoding::BASE32_DNSSEC,
+        max_len: 63,
+    };
+
+    /// The stored form of `value`.
+    pub fn encode(&self, value: &str) -> Result<String, LabelTooLong> {
+        let stored = if (self.plain)(value) && !value.starts_with(self.prefix) {
+            value.to_owned()
+        } else {
+            format!("{}{}", self.prefix, self.encoding.encode(value.as_bytes()))
+        };
+        if stored.chars().count() > self.max_len {
+            return Err(LabelTooLong {
+                max_len: self.max_len,
+            });
+        }
+        Ok(stored)
+    }
+
+    /// Inverse of [`LabelCodec::encode`]; a value that is not validly encoded is kept as is.
+    pub fn decode(&self, stored: &str) -> String {
+        stored
+            .strip_prefix(self.prefix)
+            .and_then(|rest| self.encoding.decode(rest.as_bytes()).ok())
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .unwrap_or_else(|| stored.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_round_trip_and_reject_foreign_machines() {
+        let labels = SessionLabels {
+            session_key: "01k0abc".into(),
+            owner: "alice".into(),
+            room: "bd-01k0abc".into(),
+            agent: "default".into(),
+            deadline: Deadline::from_unix_secs(1_800_000_000).unwrap(),
+        };
+        let map = labels.to_map();
+        assert_eq!(SessionLabels::from_map(&map), Some(labels));
+        let mut foreign = map.clone();
+        foreign.insert(key::MANAGED_BY.into(), "someone-else".into());
+        assert_eq!(SessionLabels::from_map(&foreign), None);
+    }
+
+    #[test]
+    fn codecs_round_trip_whatever_the_characters() {
+        for codec in [LabelCodec::ECS_TAGS, LabelCodec::KUBERNETES_LABELS] {
+            for value in [
+                "alice",
+                "01kabc",
+                "auth0|5f1b",
+                "a b",
+                "ünïcødé",
+                "b64.x",
+                "b32.x",
+                "-dash-",
+                "",
+                "AWS:thing",
+            ] {
+                let stored = codec.encode(value).unwrap();
+                assert_eq!(codec.decode(&stored), value, "{stored}");
+                assert!(
+                    (codec.plain)(&stored),
+                    "stored form {stored:?} of {value:?} is not storable"
+                );
+            }
+        }
+        assert_eq!(LabelCodec::ECS_TAGS.encode("alice").unwrap(), "alice");
+        assert!(LabelCodec::ECS_TAGS
+            .encode("aws:x")
+            .unwrap()
+            .starts_with("b64."));
+        assert_eq!(LabelCodec::ECS_TAGS.encode("a|b").unwrap(), "b64.YXxi");
+        // Not validly encoded: read as it is.
+        assert_eq!(LabelCodec::ECS_TAGS.decode("b64.!!"), "b64.!!");
+        assert_eq!(
+            LabelCodec::KUBERNETES_LABELS.encode(&"x".repeat(64)),
+            Err(LabelTooLong { max_len: 63 })
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! What a provider is asked to run and what it reports back: the per-agent
+//! [`MachineTemplate`], the per-session [`SessionBinding`], and a machine's [`MachineStatus`].
+//!
+//! The split lets a machine be prepared from its agent's template alone and handed a session
+//! later; a cold start passes both at once.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::{Deadline, SessionLabels};
+
+/// Env names of the bot contract, set by botdispatch for every session, plus the names
+/// providers use for their own bookkeeping. An agent's static env may not set any of them.
+pub const RESERVED_ENV: [&str; 5] = [
+    "DAILY_ROOM_URL",
+    "DAILY_ROOM_TOKEN",
+    "BOTDISPATCH_SESSION_ID",
+    "BOTDISPATCH_BODY",
+    // The Cloud Run provider's copy of the session labels (jobs cannot be labelled per run).
+    "BOTDISPATCH_LABELS",
+];
+
+/// Size of the VM a session gets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Guest {
+    #[serde(default = "Guest::default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "Guest::default_memory_mb")]
+    pub memory_mb: u32,
+    /// `shared` or `performance` on Fly; ignored where the provider has no such notion.
+    #[serde(default = "Guest::default_cpu_kind")]
+    pub cpu_kind: String,
+}
+
+impl Guest {
+    fn default_cpus() -> u32 {
+        1
+    }
+    fn default_memory_mb() -> u32 {
+        1024
+    }
+    fn default_cpu_kind() -> String {
+        "shared".to_owned()
+    }
+}
+
+impl Default for Guest {
+    fn default() -> Self {
+        Self {
+            cpus: Self::default_cpus(),
+            memory_mb: Self::default_memory_mb(),
+            cpu_kind: Self::default_cpu_kind(),
+        }
+    }
+}
+
+/// What a machine runs, in the terms of the provider that runs it. Each provider accepts one
+/// kind; the provider's configuration turns an agent's `image` setting into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Workload {
+    /// A container image reference (`fly`).
+    Image(String),
+    /// An ECS task definition: `family`, `family:revision` or an ARN (`fargate`: ECS cannot
+    /// override a container image per run).
+    TaskDefinition(String),
+    /// A Cloud Run job name (`cloudrun`: a job's template fixes its image).
+    Job(String),
+    /// A program on the dispatcher's host (`local`).
+    Program(String),
+}
+
+impl Workload {
+    /// The reference itself, whatever its kind.
+    pub fn reference(&self) -> &str {
+        match self {
+            Self::Image(r) | Self::TaskDefinition(r) | Self::Job(r) | Self::Program(r) => r,
+        }
+    }
+}
+
+/// What every machine of one agent has in common, whatever session it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineTemplate {
+    pub workload: Workload,
+    /// Overrides the workload's command (for `local`, the whole argv); may reference the
+    /// contract's env vars.
+    pub cmd: Option<Vec<String>>,
+    pub guest: Guest,
+    /// Where the machine runs; `None` lets the provider choose (its default region).
+    pub region: Option<String>,
+    /// The agent's static env. Values may be secrets: never log them.
+    pub env: BTreeMap<String, String>,
+}
+
+/// What ties a machine to one session.
+#[derive(Debug, Clone)]
+pub struct SessionBinding {
+    /// Deterministic machine name derived from the session key, so a retried create conflicts
+    /// instead of launching a second machine.
+    pub name: String,
+    /// The bot contract (room URL, bot token, session id, body). Values are secrets: never log
+    /// them.
+    pub env: BTreeMap<String, String>,
+    pub labels: SessionLabels,
+    /// When the launch must be over: calls and retries made for it stop before.
+    pub deadline: Deadline,
+}
+
+impl SessionBinding {
+    /// The machine's whole env: the template's static env and the session's contract (the
+    /// contract wins; configuration validation keeps the two apart).
+    pub fn machine_env<'a>(&'a self, template: &'a MachineTemplate) -> BTreeMap<&'a str, &'a str> {
+        template
+            .env
+            .iter()
+            .chain(&self.env)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+
+    /// The env names only, for logs.
+    pub fn env_names<'a>(&'a self, template: &'a MachineTemplate) -> Vec<&'a str> {
+        self.machine_env(template).into_keys().collect()
+    }
+}
+
+/// What a successful launch returns: enough to find the machine again in one read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launched {
+    /// The provider's id for the machine (Fly machine id, ECS task ARN, Cloud Run execution,
+    /// process table key). Opaque to the service.
+    pub handle: String,
+    pub region: Option<String>,
+    /// The provider's version of the machine, where waits need it (Fly `instance_id`).
+    pub version: Option<String>,
+}
+
+/// A machine's state, as the service reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineState {
+    /// Created or booting; the bot is not running yet.
+    Starting,
+    /// The provider reports the machine started: the bot process runs.
+    Started,
+    /// The machine stopped or is gone after running normally (or was stopped by us).
+    Ended,
+    /// The machine failed to start or crashed.
+    Failed,
+}
+
+impl MachineState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Ended | Self::Failed)
+    }
+}
+
+/// One read of a machine.
+#[derive(Debug, Clone)]
+pub struct MachineStatus {
+    pub handle: String,
+    pub state: MachineState,
+    /// The provider's own word for the state (`started`, `RUNNING`, ...), for humans.
+    pub provider_state: String,
+    pub region: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// `None` when the machine carries no (or not our) labels.
+    pub labels: Option<SessionLabels>,
+    /// A short human explanation (exit code, stop reason).
+    pub detail: Option<String>,
+}
+
+impl MachineStatus {
+    /// The launch this status describes, for a wait on a machine found rather than launched.
+    pub fn as_launched(&self) -> Launched {
+        Launched {
+            handle: self.handle.clone(),
+            region: self.region.clone(),
+            version: None,
+        }
+    }
+}

@@ -1,0 +1,202 @@
+use super::*;
+
+fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let env: BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::parse(toml, &|k| env.get(k).cloned())
+}
+
+fn message(r: Result<Config, ConfigError>) -> String {
+    r.expect_err("config should be refused").to_string()
+}
+
+#[test]
+fn empty_config_is_the_embedded_default() {
+    let c = load("", &[]).unwrap();
+    assert_eq!(c.provider.name(), "local");
+    assert_eq!(c.rooms_kind(), RoomsKind::Local);
+    assert_eq!(c.listen, "127.0.0.1:7860");
+    assert!(c.agents["default"].cmd.is_some());
+}
+
+#[test]
+fn env_overrides_file() {
+    let c = load(
+        "provider = \"local\"\nmax_sessions = 5\n",
+        &[
+            ("BOTDISPATCH_MAX_SESSIONS", "7"),
+            ("BOTDISPATCH_LISTEN", "0.0.0.0:8080"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.max_sessions, 7);
+    assert_eq!(c.listen, "0.0.0.0:8080");
+}
+
+#[test]
+fn messages_name_the_bad_key() {
+    assert!(message(load("", &[("BOTDISPATCH_PROVIDER", "fly")])).contains("FLY_API_TOKEN"));
+    assert!(message(load(
+        "",
+        &[("BOTDISPATCH_PROVIDER", "fly"), ("FLY_API_TOKEN", "t")]
+    ))
+    .contains("FLY_APP_NAME"));
+    assert!(message(load(
+        "",
+        &[
+            ("BOTDISPATCH_PROVIDER", "fly"),
+            ("FLY_API_TOKEN", "t"),
+            ("FLY_APP_NAME", "bots")
+        ]
+    ))
+    .contains("BOTDISPATCH_BOT_IMAGE"));
+    assert!(message(load("", &[("BOTDISPATCH_MAX_SESSIONS", "lots")]))
+        .contains("BOTDISPATCH_MAX_SESSIONS"));
+    assert!(message(load("colour = 1", &[])).contains("colour"));
+    assert!(message(load("[fly]\ncolour = 1", &[])).contains("colour"));
+    assert!(message(load("", &[("BOTDISPATCH_JWT_SECRET", "short")])).contains("32 bytes"));
+    assert!(message(load(
+        "[agents.default]\nimage = \"x\"\nenv = { DAILY_ROOM_URL = \"x\" }",
+        &[]
+    ))
+    .contains("agents.default.env.DAILY_ROOM_URL"));
+    assert!(message(load("allowed_regions = [\"IAD!\"]", &[])).contains("allowed_regions"));
+    assert!(message(load("", &[("BOTDISPATCH_PROVIDER", "mainframe")]))
+        .contains("BOTDISPATCH_PROVIDER=\"mainframe\" is not a provider"));
+}
+
+#[test]
+fn provider_reserved_env_names_are_refused_for_every_provider() {
+    // The Cloud Run provider carries the session labels in BOTDISPATCH_LABELS: an agent that
+    // set it used to pass validation and then fail every start with 502.
+    let m = message(load(
+        "[agents.default]\nimage = \"x\"\nenv = { BOTDISPATCH_LABELS = \"{}\" }",
+        &[],
+    ));
+    assert!(m.contains("agents.default.env.BOTDISPATCH_LABELS"), "{m}");
+}
+
+#[test]
+fn production_refuses_local_backends_and_generated_secrets() {
+    let secret = "0123456789abcdef0123456789abcdef";
+    let m = message(load(
+        "",
+        &[
+            ("APP_ENV", "production"),
+            ("BOTDISPATCH_JWT_SECRET", secret),
+        ],
+    ));
+    assert!(m.contains("local"), "{m}");
+    let fly = [
+        ("APP_ENV", "production"),
+        ("BOTDISPATCH_PROVIDER", "fly"),
+        ("FLY_API_TOKEN", "t"),
+        ("FLY_APP_NAME", "bots"),
+        ("BOTDISPATCH_BOT_IMAGE", "registry.fly.io/bots:1"),
+    ];
+    let m = message(load("", &fly));
+    assert!(m.contains("BOTDISPATCH_JWT_SECRET"), "{m}");
+    let with_secret = [&fly[..], &[("BOTDISPATCH_JWT_SECRET", secret)]].concat();
+    let m = message(load("", &with_secret));
+    assert!(m.contains("rooms"), "{m}");
+    load("", &[&with_secret[..], &[("DAILY_API_KEY", "k")]].concat()).unwrap();
+}
+
+#[test]
+fn example_configs_are_valid() {
+    let secrets = [
+        ("BOTDISPATCH_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+        ("DAILY_API_KEY", "k"),
+        ("FLY_API_TOKEN", "t"),
+    ];
+    let mut examples = vec![
+        ("fly", include_str!("../../examples/fly.toml")),
+        ("local", include_str!("../../examples/local.toml")),
+    ];
+    if cfg!(feature = "fargate") {
+        examples.push(("fargate", include_str!("../../examples/fargate.toml")));
+    }
+    if cfg!(feature = "cloudrun") {
+        examples.push(("cloudrun", include_str!("../../examples/cloudrun.toml")));
+    }
+    for (name, text) in examples {
+        let c = load(text, &secrets).unwrap_or_else(|e| panic!("examples/{name}.toml: {e}"));
+        assert_eq!(c.provider.name(), name);
+    }
+}
+
+#[test]
+fn provider_sections_name_their_missing_keys() {
+    if cfg!(feature = "fargate") {
+        let m = message(load("", &[("BOTDISPATCH_PROVIDER", "fargate")]));
+        assert!(m.contains("BOTDISPATCH_FARGATE_CLUSTER"), "{m}");
+        let m = message(load(
+            "",
+            &[
+                ("BOTDISPATCH_PROVIDER", "fargate"),
+                ("BOTDISPATCH_FARGATE_CLUSTER", "c"),
+            ],
+        ));
+        assert!(m.contains("BOTDISPATCH_FARGATE_SUBNETS"), "{m}");
+    }
+    if cfg!(feature = "cloudrun") {
+        let m = message(load("", &[("BOTDISPATCH_PROVIDER", "cloudrun")]));
+        assert!(m.contains("BOTDISPATCH_CLOUDRUN_PROJECT"), "{m}");
+    }
+    // On Fly the reserved FLY_APP_NAME is the dispatcher's own app: ours wins.
+    let c = load(
+        "",
+        &[
+            ("BOTDISPATCH_PROVIDER", "fly"),
+            ("FLY_API_TOKEN", "t"),
+            ("BOTDISPATCH_BOT_IMAGE", "registry.fly.io/bots:1"),
+            ("FLY_APP_NAME", "dispatcher"),
+            ("BOTDISPATCH_FLY_APP", "bots"),
+        ],
+    )
+    .unwrap();
+    match &c.provider {
+        ProviderConfig::Fly(fly) => assert_eq!(fly.app_name.as_deref(), Some("bots")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[cfg(feature = "cloudrun")]
+#[tokio::test]
+async fn a_config_that_validates_builds_its_provider() {
+    // Agents that each name their job, and no default job: valid, and the provider builds
+    // (it used to pass validation and then fail in App::build on the empty default job).
+    let c = load(
+        "provider = \"cloudrun\"\ndefault_agent = \"support\"\n[cloudrun]\nproject = \"p\"\nregion = \"europe-west1\"\nmetadata_host = \"127.0.0.1:9\"\n[agents.support]\nimage = \"support-bot\"\n",
+        &[],
+    )
+    .unwrap();
+    let templates = c.templates().unwrap();
+    assert_eq!(
+        templates["support"].workload,
+        providers::Workload::Job("support-bot".into())
+    );
+    let ctx = providers::BuildContext::new(reqwest::Client::new());
+    c.provider.settings().build(&ctx).await.unwrap();
+    // A job name the provider would refuse is refused here, naming the key.
+    let m = message(load(
+        "provider = \"cloudrun\"\n[cloudrun]\nproject = \"p\"\nregion = \"r\"\n[agents.default]\nimage = \"us-docker.pkg.dev/p/bot:1\"\n",
+        &[],
+    ));
+    assert!(m.contains("agents.default.image"), "{m}");
+}
+
+#[test]
+fn secrets_are_redacted_in_debug() {
+    let c = load(
+        "",
+        &[(
+            "BOTDISPATCH_JWT_SECRET",
+            "0123456789abcdef0123456789abcdef-x",
+        )],
+    )
+    .unwrap();
+    assert!(!format!("{c:?}").contains("0123456789abcdef"));
+}

@@ -1,0 +1,422 @@
+//! The start flow: admission, the start task, and its steps — tokens, an idempotent retry's
+//! resumption, room ∥ machine, the wait for the machine — with [`Created`] cleaning up on every
+//! way a start can fail.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use providers::{Deadline, Launched, MachineState, ProviderError, SessionBinding, SessionLabels};
+use serde_json::Map;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, instrument, Instrument};
+
+use super::cleanup::Created;
+use super::plan::{StartPlan, StartRequest};
+use super::{SessionError, Sessions, Started};
+use crate::auth::Caller;
+use crate::metrics;
+use crate::rooms::{RoomError, RoomRequest, TokenRequest};
+use crate::session_id::resource_name;
+
+/// A start's deadlines. Labels, room `exp` and token `exp` carry whole unix seconds.
+struct Deadlines {
+    /// The start must be answered by then.
+    start: Deadline,
+    /// The session must be over by then, whatever the bot does.
+    session_end: Deadline,
+    /// The machine's deadline until the client has its answer (see [`Sessions::deadlines`]).
+    provisional: Deadline,
+}
+
+/// Where the room's URL and tokens are, when the start creates a room.
+struct Tokens {
+    room_url: String,
+    bot: String,
+    user: String,
+}
+
+/// How long each phase took, for metrics and the log.
+#[derive(Default)]
+struct Phases {
+    room: Option<Duration>,
+    launch: Duration,
+    wait: Option<Duration>,
+}
+
+impl Sessions {
+    /// Validates, admits and runs a start. The start runs as its own tracked task: if this
+    /// future is dropped (the client disconnected), the task is cancelled and cleans up what
+    /// it created; a shutdown past its grace period cancels it too.
+    pub async fn start(
+        self: &Arc<Self>,
+        caller: &Caller,
+        agent: Option<&str>,
+        idempotency_key: Option<&[u8]>,
+        req: StartRequest,
+    ) -> Result<Started, SessionError> {
+        let plan = self.plan(caller, agent, idempotency_key, req)?;
+        if self.shutdown.is_cancelled() {
+            return Err(SessionError::ShuttingDown);
+        }
+        let permit = self
+            .capacity
+            .admit(&caller.sub)
+            .await
+            .inspect_err(|e| metrics::admission_refused(e.reason()))?;
+        let cancel = self.shutdown.child_token();
+        let client_gone = cancel.clone().drop_guard();
+        let this = Arc::clone(self);
+        // The task keeps the request's span (and so its request id) as the parent of its own.
+        let task = self.tasks.spawn(
+            async move {
+                let result = this.run(plan, cancel).await;
+                drop(permit);
+                result
+            }
+            .in_current_span(),
+        );
+        let result = task.await;
+        client_gone.disarm();
+        result.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "start task panicked");
+            Err(SessionError::Internal)
+        })
+    }
+
+    /// Starts running on this replica now.
+    pub fn starts_in_flight(&self) -> usize {
+        self.capacity.in_flight()
+    }
+
+    /// Runs a planned start to its end; on failure, what it created is destroyed before the
+    /// error is returned.
+    #[instrument(name = "start", skip_all, fields(session.key = %plan.key, agent = %plan.agent, provider = self.provider.name()))]
+    async fn run(
+        &self,
+        plan: StartPlan,
+        cancel: CancellationToken,
+    ) -> Result<Started, SessionError> {
+        let t0 = Instant::now();
+        metrics::starting(1.0);
+        let mut created = Created::new(
+            Arc::clone(&self.provider),
+            Arc::clone(&self.rooms),
+            self.tasks.clone(),
+            &plan.key,
+        );
+        let result = self.run_steps(&plan, &cancel, &mut created).await;
+        match &result {
+            Ok(_) => created.keep(),
+            Err(e) => {
+                tracing::warn!(error = %e, "start failed; cleaning up");
+                created.clean_up().await;
+            }
+        }
+        metrics::starting(-1.0);
+        let outcome = match &result {
+            Ok(s) if s.ready => "ready",
+            Ok(_) => "accepted",
+            Err(e) => e.outcome(),
+        };
+        metrics::start_finished(&plan.agent, self.provider.name(), outcome, t0.elapsed());
+        result
+    }
+
+    async fn run_steps(
+        &self,
+        plan: &StartPlan,
+        cancel: &CancellationToken,
+        created: &mut Created,
+    ) -> Result<Started, SessionError> {
+        let t0 = Instant::now();
+        let deadlines = self.deadlines();
+        let tokens = self.mint_tokens(plan, deadlines.session_end)?;
+        // An idempotent retry whose machine exists already answers with that session.
+        if plan.idempotent {
+            if let Some(started) = self.resume(plan, &tokens, &deadlines, cancel).await? {
+                return Ok(started);
+            }
+        }
+        let session = self.binding(plan, tokens.as_ref(), &deadlines);
+        let mut phases = Phases::default();
+        let launched = self
+            .launch_with_room(plan, &session, &deadlines, created, &mut phases)
+            .await?;
+        if cancel.is_cancelled() {
+            return Err(self.cancelled());
+        }
+        if plan.wait {
+            let t = Instant::now();
+            self.wait_started(&launched, deadlines.start, cancel)
+                .await?;
+            phases.wait = Some(t.elapsed());
+        }
+        self.record(&phases, &launched, t0.elapsed(), plan.wait);
+        self.confirm_deadline(&launched.handle, &deadlines);
+        Ok(Started {
+            session_id: self.ids.encode(&plan.key, &launched.handle, &plan.owner),
+            room_url: tokens.as_ref().map(|t| t.room_url.clone()),
+            user_token: tokens.map(|t| t.user),
+            ready: plan.wait,
+        })
+    }
+
+    /// Now's deadlines. Where the provider can relabel, the machine first gets a deadline just
+    /// past the start timeout and only the real one once the client has its answer: if this
+    /// dispatcher dies in between, the reaper removes the machine soon instead of at the
+    /// session's end.
+    fn deadlines(&self) -> Deadlines {
+        let whole = |after: Duration| {
+            Deadline::from_unix_secs(chrono::Utc::now().timestamp() + after.as_secs() as i64)
+                .unwrap_or_else(|| Deadline::after(after))
+        };
+        let session_end = whole(self.settings.max_session);
+        let provisional = match self.provider.relabel() {
+            Some(_) => {
+                whole(self.settings.start_timeout + self.settings.reaper_grace).min(session_end)
+            }
+            None => session_end,
+        };
+        Deadlines {
+            start: Deadline::after(self.settings.start_timeout),
+            session_end,
+            provisional,
+        }
+    }
+
+    /// The room's URL and both tokens, signed locally from the deterministic room name: the
+    /// bot gets its token at launch while the room is still being created.
+    fn mint_tokens(
+        &self,
+        plan: &StartPlan,
+        session_end: Deadline,
+    ) -> Result<Option<Tokens>, SessionError> {
+        if !plan.create_room {
+            return Ok(None);
+        }
+        let name = resource_name(&plan.key);
+        let token = |owner: bool, properties| {
+            self.rooms.mint_token(&TokenRequest {
+                room: &name,
+                owner,
+                exp: session_end.wall(),
+                properties,
+            })
+        };
+        Ok(Some(Tokens {
+            room_url: self.rooms.room_url(&name),
+            bot: token(true, &Map::new())?,
+            user: token(false, &plan.token_properties)?,
+        }))
+    }
+
+    /// The session's side of the launch: the bot contract and the labels.
+    fn binding(
+        &self,
+        plan: &StartPlan,
+        tokens: Option<&Tokens>,
+        deadlines: &Deadlines,
+    ) -> SessionBinding {
+        let name = resource_name(&plan.key);
+        let mut env = BTreeMap::new();
+        if let Some(tokens) = tokens {
+            env.insert("DAILY_ROOM_URL".into(), tokens.room_url.clone());
+            env.insert("DAILY_ROOM_TOKEN".into(), tokens.bot.clone());
+        }
+        env.insert("BOTDISPATCH_SESSION_ID".into(), plan.key.clone());
+        env.insert("BOTDISPATCH_BODY".into(), plan.body_json.clone());
+        SessionBinding {
+            labels: SessionLabels {
+                session_key: plan.key.clone(),
+                owner: plan.owner.clone(),
+                room: if plan.create_room {
+                    name.clone()
+                } else {
+                    String::new()
+                },
+                agent: plan.agent.clone(),
+                deadline: deadlines.provisional,
+            },
+            name,
+            env,
+            deadline: deadlines.start,
+        }
+    }
+
+    /// Creates the room and launches the machine concurrently: the critical path is the
+    /// slower of the two. Records in `created` what may exist, whatever happens.
+    async fn launch_with_room(
+        &self,
+        plan: &StartPlan,
+        session: &SessionBinding,
+        deadlines: &Deadlines,
+        created: &mut Created,
+        phases: &mut Phases,
+    ) -> Result<Launched, SessionError> {
+        let room = async {
+            if !plan.create_room {
+                return None;
+            }
+            let t = Instant::now();
+            let req = RoomRequest {
+                name: session.name.clone(),
+                exp: deadlines.session_end.wall(),
+                properties: plan.room_properties.clone(),
+                deadline: Some(deadlines.start.instant()),
+            };
+            let result =
+                tokio::time::timeout_at(deadlines.start.instant(), self.rooms.create(&req))
+                    .await
+                    .unwrap_or_else(|_| Err(RoomError::unavailable("create room: timed out")));
+            Some((result, t.elapsed()))
+        };
+        let launch = async {
+            let t = Instant::now();
+            let result = tokio::time::timeout_at(
+                deadlines.start.instant(),
+                self.provider.launch(&plan.template, session),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProviderError::Timeout {
+                    provider: self.provider.name(),
+                })
+            });
+            (result, t.elapsed())
+        };
+        let (room, (launched, launch_time)) = tokio::join!(room, launch);
+        phases.launch = launch_time;
+        match &room {
+            // Refused: nothing was created.
+            None | Some((Err(RoomError::Rejected { .. }), _)) => {}
+            Some(_) => created.room(&session.name),
+        }
+        match &launched {
+            Ok(l) => created.machine(&l.handle),
+            Err(ProviderError::Timeout { .. } | ProviderError::Unavailable { .. }) => {
+                created.machine_maybe()
+            }
+            Err(_) => {}
+        }
+        let launched = launched.map_err(|e| self.start_error(e))?;
+        if let Some((result, t)) = room {
+            result?;
+            phases.room = Some(t);
+        }
+        Ok(launched)
+    }
+
+    /// Waits for the machine to start, until the start deadline or the client leaves.
+    async fn wait_started(
+        &self,
+        launched: &Launched,
+        deadline: Deadline,
+        cancel: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        let wait = tokio::time::timeout_at(
+            deadline.instant(),
+            self.provider.wait_started(launched, deadline),
+        );
+        tokio::select! {
+            r = wait => r
+                .unwrap_or(Err(ProviderError::Timeout { provider: self.provider.name() }))
+                .map_err(|e| self.start_error(e)),
+            () = cancel.cancelled() => Err(self.cancelled()),
+        }
+    }
+
+    /// A provider error of a start, with the provider's timeout as the start timeout.
+    fn start_error(&self, e: ProviderError) -> SessionError {
+        match e {
+            ProviderError::Timeout { .. } => {
+                SessionError::StartTimeout(self.settings.start_timeout.as_secs())
+            }
+            e => e.into(),
+        }
+    }
+
+    /// Why a start's cancellation token fired.
+    fn cancelled(&self) -> SessionError {
+        if self.shutdown.is_cancelled() {
+            SessionError::ShuttingDown
+        } else {
+            SessionError::ClientGone
+        }
+    }
+
+    fn record(&self, phases: &Phases, launched: &Launched, total: Duration, ready: bool) {
+        let provider = self.provider.name();
+        if let Some(t) = phases.room {
+            metrics::start_phase(provider, "room", t);
+        }
+        metrics::start_phase(provider, "launch", phases.launch);
+        if let Some(t) = phases.wait {
+            metrics::start_phase(provider, "wait", t);
+        }
+        metrics::start_phase(provider, "total", total);
+        info!(
+            machine.id = %launched.handle,
+            room_ms = phases.room.map(|t| t.as_millis() as u64),
+            launch_ms = phases.launch.as_millis() as u64,
+            wait_ms = phases.wait.map(|t| t.as_millis() as u64),
+            total_ms = total.as_millis() as u64,
+            ready,
+            "session started"
+        );
+    }
+
+    /// Gives the machine its real deadline, in the background (off the critical path).
+    fn confirm_deadline(&self, handle: &str, deadlines: &Deadlines) {
+        if deadlines.provisional >= deadlines.session_end {
+            return;
+        }
+        let provider = Arc::clone(&self.provider);
+        let handle = handle.to_owned();
+        let session_end = deadlines.session_end;
+        self.tasks.spawn(
+            async move {
+                let Some(relabel) = provider.relabel() else { return };
+                if let Err(e) = relabel.set_deadline(&handle, session_end).await {
+                    tracing::error!(machine.id = %handle, error = %e, "cannot extend the machine's provisional deadline; the reaper will stop it early");
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// An idempotent retry: answers with the session's machine if it exists (waiting for it
+    /// when asked to), `None` when this key never launched anything.
+    async fn resume(
+        &self,
+        plan: &StartPlan,
+        tokens: &Option<Tokens>,
+        deadlines: &Deadlines,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Started>, SessionError> {
+        let Some(machine) = self.provider.find(&plan.key).await? else {
+            // No machine, but its room: this key's session ran and is over.
+            if plan.create_room && self.rooms.exists(&resource_name(&plan.key)).await? {
+                return Err(SessionError::IdempotencyKeyUsed);
+            }
+            return Ok(None);
+        };
+        if machine.state.is_terminal() {
+            return Err(SessionError::IdempotencyKeyUsed);
+        }
+        let mut ready = machine.state == MachineState::Started;
+        if plan.wait && !ready {
+            self.wait_started(&machine.as_launched(), deadlines.start, cancel)
+                .await?;
+            ready = true;
+        }
+        info!(machine.id = %machine.handle, "idempotent retry answered with the existing session");
+        Ok(Some(Started {
+            session_id: self.ids.encode(&plan.key, &machine.handle, &plan.owner),
+            room_url: tokens.as_ref().map(|t| t.room_url.clone()),
+            user_token: tokens.as_ref().map(|t| t.user.clone()),
+            ready,
+        }))
+    }
+}

@@ -1,0 +1,83 @@
+//! What the flow answers: [`Started`] for a start, [`SessionView`] for a read.
+
+use chrono::{DateTime, Utc};
+use providers::{MachineState, MachineStatus};
+use serde::Serialize;
+
+/// A successful start.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub session_id: String,
+    pub room_url: Option<String>,
+    pub user_token: Option<String>,
+    pub ready: bool,
+}
+
+/// `GET /sessions/{id}`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionView {
+    pub session_id: String,
+    /// `starting` | `ready` | `ended` | `failed`
+    #[schema(value_type = String, example = "ready")]
+    pub status: &'static str,
+    /// `fly`, `fargate`, `cloudrun` or `local`.
+    #[schema(value_type = String, example = "fly")]
+    pub provider: &'static str,
+    pub agent: Option<String>,
+    pub region: Option<String>,
+    pub machine_id: String,
+    pub created_at: Option<DateTime<Utc>>,
+    pub ready_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub bot_start_seconds: Option<f64>,
+    pub detail: Option<String>,
+}
+
+impl SessionView {
+    /// The view of a session whose machine reads as `machine` (`None`: the provider no longer
+    /// knows it).
+    pub fn new(
+        session_id: &str,
+        provider: &'static str,
+        handle: &str,
+        machine: Option<MachineStatus>,
+    ) -> Self {
+        let Some(m) = machine else {
+            return Self {
+                session_id: session_id.to_owned(),
+                status: "ended",
+                provider,
+                agent: None,
+                region: None,
+                machine_id: handle.to_owned(),
+                created_at: None,
+                ready_at: None,
+                ended_at: None,
+                bot_start_seconds: None,
+                detail: Some("the machine is gone".to_owned()),
+            };
+        };
+        Self {
+            session_id: session_id.to_owned(),
+            status: match m.state {
+                MachineState::Starting => "starting",
+                MachineState::Started => "ready",
+                MachineState::Ended => "ended",
+                MachineState::Failed => "failed",
+            },
+            provider,
+            agent: m.labels.map(|l| l.agent).filter(|a| !a.is_empty()),
+            region: m.region,
+            machine_id: handle.to_owned(),
+            bot_start_seconds: match (m.created_at, m.started_at) {
+                (Some(c), Some(s)) => Some((s - c).num_milliseconds().max(0) as f64 / 1000.0),
+                _ => None,
+            },
+            created_at: m.created_at,
+            ready_at: m.started_at,
+            ended_at: m.ended_at,
+            detail: m.detail,
+        }
+    }
+}
