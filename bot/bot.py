@@ -1,7 +1,7 @@
 """Example Pipecat bot for botdispatch (the image Dockerfile.bot builds).
 
 botdispatch starts one machine per session and hands the bot its session through the
-environment, never argv (DESIGN §4):
+environment, never argv (README.md, "The bot contract"):
 
     DAILY_ROOM_URL           the private Daily room of this session
     DAILY_ROOM_TOKEN         an owner meeting token for that room (a secret: never logged)

@@ -16,12 +16,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::rooms::RoomService;
-use providers::{MachineProvider, MachineState};
+use providers::{MachineProvider, MachineState, MachineStatus, SessionLabels};
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -101,73 +101,99 @@ impl Reaper {
             }
         };
         let now = Utc::now();
-        let old_enough = |created: Option<chrono::DateTime<Utc>>| {
-            created.is_none_or(|c| {
-                (now - c).to_std().unwrap_or_default() > self.start_timeout + self.grace
-            })
-        };
         let room_names: Option<HashSet<&str>> = rooms
             .as_ref()
             .map(|r| r.iter().map(|r| r.name.as_str()).collect());
-
-        let mut live_rooms: HashSet<String> = HashSet::new();
+        let mut live_rooms: HashSet<&str> = HashSet::new();
         for m in &machines {
             let Some(labels) = &m.labels else { continue };
             if m.state.is_terminal() {
                 continue;
             }
-            let reason = if labels.deadline.wall() < now {
-                report.past_deadline += 1;
-                Some(("past its deadline", "destroy_past_deadline"))
-            } else if m.state == MachineState::Starting && old_enough(m.created_at) {
-                report.stuck_starting += 1;
-                Some(("stuck starting beyond the start timeout", "destroy_stuck"))
-            } else if !labels.room.is_empty()
-                && old_enough(m.created_at)
-                && room_names
-                    .as_ref()
-                    .is_some_and(|names| !names.contains(labels.room.as_str()))
-            {
-                report.room_gone += 1;
-                Some(("its room is gone", "destroy_roomless"))
-            } else {
-                None
-            };
-            match reason {
-                Some((reason, action)) => match self.provider.terminate(&m.handle).await {
-                    Ok(()) => {
-                        crate::metrics::reaper_action(action);
-                        info!(machine.id = %m.handle, session.key = %labels.session_key, reason, "reaper destroyed a machine");
-                    }
-                    Err(e) => {
-                        report.errors += 1;
-                        crate::metrics::reaper_action("error");
-                        warn!(machine.id = %m.handle, error = %e, "reaper cannot destroy a machine");
-                    }
-                },
+            match self.verdict(m, labels, room_names.as_ref(), now, &mut report) {
+                Some((reason, action)) => {
+                    self.destroy(m, labels, reason, action, &mut report).await
+                }
                 None => {
-                    live_rooms.insert(labels.room.clone());
+                    live_rooms.insert(&labels.room);
                 }
             }
         }
-
         for room in rooms.iter().flatten() {
-            if live_rooms.contains(&room.name) || !old_enough(room.created_at) {
-                continue;
-            }
-            match self.rooms.delete(&room.name).await {
-                Ok(()) => {
-                    report.rooms_deleted += 1;
-                    crate::metrics::reaper_action("delete_room");
-                    info!(room = %room.name, "reaper deleted a room whose machine is gone");
-                }
-                Err(e) => {
-                    report.errors += 1;
-                    crate::metrics::reaper_action("error");
-                    warn!(room = %room.name, error = %e, "reaper cannot delete a room");
-                }
+            if !live_rooms.contains(room.name.as_str()) && self.old_enough(room.created_at, now) {
+                self.delete_room(&room.name, &mut report).await;
             }
         }
         report
+    }
+
+    /// Whether something created at `created` is past the start timeout plus the grace (and
+    /// so cannot be a start in flight on some replica).
+    fn old_enough(&self, created: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+        created.is_none_or(|c| {
+            (now - c).to_std().unwrap_or_default() > self.start_timeout + self.grace
+        })
+    }
+
+    /// Why a live machine must go (the reason for the log, the action for metrics), if it must.
+    fn verdict(
+        &self,
+        m: &MachineStatus,
+        labels: &SessionLabels,
+        room_names: Option<&HashSet<&str>>,
+        now: DateTime<Utc>,
+        report: &mut PassReport,
+    ) -> Option<(&'static str, &'static str)> {
+        if labels.deadline.wall() < now {
+            report.past_deadline += 1;
+            Some(("past its deadline", "destroy_past_deadline"))
+        } else if m.state == MachineState::Starting && self.old_enough(m.created_at, now) {
+            report.stuck_starting += 1;
+            Some(("stuck starting beyond the start timeout", "destroy_stuck"))
+        } else if !labels.room.is_empty()
+            && self.old_enough(m.created_at, now)
+            && room_names.is_some_and(|names| !names.contains(labels.room.as_str()))
+        {
+            report.room_gone += 1;
+            Some(("its room is gone", "destroy_roomless"))
+        } else {
+            None
+        }
+    }
+
+    async fn destroy(
+        &self,
+        m: &MachineStatus,
+        labels: &SessionLabels,
+        reason: &'static str,
+        action: &'static str,
+        report: &mut PassReport,
+    ) {
+        match self.provider.terminate(&m.handle).await {
+            Ok(()) => {
+                crate::metrics::reaper_action(action);
+                info!(machine.id = %m.handle, session.key = %labels.session_key, reason, "reaper destroyed a machine");
+            }
+            Err(e) => {
+                report.errors += 1;
+                crate::metrics::reaper_action("error");
+                warn!(machine.id = %m.handle, error = %e, "reaper cannot destroy a machine");
+            }
+        }
+    }
+
+    async fn delete_room(&self, name: &str, report: &mut PassReport) {
+        match self.rooms.delete(name).await {
+            Ok(()) => {
+                report.rooms_deleted += 1;
+                crate::metrics::reaper_action("delete_room");
+                info!(room = %name, "reaper deleted a room whose machine is gone");
+            }
+            Err(e) => {
+                report.errors += 1;
+                crate::metrics::reaper_action("error");
+                warn!(room = %name, error = %e, "reaper cannot delete a room");
+            }
+        }
     }
 }

@@ -57,6 +57,9 @@ impl BuildContext {
 /// then built into the provider.
 #[async_trait]
 pub trait ProviderSettings: Send + Sync {
+    /// The provider's name (`fly`, ...), as `provider = "..."` spells it.
+    fn name(&self) -> &'static str;
+
     /// Applies the provider's environment variables over the file's values.
     fn apply_env(&mut self, env: &Env) -> Result<(), ConfigError>;
 
@@ -151,13 +154,22 @@ impl ProviderConfig {
                 false,
             ),
         };
-        let mut config = match name.as_str() {
-            "local" => Self::Local(file.local.unwrap_or_default()),
-            "fly" => Self::Fly(file.fly.unwrap_or_default()),
+        /// The chosen provider's section (defaults where absent), with its env applied.
+        fn chosen<T: ProviderSettings + Default>(
+            section: Option<T>,
+            env: &Env,
+        ) -> Result<T, ConfigError> {
+            let mut settings = section.unwrap_or_default();
+            settings.apply_env(env)?;
+            Ok(settings)
+        }
+        Ok(match name.as_str() {
+            "local" => Self::Local(chosen(file.local, env)?),
+            "fly" => Self::Fly(chosen(file.fly, env)?),
             #[cfg(feature = "fargate")]
-            "fargate" => Self::Fargate(file.fargate.unwrap_or_default()),
+            "fargate" => Self::Fargate(chosen(file.fargate, env)?),
             #[cfg(feature = "cloudrun")]
-            "cloudrun" => Self::CloudRun(file.cloudrun.unwrap_or_default()),
+            "cloudrun" => Self::CloudRun(chosen(file.cloudrun, env)?),
             other => {
                 let key = if from_env {
                     format!("BOTDISPATCH_PROVIDER={other:?}")
@@ -166,35 +178,15 @@ impl ProviderConfig {
                 };
                 return Err(unavailable(other, &key));
             }
-        };
-        config.settings_mut().apply_env(env)?;
-        Ok(config)
+        })
     }
 
     /// The provider's name (`fly`, ...), as its machines report it.
     pub fn name(&self) -> &'static str {
-        match self {
-            Self::Local(_) => "local",
-            Self::Fly(_) => "fly",
-            #[cfg(feature = "fargate")]
-            Self::Fargate(_) => "fargate",
-            #[cfg(feature = "cloudrun")]
-            Self::CloudRun(_) => "cloudrun",
-        }
+        self.settings().name()
     }
 
     pub fn settings(&self) -> &dyn ProviderSettings {
-        match self {
-            Self::Local(c) => c,
-            Self::Fly(c) => c,
-            #[cfg(feature = "fargate")]
-            Self::Fargate(c) => c,
-            #[cfg(feature = "cloudrun")]
-            Self::CloudRun(c) => c,
-        }
-    }
-
-    fn settings_mut(&mut self) -> &mut dyn ProviderSettings {
         match self {
             Self::Local(c) => c,
             Self::Fly(c) => c,

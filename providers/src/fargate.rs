@@ -53,7 +53,7 @@ use crate::config::{check_url, required, BuildContext, ConfigError, ProviderSett
 use crate::env::Env;
 use crate::http::{error_chain, parse_retry_after, truncate};
 use crate::labels::key;
-use crate::retry::{Op, RateLimit};
+use crate::retry::{poll_delays, Op, RateLimit};
 use crate::{
     Deadline, LabelCodec, Launched, MachineProvider, MachineState, MachineStatus, MachineTemplate,
     ProviderError, Relabel, SessionBinding, SessionLabels, Workload,
@@ -70,8 +70,6 @@ const MAX_STARTED_BY: usize = 36;
 const PAGE: usize = 100;
 /// ECS is eventually consistent: a task `RunTask` just returned may read as `MISSING` for a moment.
 const MISSING_GRACE: Duration = Duration::from_secs(10);
-const POLL_FIRST: Duration = Duration::from_millis(100);
-const POLL_MAX: Duration = Duration::from_secs(1);
 
 /// Settings of the `fargate` provider: the `[fargate]` section of the configuration file.
 /// Credentials and (unless set here) the region come from the AWS SDK's standard chain
@@ -125,6 +123,10 @@ impl Default for FargateConfig {
 
 #[async_trait]
 impl ProviderSettings for FargateConfig {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
     fn apply_env(&mut self, env: &Env) -> Result<(), ConfigError> {
         env.apply("BOTDISPATCH_FARGATE_CLUSTER", &mut self.cluster)?;
         env.apply(
@@ -429,8 +431,7 @@ impl FargateProvider {
     /// Polls until the task runs (or can no longer run); no deadline of its own.
     async fn poll_until_running(&self, arn: &str) -> Result<(), ProviderError> {
         let began = Instant::now();
-        let mut delay = POLL_FIRST;
-        loop {
+        for delay in poll_delays() {
             match self.describe_one(arn, false).await {
                 Ok(Some(task)) => {
                     if task.last_status() == Some("RUNNING") || task.started_at().is_some() {
@@ -461,8 +462,8 @@ impl FargateProvider {
                 Err(e) => return Err(e),
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(POLL_MAX);
         }
+        unreachable!("poll_delays never ends")
     }
 }
 
@@ -693,47 +694,19 @@ fn task_status(task: &Task, container_name: &str, region: &str) -> MachineStatus
     let container_reason = bot.and_then(|c| c.reason()).filter(|r| !r.is_empty());
     let started_at = task.started_at().and_then(to_chrono);
 
-    let state = if is_stopping(task) {
-        let failed = match stop_code {
-            // Never started, or AWS took the capacity away mid-session.
-            Some(
-                "TaskFailedToStart"
-                | "SpotInterruption"
-                | "TerminationNotice"
-                | "InfrastructureHealth",
-            ) => true,
-            // Stopped on purpose, whatever the bot's exit code after SIGTERM.
-            Some("UserInitiated" | "ServiceSchedulerInitiated") => false,
-            _ if exit_code.is_some_and(|c| c != 0) => true,
-            Some(_) => false,
-            // No stop code yet (moto records none): failed if it never ran.
-            None => started_at.is_none() && exit_code.is_none(),
-        };
-        if failed {
-            MachineState::Failed
-        } else {
-            MachineState::Ended
-        }
-    } else if last_status == "RUNNING" {
-        MachineState::Started
-    } else {
-        MachineState::Starting
-    };
-
+    let state = task_state(task, stop_code, exit_code, started_at);
     let detail = if state.is_terminal() {
-        let mut parts: Vec<String> = Vec::new();
-        if let Some(code) = stop_code {
-            parts.push(code.to_owned());
-        }
-        if let Some(reason) = task.stopped_reason().filter(|r| !r.is_empty()) {
-            parts.push(reason.to_owned());
-        }
-        if let Some(reason) = container_reason {
-            parts.push(reason.to_owned());
-        }
-        if let Some(code) = exit_code {
-            parts.push(format!("bot exited with code {code}"));
-        }
+        let parts: Vec<String> = [
+            stop_code.map(str::to_owned),
+            task.stopped_reason()
+                .filter(|r| !r.is_empty())
+                .map(str::to_owned),
+            container_reason.map(str::to_owned),
+            exit_code.map(|code| format!("bot exited with code {code}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         (!parts.is_empty()).then(|| truncate(&parts.join(": "), 300))
     } else {
         None
@@ -766,6 +739,39 @@ fn task_status(task: &Task, container_name: &str, region: &str) -> MachineStatus
         ended_at,
         labels: SessionLabels::from_map(&tags),
         detail,
+    }
+}
+
+/// A task's state from its statuses, stop code and the bot's exit code.
+fn task_state(
+    task: &Task,
+    stop_code: Option<&str>,
+    exit_code: Option<i32>,
+    started_at: Option<DateTime<Utc>>,
+) -> MachineState {
+    if !is_stopping(task) {
+        return if task.last_status() == Some("RUNNING") {
+            MachineState::Started
+        } else {
+            MachineState::Starting
+        };
+    }
+    let failed = match stop_code {
+        // Never started, or AWS took the capacity away mid-session.
+        Some(
+            "TaskFailedToStart" | "SpotInterruption" | "TerminationNotice" | "InfrastructureHealth",
+        ) => true,
+        // Stopped on purpose, whatever the bot's exit code after SIGTERM.
+        Some("UserInitiated" | "ServiceSchedulerInitiated") => false,
+        _ if exit_code.is_some_and(|c| c != 0) => true,
+        Some(_) => false,
+        // No stop code yet (moto records none): failed if it never ran.
+        None => started_at.is_none() && exit_code.is_none(),
+    };
+    if failed {
+        MachineState::Failed
+    } else {
+        MachineState::Ended
     }
 }
 
@@ -946,53 +952,6 @@ mod tests {
     use aws_sdk_ecs::types::{Container, TaskStopCode};
 
     #[test]
-    fn tag_values_round_trip_whatever_their_characters() {
-        for value in [
-            "alice",
-            "auth0|5f7c8ec7c33c6c004bbafe82",
-            "google-oauth2:1234 5678",
-            "ünïcødé 名前 🎙",
-            "b64.looks-encoded",
-            "aws:reserved",
-            "AWS:Reserved",
-            "",
-            "a\nb\tc",
-            "x",
-            "xy",
-            "xyz",
-        ] {
-            let encoded = encode_tag_value(value);
-            assert!(encoded.chars().all(is_plain_tag_char), "{encoded}");
-            assert!(!encoded.to_ascii_lowercase().starts_with("aws:"));
-            assert_eq!(decode_tag_value(&encoded), value, "{encoded}");
-        }
-        assert_eq!(encode_tag_value("alice@example.com"), "alice@example.com");
-        assert_eq!(encode_tag_value("auth0|x"), "b64.YXV0aDB8eA");
-        // Someone else's tag that merely starts with the prefix stays as it is.
-        assert_eq!(decode_tag_value("b64.!!"), "b64.!!");
-        assert_eq!(decode_tag_value("b64.YR"), "b64.YR");
-    }
-
-    #[test]
-    fn base64url_matches_the_rfc_vectors() {
-        for (plain, encoded) in [
-            ("", ""),
-            ("f", "Zg"),
-            ("fo", "Zm8"),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg"),
-            ("fooba", "Zm9vYmE"),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64url_encode(plain.as_bytes()), encoded);
-            assert_eq!(base64url_decode(encoded).as_deref(), Some(plain.as_bytes()));
-        }
-        assert_eq!(base64url_encode(&[0xfb, 0xff]), "-_8");
-        assert_eq!(base64url_decode("A"), None);
-        assert_eq!(base64url_decode("Zm+v"), None);
-    }
-
-    #[test]
     fn guest_sizes_round_up_to_fargate_sizes() {
         assert_eq!(fargate_size(1, 1024).unwrap(), (1024, 2048));
         assert_eq!(fargate_size(1, 2048).unwrap(), (1024, 2048));
@@ -1037,7 +996,7 @@ mod tests {
             .tags(
                 Tag::builder()
                     .key("botdispatch_owner")
-                    .value(encode_tag_value("auth0|alice"))
+                    .value(LabelCodec::ECS_TAGS.encode("auth0|alice").unwrap())
                     .build(),
             )
             .tags(Tag::builder().key("botdispatch_room").value("bd-k").build())
@@ -1202,35 +1161,58 @@ mod tests {
     #[test]
     fn config_is_validated_before_any_io() {
         let ok = FargateConfig {
-            cluster: "bots".into(),
-            task_definition: "bot".into(),
+            cluster: Some("bots".into()),
+            task_definition: Some("bot".into()),
             container_name: "bot".into(),
             subnets: vec!["subnet-1".into()],
             ..FargateConfig::default()
         };
-        assert!(ok.validate().is_ok());
-        for broken in [
-            FargateConfig {
-                cluster: String::new(),
-                ..ok.clone()
-            },
-            FargateConfig {
-                subnets: Vec::new(),
-                ..ok.clone()
-            },
-            FargateConfig {
-                endpoint_url: Some("not a url".into()),
-                ..ok.clone()
-            },
-            FargateConfig {
-                request_timeout: Duration::ZERO,
-                ..ok.clone()
-            },
+        assert!(ok.validate(true).is_ok());
+        for (broken, key) in [
+            (
+                FargateConfig {
+                    cluster: Some(String::new()),
+                    ..ok.clone()
+                },
+                "fargate.cluster",
+            ),
+            (
+                FargateConfig {
+                    subnets: Vec::new(),
+                    ..ok.clone()
+                },
+                "fargate.subnets",
+            ),
+            (
+                FargateConfig {
+                    endpoint_url: Some("not a url".into()),
+                    ..ok.clone()
+                },
+                "fargate.endpoint_url",
+            ),
         ] {
-            assert!(matches!(
-                broken.validate(),
-                Err(ProviderError::Config { .. })
-            ));
+            let err = broken.validate(false).unwrap_err();
+            assert!(err.0.contains(key), "{err}");
         }
+        // Without a default task definition an agent must name one; with one, it is the default.
+        let bare = FargateConfig {
+            task_definition: None,
+            ..ok.clone()
+        };
+        assert!(bare.workload("default", None, None).is_err());
+        assert_eq!(
+            ok.workload("default", None, None).unwrap(),
+            Workload::TaskDefinition("bot".into())
+        );
+        // A zero request timeout is refused when the provider is built, before any call.
+        let ctx = BuildContext::new(reqwest::Client::new()).with_request_timeout(Duration::ZERO);
+        let sdk = SdkConfig::builder()
+            .region(Region::new("us-east-1"))
+            .behavior_version(BehaviorVersion::latest())
+            .build();
+        assert!(matches!(
+            FargateProvider::from_sdk_config(&ctx, &sdk, ok),
+            Err(ProviderError::Config { .. })
+        ));
     }
 }

@@ -60,6 +60,10 @@ impl Default for FlyConfig {
 
 #[async_trait]
 impl ProviderSettings for FlyConfig {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
     fn apply_env(&mut self, env: &Env) -> Result<(), ConfigError> {
         env.apply("FLY_API_TOKEN", &mut self.api_token)?;
         env.apply("FLY_APP_NAME", &mut self.app_name)?;

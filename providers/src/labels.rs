@@ -191,6 +191,32 @@ mod tests {
                 );
             }
         }
+        let ecs = LabelCodec::ECS_TAGS;
+        for value in [
+            "auth0|5f7c8ec7c33c6c004bbafe82",
+            "google-oauth2:1234 5678",
+            "ünïcødé 名前 🎙",
+            "b64.looks-encoded",
+            "aws:reserved",
+            "a\nb\tc",
+            "x",
+            "xy",
+            "xyz",
+        ] {
+            let stored = ecs.encode(value).unwrap();
+            assert!(!stored.to_ascii_lowercase().starts_with("aws:"), "{stored}");
+            assert_eq!(ecs.decode(&stored), value, "{stored}");
+        }
+        assert_eq!(ecs.encode("alice@example.com").unwrap(), "alice@example.com");
+        assert_eq!(ecs.encode("auth0|x").unwrap(), "b64.YXV0aDB8eA");
+        // The encoding is RFC 4648 base64url without padding.
+        for (plain, encoded) in [("f", "Zg"), ("fo", "Zm8"), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")] {
+            assert_eq!(ecs.decode(&format!("b64.{encoded}")), plain);
+        }
+        // Someone else's tag that merely starts with the prefix stays as it is, and so does a
+        // non-canonical encoding (stray low bits).
+        assert_eq!(ecs.decode("b64.YR"), "b64.YR");
+        assert_eq!(ecs.decode("b64.Zm+v"), "b64.Zm+v");
         assert_eq!(LabelCodec::ECS_TAGS.encode("alice").unwrap(), "alice");
         assert!(LabelCodec::ECS_TAGS
             .encode("aws:x")

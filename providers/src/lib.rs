@@ -5,8 +5,9 @@
 //! needs to find a machine again is in the machine's own name and labels (Fly metadata, ECS tags,
 //! Cloud Run env), so any dispatcher replica can answer for any session.
 //!
-//! This crate knows nothing about HTTP handlers, auth or rooms; the service crate depends on it,
-//! never the other way round. Besides the providers it holds what the service's own API clients
+//! This crate knows nothing about the service's HTTP handlers, auth or rooms (only its test kit
+//! fakes Daily, for the service's tests); the service crate depends on it, never the other way
+//! round. Besides the providers it holds what the service's own API clients
 //! share with them: [`http`] plumbing, rate limits and retries ([`retry`]), the [`env`] overlay
 //! and [`config`] types.
 

@@ -46,6 +46,10 @@ impl Default for LocalConfig {
 
 #[async_trait]
 impl ProviderSettings for LocalConfig {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
     fn apply_env(&mut self, _env: &Env) -> Result<(), ConfigError> {
         Ok(())
     }
@@ -95,6 +99,29 @@ struct Entry {
 }
 
 impl Entry {
+    /// Records the process's exit. Exiting non-zero (or by a signal) after we asked it to stop
+    /// is still a normal end.
+    fn exited(&mut self, result: std::io::Result<std::process::ExitStatus>) {
+        self.ended_at = Some(Utc::now());
+        let (state, detail) = match result {
+            Ok(status) if status.success() => {
+                (MachineState::Ended, "bot exited with code 0".to_owned())
+            }
+            Ok(status) => match status.code() {
+                Some(code) => (MachineState::Failed, format!("bot exited with code {code}")),
+                None if self.stopping => (MachineState::Ended, "bot stopped by signal".to_owned()),
+                None => (MachineState::Failed, "bot killed by a signal".to_owned()),
+            },
+            Err(e) => (MachineState::Failed, format!("cannot wait for bot: {e}")),
+        };
+        self.state = if self.stopping {
+            MachineState::Ended
+        } else {
+            state
+        };
+        self.detail = Some(detail);
+    }
+
     fn status(&self, handle: &str) -> MachineStatus {
         MachineStatus {
             handle: handle.to_owned(),
@@ -179,6 +206,21 @@ impl LocalProvider {
         }
     }
 
+    /// Reaps the child as soon as it exits and records how it ended.
+    fn reap_on_exit(&self, handle: String, mut child: tokio::process::Child) {
+        let table = Arc::clone(&self.table);
+        let changed = self.changed.clone();
+        tokio::spawn(async move {
+            let result = child.wait().await;
+            let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(entry) = table.get_mut(&handle) {
+                entry.exited(result);
+            }
+            drop(table);
+            changed.send_modify(|v| *v += 1);
+        });
+    }
+
     fn prune(&self) {
         let cutoff = Utc::now() - chrono::Duration::from_std(KEEP_ENDED).unwrap_or_default();
         self.lock()
@@ -227,7 +269,7 @@ impl MachineProvider for LocalProvider {
             .stderr(Stdio::inherit())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|e| ProviderError::Rejected {
+        let child = command.spawn().map_err(|e| ProviderError::Rejected {
             provider: NAME,
             status: 0,
             message: format!("cannot run {:?}: {e}", argv[0]),
@@ -249,42 +291,7 @@ impl MachineProvider for LocalProvider {
         );
         self.changed.send_modify(|v| *v += 1);
 
-        // Reap the child as soon as it exits and record how it ended.
-        let table = Arc::clone(&self.table);
-        let changed = self.changed.clone();
-        let key = handle.clone();
-        tokio::spawn(async move {
-            let result = child.wait().await;
-            let mut table = table.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(entry) = table.get_mut(&key) {
-                entry.ended_at = Some(Utc::now());
-                let (state, detail) = match result {
-                    Ok(status) if status.success() => {
-                        (MachineState::Ended, "bot exited with code 0".to_owned())
-                    }
-                    Ok(status) => match status.code() {
-                        Some(code) => {
-                            (MachineState::Failed, format!("bot exited with code {code}"))
-                        }
-                        None if entry.stopping => {
-                            (MachineState::Ended, "bot stopped by signal".to_owned())
-                        }
-                        None => (MachineState::Failed, "bot killed by a signal".to_owned()),
-                    },
-                    Err(e) => (MachineState::Failed, format!("cannot wait for bot: {e}")),
-                };
-                // Exiting non-zero after we asked it to stop is still a normal end.
-                entry.state = if entry.stopping {
-                    MachineState::Ended
-                } else {
-                    state
-                };
-                entry.detail = Some(detail);
-            }
-            drop(table);
-            changed.send_modify(|v| *v += 1);
-        });
-
+        self.reap_on_exit(handle.clone(), child);
         Ok(Launched {
             handle,
             region: Some("local".to_owned()),

@@ -103,6 +103,14 @@ where
     }
 }
 
+/// Delays between polls of a state that providers only report when asked (a starting Cloud
+/// Run execution or ECS task): 100 ms, growing by half each time, at most 1 s.
+pub fn poll_delays() -> impl Iterator<Item = Duration> {
+    std::iter::successors(Some(Duration::from_millis(100)), |d| {
+        Some((*d * 3 / 2).min(Duration::from_secs(1)))
+    })
+}
+
 /// The operations a provider's limits, retries and metrics are counted by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {

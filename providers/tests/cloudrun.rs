@@ -10,12 +10,19 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::Utc;
 use providers::cloudrun::{CloudRunAuth, CloudRunConfig, CloudRunProvider, LABELS_ENV};
+use providers::resilient::Resilient;
+use providers::retry::RetryPolicy;
 use providers::testkit::cloudrun_fake::{
     CloudRunOp, FakeCloudRun, FakeCloudRunConfig, FakeServiceAccount,
 };
-use providers::testkit::contract::{run_contract_suite, spec_for, ContractPeer, Scenario};
+use providers::testkit::contract::{
+    run_contract_suite, spec_for, ContractPeer, LaunchSpec, Scenario,
+};
 use providers::testkit::Fault;
-use providers::{LaunchSpec, MachineProvider, MachineState, ProviderError, Secret};
+use providers::{
+    BuildContext, Deadline, MachineProvider, MachineState, ProviderError, ProviderSettings, Secret,
+    Workload,
+};
 use serde_json::Value;
 
 const KEY: &str = include_str!("fixtures/cloudrun-sa-key.json");
@@ -51,25 +58,33 @@ fn fake_config() -> FakeCloudRunConfig {
     }
 }
 
-fn provider_config(fake: &FakeCloudRun, auth: Auth) -> CloudRunConfig {
+/// The build context of every provider here: each call is bounded by 5 s.
+fn ctx() -> BuildContext {
+    BuildContext::new(reqwest::Client::new()).with_request_timeout(Duration::from_secs(5))
+}
+
+fn provider_config(fake: &FakeCloudRun) -> CloudRunConfig {
+    CloudRunConfig {
+        api_url: fake.api_url(),
+        project: Some("botdispatch-test".into()),
+        region: Some("europe-west1".into()),
+        job: Some(JOB.into()),
+        ..CloudRunConfig::default()
+    }
+}
+
+fn provider_auth(fake: &FakeCloudRun, auth: Auth) -> CloudRunAuth {
     let key = |json: &str| CloudRunAuth::ServiceAccountKey {
         key_json: Secret::new(json),
         token_uri_override: Some(fake.token_uri()),
     };
-    CloudRunConfig {
-        api_url: fake.api_url(),
-        project: "botdispatch-test".into(),
-        region: "europe-west1".into(),
-        job: JOB.into(),
-        auth: match auth {
-            Auth::Metadata => CloudRunAuth::MetadataServer {
-                host: fake.metadata_host(),
-            },
-            Auth::Key => key(KEY),
-            Auth::UntrustedKey => key(UNTRUSTED_KEY),
-            Auth::Static(token) => CloudRunAuth::StaticToken(Secret::new(token)),
+    match auth {
+        Auth::Metadata => CloudRunAuth::MetadataServer {
+            host: fake.metadata_host(),
         },
-        request_timeout: Duration::from_secs(5),
+        Auth::Key => key(KEY),
+        Auth::UntrustedKey => key(UNTRUSTED_KEY),
+        Auth::Static(token) => CloudRunAuth::StaticToken(Secret::new(token)),
     }
 }
 
@@ -80,8 +95,9 @@ async fn start(
     let mut config = fake_config();
     tweak(&mut config);
     let fake = FakeCloudRun::start(config).await;
-    let provider = CloudRunProvider::new(reqwest::Client::new(), provider_config(&fake, auth))
-        .expect("valid config");
+    let provider =
+        CloudRunProvider::new(&ctx(), &provider_config(&fake), provider_auth(&fake, auth))
+            .expect("valid config");
     (fake, Arc::new(provider))
 }
 
@@ -101,9 +117,9 @@ impl ContractPeer for CloudRunPeer {
     fn provider(&self) -> Arc<dyn MachineProvider> {
         self.provider.clone()
     }
-    fn image(&self) -> String {
+    fn workload(&self) -> Workload {
         // For cloudrun an agent's image names the job.
-        JOB.into()
+        Workload::Job(JOB.into())
     }
     fn supports(&self, _: Scenario) -> bool {
         true
@@ -315,7 +331,7 @@ async fn resource_exhausted_is_throttled_with_its_retry_hint() {
         provider: provider.clone(),
     };
     fake.throttle_next_run(Some(Duration::from_millis(1500)));
-    match provider.launch(&spec_for(&peer, "quota")).await {
+    match spec_for(&peer, "quota").launch(&*provider).await {
         Err(ProviderError::Throttled { retry_after, .. }) => {
             assert_eq!(
                 retry_after,
@@ -333,7 +349,7 @@ async fn resource_exhausted_is_throttled_with_its_retry_hint() {
         },
         1,
     );
-    match provider.launch(&spec_for(&peer, "quota")).await {
+    match spec_for(&peer, "quota").launch(&*provider).await {
         Err(ProviderError::Throttled { retry_after, .. }) => {
             assert_eq!(
                 retry_after,
@@ -354,7 +370,7 @@ async fn a_run_operation_done_with_an_error_is_rejected() {
         provider: provider.clone(),
     };
     fake.fail_next_run_operation(9, "Job 'bots' is not ready: the latest revision failed.");
-    match provider.launch(&spec_for(&peer, "opfail")).await {
+    match spec_for(&peer, "opfail").launch(&*provider).await {
         Err(ProviderError::Rejected {
             status, message, ..
         }) => {
@@ -374,22 +390,41 @@ async fn a_lost_run_answer_adopts_the_execution_instead_of_running_twice() {
         fake: fake.clone(),
         provider: provider.clone(),
     };
+    // Adoption lives in the resilient wrapper (the provider reports the ambiguous run).
+    let resilient = Resilient::new(provider.clone(), RetryPolicy::default(), 0.0);
     // The run happens, but the answer is a 503.
     fake.set_fault(CloudRunOp::Run, Fault::GhostCreate { status: 503 }, 1);
     let spec = spec_for(&peer, "ghost");
-    let launched = provider.launch(&spec).await.expect("adopted");
+    let launched = spec.launch(&resilient).await.expect("adopted");
     let executions = fake.executions();
     assert_eq!(executions.len(), 1);
     assert_eq!(launched.handle, executions[0].name);
 
-    // The run never happens (connection reset): nothing to adopt, a transient error.
+    // The run never happens (connection reset): nothing to adopt, a transient error (with no
+    // retry behind it, to see the error the adoption attempt leaves).
+    let no_retry = Resilient::new(
+        provider.clone(),
+        RetryPolicy {
+            max_retries: 0,
+            ..RetryPolicy::default()
+        },
+        0.0,
+    );
     fake.set_fault(CloudRunOp::Run, Fault::Reset, 1);
-    let err = provider
-        .launch(&spec_for(&peer, "reset"))
+    let err = spec_for(&peer, "reset")
+        .launch(&no_retry)
         .await
         .unwrap_err();
     assert!(err.is_transient(), "{err:?}");
     assert_eq!(fake.executions().len(), 1);
+
+    // The bare provider does not adopt by itself: a lost run answer is Unavailable.
+    fake.set_fault(CloudRunOp::Run, Fault::GhostCreate { status: 503 }, 1);
+    match spec_for(&peer, "bare").launch(&*provider).await {
+        Err(e @ ProviderError::Unavailable { .. }) => assert!(e.is_transient()),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!(fake.executions().len(), 2, "the run happened all the same");
     assert_clean(&fake);
 }
 
@@ -401,11 +436,10 @@ async fn the_run_request_carries_the_contract_labels_args_and_deadline() {
         provider: provider.clone(),
     };
     let mut spec: LaunchSpec = spec_for(&peer, "shape");
-    spec.image = OTHER_JOB.into();
-    spec.cmd = Some(vec!["python".into(), "bot.py".into()]);
-    spec.labels.deadline =
-        chrono::DateTime::from_timestamp(Utc::now().timestamp() + 300, 0).unwrap();
-    let launched = provider.launch(&spec).await.unwrap();
+    spec.template.workload = Workload::Job(OTHER_JOB.into());
+    spec.template.cmd = Some(vec!["python".into(), "bot.py".into()]);
+    spec.session.labels.deadline = Deadline::from_unix_secs(Utc::now().timestamp() + 300).unwrap();
+    let launched = spec.launch(&*provider).await.unwrap();
     assert!(
         launched
             .handle
@@ -441,15 +475,15 @@ async fn the_run_request_carries_the_contract_labels_args_and_deadline() {
         .iter()
         .map(|v| (v["name"].as_str().unwrap(), v["value"].as_str().unwrap()))
         .collect();
-    for (name, value) in &spec.env {
-        assert!(env.contains(&(name.as_str(), value.as_str())), "{name}");
+    for (name, value) in spec.session.machine_env(&spec.template) {
+        assert!(env.contains(&(name, value)), "{name}");
     }
     let labels = env.iter().find(|(n, _)| *n == LABELS_ENV).unwrap().1;
     let labels: Value = serde_json::from_str(labels).unwrap();
     assert_eq!(labels["managed_by"], "botdispatch");
     assert_eq!(
         labels["botdispatch_session"],
-        spec.labels.session_key.as_str()
+        spec.session.labels.session_key.as_str()
     );
 
     // The execution of another job is found and listed (the listings span every job) and
@@ -460,12 +494,12 @@ async fn the_run_request_carries_the_contract_labels_args_and_deadline() {
         ("LOG_LEVEL".to_owned(), "info".to_owned())
     );
     let found = provider
-        .find(&spec.labels.session_key)
+        .find(&spec.session.labels.session_key)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(found.handle, launched.handle);
-    assert_eq!(found.labels.as_ref(), Some(&spec.labels));
+    assert_eq!(found.labels.as_ref(), Some(&spec.session.labels));
     assert!(provider
         .list_managed()
         .await
@@ -475,8 +509,10 @@ async fn the_run_request_carries_the_contract_labels_args_and_deadline() {
 
     // No image: the configured job.
     let mut spec = spec_for(&peer, "default-job");
-    spec.image = String::new();
-    let launched = provider.launch(&spec).await.unwrap();
+    spec.template.workload = provider_config(&fake)
+        .workload("default", None, None)
+        .unwrap();
+    let launched = spec.launch(&*provider).await.unwrap();
     assert!(
         launched.handle.contains("/jobs/bots/executions/bots-"),
         "{}",
@@ -493,13 +529,20 @@ async fn specs_cloud_run_cannot_honour_are_refused_before_any_request() {
         provider: provider.clone(),
     };
     let mut image = spec_for(&peer, "image");
-    image.image = "us-docker.pkg.dev/p/bots/bot:1".into();
+    image.template.workload = Workload::Job("us-docker.pkg.dev/p/bots/bot:1".into());
+    let mut image_kind = spec_for(&peer, "image-kind");
+    image_kind.template.workload = Workload::Image("us-docker.pkg.dev/p/bots/bot:1".into());
     let mut reserved = spec_for(&peer, "reserved");
-    reserved.env.insert(LABELS_ENV.into(), "{}".into());
+    reserved.session.env.insert(LABELS_ENV.into(), "{}".into());
+    let mut reserved_static = spec_for(&peer, "reserved-static");
+    reserved_static
+        .template
+        .env
+        .insert(LABELS_ENV.into(), "{}".into());
     let mut region = spec_for(&peer, "region");
-    region.region = Some("us-central1".into());
-    for spec in [image, reserved, region] {
-        match provider.launch(&spec).await {
+    region.template.region = Some("us-central1".into());
+    for spec in [image, image_kind, reserved, reserved_static, region] {
+        match spec.launch(&*provider).await {
             Err(ProviderError::Rejected {
                 status: 400,
                 message,
@@ -518,9 +561,9 @@ async fn a_bot_that_fails_reads_as_failed_and_cancelling_it_is_success() {
         fake: fake.clone(),
         provider: provider.clone(),
     };
-    let launched = provider.launch(&spec_for(&peer, "crash")).await.unwrap();
+    let launched = spec_for(&peer, "crash").launch(&*provider).await.unwrap();
     provider
-        .wait_started(&launched, Duration::from_secs(5))
+        .wait_started(&launched, Deadline::after(Duration::from_secs(5)))
         .await
         .unwrap();
     assert!(fake.exit_bot(&launched.handle, 3));
@@ -552,11 +595,11 @@ async fn an_execution_cancelled_before_it_ran_fails_the_wait_at_once() {
         provider: provider.clone(),
     };
     fake.set_never_start(true);
-    let launched = provider.launch(&spec_for(&peer, "cancel")).await.unwrap();
+    let launched = spec_for(&peer, "cancel").launch(&*provider).await.unwrap();
     provider.terminate(&launched.handle).await.unwrap();
     let t = Instant::now();
     match provider
-        .wait_started(&launched, Duration::from_secs(5))
+        .wait_started(&launched, Deadline::after(Duration::from_secs(5)))
         .await
     {
         Err(ProviderError::StartFailed { message, .. }) => {
@@ -608,8 +651,8 @@ async fn server_errors_are_transient_and_listing_pages_through_everything() {
     let mut handles = Vec::new();
     for i in 0..5 {
         handles.push(
-            provider
-                .launch(&spec_for(&peer, &format!("page{i}")))
+            spec_for(&peer, &format!("page{i}"))
+                .launch(&*provider)
                 .await
                 .unwrap()
                 .handle,
@@ -648,9 +691,10 @@ async fn check_reads_the_configured_job() {
     let (fake, provider) = start(Auth::Metadata, |_| {}).await;
     provider.check().await.unwrap();
     assert_clean(&fake);
-    let mut config = provider_config(&fake, Auth::Metadata);
-    config.job = "missing".into();
-    let provider = CloudRunProvider::new(reqwest::Client::new(), config).unwrap();
+    let mut config = provider_config(&fake);
+    config.job = Some("missing".into());
+    let provider =
+        CloudRunProvider::new(&ctx(), &config, provider_auth(&fake, Auth::Metadata)).unwrap();
     match provider.check().await {
         Err(ProviderError::Rejected {
             status: 404,
@@ -666,31 +710,56 @@ async fn check_reads_the_configured_job() {
 #[tokio::test]
 async fn configs_are_validated_without_io_and_never_print_secrets() {
     let fake = FakeCloudRun::start(fake_config()).await;
-    let config = provider_config(&fake, Auth::Key);
-    let printed = format!("{config:?}");
+    let config = provider_config(&fake);
+    let auth = provider_auth(&fake, Auth::Key);
+    let printed = format!("{config:?} {auth:?}");
     assert!(!printed.contains("PRIVATE KEY"), "{printed}");
 
-    let broken = |edit: fn(&mut CloudRunConfig)| {
-        let mut c = provider_config(&fake, Auth::Key);
-        edit(&mut c);
-        match CloudRunProvider::new(reqwest::Client::new(), c) {
+    let build =
+        |c: &CloudRunConfig, auth: CloudRunAuth| match CloudRunProvider::new(&ctx(), c, auth) {
             Err(e @ ProviderError::Config { .. }) => e.to_string(),
             Err(other) => panic!("expected Config, got {other:?}"),
             Ok(_) => panic!("accepted"),
-        }
+        };
+    let broken = |edit: fn(&mut CloudRunConfig)| {
+        let mut c = provider_config(&fake);
+        edit(&mut c);
+        build(&c, provider_auth(&fake, Auth::Key))
     };
-    broken(|c| c.api_url = "not a url".into());
-    broken(|c| c.job = "Bots".into());
-    broken(|c| c.region = String::new());
-    broken(|c| c.project = "a/b".into());
-    let err = broken(|c| {
-        c.auth = CloudRunAuth::ServiceAccountKey {
+    let err = broken(|c| c.api_url = "not a url".into());
+    assert!(
+        err.contains("cloudrun.api_url (CLOUD_RUN_API_URL)"),
+        "{err}"
+    );
+    let err = broken(|c| c.job = Some("Bots".into()));
+    assert!(
+        err.contains("cloudrun.job (BOTDISPATCH_CLOUDRUN_JOB)"),
+        "{err}"
+    );
+    let err = broken(|c| c.region = Some(String::new()));
+    assert!(
+        err.contains("cloudrun.region (BOTDISPATCH_CLOUDRUN_REGION)"),
+        "{err}"
+    );
+    let err = broken(|c| c.project = Some("a/b".into()));
+    assert!(
+        err.contains(
+            "cloudrun.project (BOTDISPATCH_CLOUDRUN_PROJECT) = \"a/b\" is not a project id"
+        ),
+        "{err}"
+    );
+    let err = build(
+        &provider_config(&fake),
+        CloudRunAuth::ServiceAccountKey {
             key_json: Secret::new(KEY.replace("-----END PRIVATE KEY-----", "")),
             token_uri_override: None,
-        }
-    });
+        },
+    );
     assert!(!err.contains("MII"), "{err}");
-    broken(|c| c.auth = CloudRunAuth::StaticToken(Secret::new("")));
+    build(
+        &provider_config(&fake),
+        CloudRunAuth::StaticToken(Secret::new("")),
+    );
     assert!(fake.requests().is_empty());
 }
 

@@ -9,7 +9,7 @@ use providers::local::{LocalConfig, LocalProvider};
 use providers::testkit::contract::{run_contract_suite, ContractPeer, Scenario};
 use providers::testkit::fly_fake::{FakeFly, FakeFlyConfig, FlyOp};
 use providers::testkit::Fault;
-use providers::{MachineProvider, Secret};
+use providers::{BuildContext, MachineProvider, Secret, Workload};
 use serde_json::json;
 
 struct FlyPeer {
@@ -26,14 +26,15 @@ impl FlyPeer {
             ..FakeFlyConfig::default()
         })
         .await;
+        let ctx =
+            BuildContext::new(reqwest::Client::new()).with_request_timeout(Duration::from_secs(5));
         let provider = FlyProvider::new(
-            reqwest::Client::new(),
+            &ctx,
             FlyConfig {
                 api_url: fake.base_url(),
-                api_token: Secret::new("t0ken"),
-                app_name: "bots".into(),
+                api_token: Some(Secret::new("t0ken")),
+                app_name: Some("bots".into()),
                 default_region: Some("iad".into()),
-                request_timeout: Duration::from_secs(5),
             },
         )
         .unwrap();
@@ -49,8 +50,8 @@ impl ContractPeer for FlyPeer {
     fn provider(&self) -> Arc<dyn MachineProvider> {
         self.provider.clone()
     }
-    fn image(&self) -> String {
-        "registry.fly.io/bots:v1".into()
+    fn workload(&self) -> Workload {
+        Workload::Image("registry.fly.io/bots:v1".into())
     }
     fn supports(&self, _: Scenario) -> bool {
         true
@@ -111,8 +112,8 @@ impl ContractPeer for LocalPeer {
     fn provider(&self) -> Arc<dyn MachineProvider> {
         self.provider.clone()
     }
-    fn image(&self) -> String {
-        "sh".into()
+    fn workload(&self) -> Workload {
+        Workload::Program("sh".into())
     }
     fn cmd(&self) -> Option<Vec<String>> {
         // Stays up until signalled; exits 0 on SIGTERM or when told to via a file.
@@ -140,9 +141,7 @@ impl ContractPeer for LocalPeer {
 #[tokio::test]
 async fn local_passes_the_contract() {
     let peer = LocalPeer {
-        provider: Arc::new(LocalProvider::new(LocalConfig {
-            stop_grace: Duration::from_secs(2),
-        })),
+        provider: Arc::new(LocalProvider::new(LocalConfig { stop_grace_secs: 2 })),
     };
     run_contract_suite(&peer).await;
 }
@@ -156,8 +155,8 @@ async fn local_refuses_a_program_that_does_not_exist() {
         fn provider(&self) -> Arc<dyn MachineProvider> {
             unreachable!()
         }
-        fn image(&self) -> String {
-            "/nonexistent/bot".into()
+        fn workload(&self) -> Workload {
+            Workload::Program("/nonexistent/bot".into())
         }
         fn supports(&self, _: Scenario) -> bool {
             false
@@ -169,7 +168,7 @@ async fn local_refuses_a_program_that_does_not_exist() {
         async fn create_foreign_machine(&self) {}
     }
     let spec = providers::testkit::contract::spec_for(&Missing, "missing");
-    let err = provider.launch(&spec).await.unwrap_err();
+    let err = spec.launch(&provider).await.unwrap_err();
     assert!(
         matches!(err, providers::ProviderError::Rejected { .. }),
         "{err:?}"

@@ -2,8 +2,8 @@
 //! error mapping, request shapes) and against a real moto server (the scenarios moto can stage).
 //!
 //! moto is started from the test (`python3 -m moto.server`, installed with
-//! `pip install 'moto[server]'`); without it the moto test is skipped with a message, unless `CI`
-//! is set, in which case it fails. Two moto gaps are bridged in the test, each where it is
+//! `pip install 'moto[server]'`, which ./scripts/test does); without it the moto test fails and
+//! says how to install it: it is never reported as passed without running. Two moto gaps are bridged in the test, each where it is
 //! defined: numeric container sizes in its answers ([`MotoTypeFix`]) and tasks without
 //! timestamps ([`MotoTimestamps`]).
 
@@ -21,14 +21,17 @@ use aws_sdk_ecs::types::{
     AssignPublicIp, AwsVpcConfiguration, Compatibility, ContainerDefinition, LaunchType,
     NetworkConfiguration, NetworkMode,
 };
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use providers::fargate::{FargateConfig, FargateProvider, STOP_REASON};
-use providers::resilient::{Op, RateLimit};
-use providers::testkit::contract::{run_contract_suite, spec_for, ContractPeer, Scenario};
+use providers::retry::{Op, RateLimit};
+use providers::testkit::contract::{
+    run_contract_suite, spec_for, ContractPeer, LaunchSpec, Scenario,
+};
 use providers::testkit::ecs_fake::{EcsFault, EcsOp, FakeEcs, FakeEcsConfig};
 use providers::testkit::Fault;
 use providers::{
-    LaunchSpec, Launched, MachineProvider, MachineState, MachineStatus, ProviderError,
+    BuildContext, Deadline, Launched, MachineProvider, MachineState, MachineStatus,
+    MachineTemplate, ProviderError, ProviderSettings, Relabel, SessionBinding, Workload,
 };
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
@@ -46,10 +49,15 @@ fn sdk_config(key_id: &str) -> SdkConfig {
         .build()
 }
 
+/// The build context of every provider here: each call is bounded by 5 s.
+fn ctx() -> BuildContext {
+    BuildContext::new(reqwest::Client::new()).with_request_timeout(Duration::from_secs(5))
+}
+
 fn fargate_config(endpoint: &str) -> FargateConfig {
     FargateConfig {
-        cluster: "bots".into(),
-        task_definition: "bot".into(),
+        cluster: Some("bots".into()),
+        task_definition: Some("bot".into()),
         container_name: "bot".into(),
         subnets: vec![SUBNET.into()],
         security_groups: vec!["sg-0123".into()],
@@ -57,7 +65,6 @@ fn fargate_config(endpoint: &str) -> FargateConfig {
         spot: false,
         region: None,
         endpoint_url: Some(endpoint.into()),
-        request_timeout: Duration::from_secs(5),
     }
 }
 
@@ -104,6 +111,8 @@ async fn run_foreign_task(ecs: &aws_sdk_ecs::Client, subnet: &str) {
 struct FakePeer {
     fake: FakeEcs,
     provider: Arc<FargateProvider>,
+    /// The provider's settings, for what the configuration layer resolves (default workload).
+    config: FargateConfig,
     ecs: aws_sdk_ecs::Client,
 }
 
@@ -113,20 +122,34 @@ impl FakePeer {
     }
 
     async fn with(fake_config: FakeEcsConfig, edit: impl FnOnce(&mut FargateConfig)) -> Self {
+        Self::with_ctx(fake_config, ctx(), edit).await
+    }
+
+    async fn with_ctx(
+        fake_config: FakeEcsConfig,
+        ctx: BuildContext,
+        edit: impl FnOnce(&mut FargateConfig),
+    ) -> Self {
         let key_id = fake_config.access_key_id.clone();
         let fake = FakeEcs::start(fake_config).await;
         let mut config = fargate_config(&fake.endpoint_url());
         edit(&mut config);
-        let provider = FargateProvider::from_sdk_config(&sdk_config(&key_id), config).unwrap();
+        let provider =
+            FargateProvider::from_sdk_config(&ctx, &sdk_config(&key_id), config.clone()).unwrap();
         Self {
             ecs: ecs_client(&fake.endpoint_url(), &key_id),
             fake,
             provider: Arc::new(provider),
+            config,
         }
     }
 
     fn spec(&self, tag: &str) -> LaunchSpec {
         spec_for(self, tag)
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, ProviderError> {
+        spec.launch(&*self.provider).await
     }
 
     fn assert_no_violations(&self) {
@@ -140,9 +163,9 @@ impl ContractPeer for FakePeer {
     fn provider(&self) -> Arc<dyn MachineProvider> {
         self.provider.clone()
     }
-    fn image(&self) -> String {
+    fn workload(&self) -> Workload {
         // For fargate an agent's image names the task definition.
-        "bot".into()
+        Workload::TaskDefinition("bot".into())
     }
     fn supports(&self, _: Scenario) -> bool {
         true
@@ -188,8 +211,8 @@ async fn fargate_passes_the_contract_against_the_fake() {
 async fn a_retried_launch_starts_one_task() {
     let peer = FakePeer::start(fake_config()).await;
     let spec = peer.spec("idem");
-    let first = peer.provider.launch(&spec).await.unwrap();
-    let second = peer.provider.launch(&spec).await.unwrap();
+    let first = peer.launch(&spec).await.unwrap();
+    let second = peer.launch(&spec).await.unwrap();
     assert_eq!(first, second);
     assert_eq!(peer.fake.tasks().len(), 1);
     let tokens: Vec<Value> = peer
@@ -204,9 +227,9 @@ async fn a_retried_launch_starts_one_task() {
 
     // The same session launched with other parameters is a conflict, not a second task.
     let mut changed = spec.clone();
-    changed.env.insert("EXTRA".into(), "1".into());
-    match peer.provider.launch(&changed).await {
-        Err(ProviderError::Conflict { name, .. }) => assert_eq!(name, spec.name),
+    changed.session.env.insert("EXTRA".into(), "1".into());
+    match peer.launch(&changed).await {
+        Err(ProviderError::Conflict { name, .. }) => assert_eq!(name, spec.session.name),
         other => panic!("expected Conflict, got {other:?}"),
     }
     assert_eq!(peer.fake.tasks().len(), 1);
@@ -215,12 +238,12 @@ async fn a_retried_launch_starts_one_task() {
     let lost = peer.spec("lost");
     peer.fake
         .set_fault(EcsOp::RunTask, Fault::GhostCreate { status: 500 }, 1);
-    match peer.provider.launch(&lost).await {
+    match peer.launch(&lost).await {
         Err(e @ ProviderError::Unavailable { .. }) => assert!(e.is_transient()),
         other => panic!("expected Unavailable, got {other:?}"),
     }
     assert_eq!(peer.fake.tasks().len(), 2);
-    let retried = peer.provider.launch(&lost).await.unwrap();
+    let retried = peer.launch(&lost).await.unwrap();
     let tasks = peer.fake.tasks();
     assert_eq!(tasks.len(), 2);
     assert_eq!(tasks[1].arn, retried.handle);
@@ -231,18 +254,19 @@ async fn a_retried_launch_starts_one_task() {
 async fn launch_sends_the_bot_contract_and_labels_round_trip() {
     let peer = FakePeer::start(fake_config()).await;
     let mut spec = peer.spec("shape");
-    spec.image = "bot:1".into();
-    spec.cmd = Some(vec!["python".into(), "bot.py".into()]);
-    spec.labels.owner = "auth0|alice 🎙".into();
-    spec.guest.memory_mb = 2500;
-    let launched = peer.provider.launch(&spec).await.unwrap();
+    spec.template.workload = Workload::TaskDefinition("bot:1".into());
+    spec.template.cmd = Some(vec!["python".into(), "bot.py".into()]);
+    spec.session.labels.owner = "auth0|alice 🎙".into();
+    spec.template.guest.memory_mb = 2500;
+    let launched = peer.launch(&spec).await.unwrap();
     assert!(launched.handle.starts_with("arn:aws:ecs:us-east-1:"));
     assert_eq!(launched.region.as_deref(), Some("us-east-1"));
     assert_eq!(launched.version, None);
 
     let body = peer.fake.bodies(EcsOp::RunTask).remove(0);
     let env: Vec<Value> = spec
-        .env
+        .session
+        .machine_env(&spec.template)
         .iter()
         .map(|(k, v)| json!({"name": k, "value": v}))
         .collect();
@@ -261,7 +285,7 @@ async fn launch_sends_the_bot_contract_and_labels_round_trip() {
         json!({"containerOverrides": [{"name": "bot", "environment": env,
             "command": ["python", "bot.py"]}], "cpu": "1024", "memory": "3072"})
     );
-    assert_eq!(body["startedBy"], spec.labels.session_key.as_str());
+    assert_eq!(body["startedBy"], spec.session.labels.session_key.as_str());
     let owner_tag = body["tags"]
         .as_array()
         .unwrap()
@@ -274,7 +298,7 @@ async fn launch_sends_the_bot_contract_and_labels_round_trip() {
     assert!(owner_tag.starts_with("b64."), "{owner_tag}");
 
     peer.provider
-        .wait_started(&launched, Duration::from_secs(5))
+        .wait_started(&launched, Deadline::after(Duration::from_secs(5)))
         .await
         .unwrap();
     let status = peer
@@ -285,14 +309,14 @@ async fn launch_sends_the_bot_contract_and_labels_round_trip() {
         .unwrap();
     assert_eq!(status.state, MachineState::Started);
     assert_eq!(status.provider_state, "RUNNING");
-    assert_eq!(status.labels.as_ref(), Some(&spec.labels));
+    assert_eq!(status.labels.as_ref(), Some(&spec.session.labels));
     assert!(status.created_at.is_some() && status.started_at.is_some());
     assert!(status.started_at >= status.created_at);
 
     // An agent without an image runs the configured task definition.
     let mut default_td = peer.spec("default");
-    default_td.image.clear();
-    peer.provider.launch(&default_td).await.unwrap();
+    default_td.template.workload = peer.config.workload("default", None, None).unwrap();
+    peer.launch(&default_td).await.unwrap();
     assert_eq!(peer.fake.bodies(EcsOp::RunTask)[1]["taskDefinition"], "bot");
     peer.assert_no_violations();
 }
@@ -305,7 +329,7 @@ async fn spot_runs_on_a_fargate_spot_capacity_provider() {
         c.security_groups.clear();
     })
     .await;
-    let launched = peer.provider.launch(&peer.spec("spot")).await.unwrap();
+    let launched = peer.launch(&peer.spec("spot")).await.unwrap();
     let body = peer.fake.bodies(EcsOp::RunTask).remove(0);
     assert!(body.get("launchType").is_none());
     assert_eq!(
@@ -320,7 +344,7 @@ async fn spot_runs_on_a_fargate_spot_capacity_provider() {
         "FARGATE_SPOT"
     );
     peer.provider
-        .wait_started(&launched, Duration::from_secs(5))
+        .wait_started(&launched, Deadline::after(Duration::from_secs(5)))
         .await
         .unwrap();
     peer.assert_no_violations();
@@ -328,14 +352,17 @@ async fn spot_runs_on_a_fargate_spot_capacity_provider() {
 
 #[tokio::test]
 async fn ecs_failures_map_to_provider_errors() {
-    let peer = FakePeer::with(fake_config(), |c| {
-        c.request_timeout = Duration::from_millis(300);
-    })
+    let peer = FakePeer::with_ctx(
+        fake_config(),
+        ctx().with_request_timeout(Duration::from_millis(300)),
+        |_| {},
+    )
     .await;
     let provider = &peer.provider;
     let launch = |tag: &str| {
         let spec = peer.spec(tag);
-        async move { provider.launch(&spec).await }
+        let peer = &peer;
+        async move { peer.launch(&spec).await }
     };
 
     peer.refuse_next_launch().await;
@@ -389,8 +416,8 @@ async fn ecs_failures_map_to_provider_errors() {
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 
     let mut unknown_td = peer.spec("td");
-    unknown_td.image = "no-such-family".into();
-    match provider.launch(&unknown_td).await {
+    unknown_td.template.workload = Workload::TaskDefinition("no-such-family".into());
+    match peer.launch(&unknown_td).await {
         Err(ProviderError::Rejected {
             status: 400,
             message,
@@ -401,20 +428,21 @@ async fn ecs_failures_map_to_provider_errors() {
         other => panic!("expected Rejected, got {other:?}"),
     }
     let mut huge = peer.spec("huge");
-    huge.guest.cpus = 64;
+    huge.template.guest.cpus = 64;
     assert!(matches!(
-        provider.launch(&huge).await,
+        peer.launch(&huge).await,
         Err(ProviderError::Rejected { .. })
     ));
     let mut elsewhere = peer.spec("region");
-    elsewhere.region = Some("eu-west-1".into());
+    elsewhere.template.region = Some("eu-west-1".into());
     assert!(matches!(
-        provider.launch(&elsewhere).await,
+        peer.launch(&elsewhere).await,
         Err(ProviderError::Rejected { .. })
     ));
 
     // Bad credentials: refused, and the secret never shows.
     let wrong = FargateProvider::from_sdk_config(
+        &ctx(),
         &sdk_config("AKIDSOMEONEELSE"),
         fargate_config(&peer.fake.endpoint_url()),
     )
@@ -427,9 +455,10 @@ async fn ecs_failures_map_to_provider_errors() {
 
     provider.check().await.unwrap();
     let missing = FargateProvider::from_sdk_config(
+        &ctx(),
         &sdk_config(&peer.fake.config().access_key_id),
         FargateConfig {
-            cluster: "nope".into(),
+            cluster: Some("nope".into()),
             ..fargate_config(&peer.fake.endpoint_url())
         },
     )
@@ -445,7 +474,7 @@ async fn ecs_failures_map_to_provider_errors() {
         other => panic!("expected Rejected, got {other:?}"),
     }
     assert!(matches!(
-        missing.launch(&peer.spec("nocluster")).await,
+        peer.spec("nocluster").launch(&missing).await,
         Err(ProviderError::Rejected { .. })
     ));
 
@@ -454,6 +483,7 @@ async fn ecs_failures_map_to_provider_errors() {
     let url = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
     let gone = FargateProvider::from_sdk_config(
+        &ctx(),
         &sdk_config(&peer.fake.config().access_key_id),
         fargate_config(&url),
     )
@@ -471,11 +501,11 @@ async fn wait_started_fails_fast_when_a_task_cannot_start() {
     peer.fake.set_fail_start(Some(
         "CannotPullContainerError: pull access denied for bot".into(),
     ));
-    let launched = peer.provider.launch(&peer.spec("pull")).await.unwrap();
+    let launched = peer.launch(&peer.spec("pull")).await.unwrap();
     let t = Instant::now();
     match peer
         .provider
-        .wait_started(&launched, Duration::from_secs(10))
+        .wait_started(&launched, Deadline::after(Duration::from_secs(10)))
         .await
     {
         Err(ProviderError::StartFailed { message, .. }) => {
@@ -499,22 +529,22 @@ async fn wait_started_fails_fast_when_a_task_cannot_start() {
 #[tokio::test]
 async fn wait_started_polls_through_throttling_and_keeps_its_deadline() {
     let peer = FakePeer::start(fake_config()).await;
-    let launched = peer.provider.launch(&peer.spec("polls")).await.unwrap();
+    let launched = peer.launch(&peer.spec("polls")).await.unwrap();
     peer.fake
         .set_fault(EcsOp::DescribeTasks, EcsFault::throttling(), 2);
     peer.provider
-        .wait_started(&launched, Duration::from_secs(5))
+        .wait_started(&launched, Deadline::after(Duration::from_secs(5)))
         .await
         .expect("throttled polls are polled again");
 
     peer.fake.set_never_start(true);
-    let stuck = peer.provider.launch(&peer.spec("stuck")).await.unwrap();
+    let stuck = peer.launch(&peer.spec("stuck")).await.unwrap();
     peer.fake
         .set_fault(EcsOp::DescribeTasks, EcsFault::throttling(), 100);
     let t = Instant::now();
     assert!(matches!(
         peer.provider
-            .wait_started(&stuck, Duration::from_millis(700))
+            .wait_started(&stuck, Deadline::after(Duration::from_millis(700)))
             .await,
         Err(ProviderError::Timeout { .. })
     ));
@@ -538,9 +568,9 @@ async fn status_tells_exits_crashes_and_stops_apart() {
     let provider = &peer.provider;
     let mut started = Vec::new();
     for tag in ["ok", "crash", "stop"] {
-        let launched = provider.launch(&peer.spec(tag)).await.unwrap();
+        let launched = peer.launch(&peer.spec(tag)).await.unwrap();
         provider
-            .wait_started(&launched, Duration::from_secs(5))
+            .wait_started(&launched, Deadline::after(Duration::from_secs(5)))
             .await
             .unwrap();
         started.push(launched);
@@ -601,8 +631,7 @@ async fn find_and_list_read_only_this_dispatchers_tasks() {
     let mut handles = Vec::new();
     for i in 0..105 {
         handles.push(
-            provider
-                .launch(&peer.spec(&format!("m{i}")))
+            peer.launch(&peer.spec(&format!("m{i}")))
                 .await
                 .unwrap()
                 .handle,
@@ -625,7 +654,7 @@ async fn find_and_list_read_only_this_dispatchers_tasks() {
 
     let spec = peer.spec("m7");
     assert!(provider
-        .find(&spec.labels.session_key)
+        .find(&spec.session.labels.session_key)
         .await
         .unwrap()
         .is_none());
@@ -642,14 +671,15 @@ async fn find_and_list_read_only_this_dispatchers_tasks() {
 async fn set_deadline_moves_the_deadline_tag_only() {
     let peer = FakePeer::start(fake_config()).await;
     let provider: Arc<dyn MachineProvider> = peer.provider.clone();
-    assert!(provider.can_set_deadline());
+    assert!(provider.relabel().is_some());
     let limits = provider.rate_limits();
     assert!(limits.contains(&(Op::Launch, RateLimit::app(20.0, 100))));
     let spec = peer.spec("deadline");
-    let launched = provider.launch(&spec).await.unwrap();
-    let later =
-        DateTime::<Utc>::from_timestamp(spec.labels.deadline.timestamp() + 3600, 0).unwrap();
+    let launched = spec.launch(provider.as_ref()).await.unwrap();
+    let later = Deadline::from_unix_secs(spec.session.labels.deadline.unix_secs() + 3600).unwrap();
     provider
+        .relabel()
+        .unwrap()
         .set_deadline(&launched.handle, later)
         .await
         .unwrap();
@@ -661,8 +691,10 @@ async fn set_deadline_moves_the_deadline_tag_only() {
         .labels
         .unwrap();
     assert_eq!(labels.deadline, later);
-    assert_eq!(labels.owner, spec.labels.owner);
+    assert_eq!(labels.owner, spec.session.labels.owner);
     assert!(provider
+        .relabel()
+        .unwrap()
         .set_deadline("arn:aws:ecs:us-east-1:123456789012:task/bots/0000", later)
         .await
         .is_err());
@@ -818,8 +850,8 @@ struct Moto {
 }
 
 impl Moto {
-    /// `None` (after saying why) when moto cannot run here and `CI` is unset.
-    async fn start() -> Option<Moto> {
+    /// Panics, saying how to install it, when moto cannot run here.
+    async fn start() -> Moto {
         let port = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             probe.local_addr().unwrap().port()
@@ -840,7 +872,7 @@ impl Moto {
             .spawn();
         let mut child = match spawned {
             Ok(child) => child,
-            Err(e) => return skip_or_fail(&format!("cannot run python3: {e}")),
+            Err(e) => moto_missing(&format!("cannot run python3: {e}")),
         };
         // moto logs every request on stderr: keep draining it, remembering the start.
         let log = Arc::new(Mutex::new(String::new()));
@@ -863,7 +895,7 @@ impl Moto {
             if let Ok(Some(status)) = child.try_wait() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let log = log.lock().unwrap().clone();
-                return skip_or_fail(&format!("moto server exited ({status}): {log}"));
+                moto_missing(&format!("moto server exited ({status}): {log}"));
             }
             let up = http
                 .get(format!("{url}/moto-api/data.json"))
@@ -872,7 +904,7 @@ impl Moto {
                 .await
                 .is_ok_and(|r| r.status().is_success());
             if up {
-                return Some(Moto { url, _child: child });
+                return Moto { url, _child: child };
             }
             if Instant::now() > deadline {
                 panic!("moto did not answer within 30 s");
@@ -988,12 +1020,8 @@ fn stringify_container_sizes(value: &mut Value, in_containers: bool) {
     }
 }
 
-fn skip_or_fail(reason: &str) -> Option<Moto> {
-    if std::env::var_os("CI").is_some() {
-        panic!("moto is required in CI: {reason}");
-    }
-    eprintln!("skipping the moto test: {reason} (install with pip install 'moto[server]')");
-    None
+fn moto_missing(reason: &str) -> ! {
+    panic!("moto cannot run: {reason}; run ./scripts/test (it installs moto[server] with pip)");
 }
 
 /// moto leaves `createdAt`/`startedAt` out of its tasks; the contract wants one timestamp of a
@@ -1019,11 +1047,15 @@ impl MachineProvider for MotoTimestamps {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
-    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, ProviderError> {
-        self.inner.launch(spec).await
+    async fn launch(
+        &self,
+        template: &MachineTemplate,
+        session: &SessionBinding,
+    ) -> Result<Launched, ProviderError> {
+        self.inner.launch(template, session).await
     }
-    async fn wait_started(&self, l: &Launched, timeout: Duration) -> Result<(), ProviderError> {
-        self.inner.wait_started(l, timeout).await
+    async fn wait_started(&self, l: &Launched, deadline: Deadline) -> Result<(), ProviderError> {
+        self.inner.wait_started(l, deadline).await
     }
     async fn status(&self, handle: &str) -> Result<Option<MachineStatus>, ProviderError> {
         Ok(self.inner.status(handle).await?.map(|s| self.patch(s)))
@@ -1041,11 +1073,8 @@ impl MachineProvider for MotoTimestamps {
     async fn check(&self) -> Result<(), ProviderError> {
         self.inner.check().await
     }
-    fn can_set_deadline(&self) -> bool {
-        self.inner.can_set_deadline()
-    }
-    async fn set_deadline(&self, h: &str, d: DateTime<Utc>) -> Result<(), ProviderError> {
-        self.inner.set_deadline(h, d).await
+    fn relabel(&self) -> Option<&dyn Relabel> {
+        self.inner.relabel()
     }
 }
 
@@ -1061,12 +1090,12 @@ impl ContractPeer for MotoPeer {
     fn provider(&self) -> Arc<dyn MachineProvider> {
         self.provider.clone()
     }
-    fn image(&self) -> String {
+    fn workload(&self) -> Workload {
         // moto refuses a task definition it does not know, as ECS does.
         if self.refuse_next.swap(false, Ordering::SeqCst) {
-            "no-such-task-definition".into()
+            Workload::TaskDefinition("no-such-task-definition".into())
         } else {
-            "bot".into()
+            Workload::TaskDefinition("bot".into())
         }
     }
     fn supports(&self, scenario: Scenario) -> bool {
@@ -1098,9 +1127,7 @@ impl ContractPeer for MotoPeer {
 #[tokio::test]
 async fn fargate_passes_the_contract_against_moto() {
     let t0 = Instant::now();
-    let Some(moto) = Moto::start().await else {
-        return;
-    };
+    let moto = Moto::start().await;
     let boot = t0.elapsed();
     let http = reqwest::Client::new();
     // Tasks otherwise advance a status on every DescribeTasks (RUNNING → DEACTIVATING → ...):
@@ -1146,7 +1173,8 @@ async fn fargate_passes_the_contract_against_moto() {
         subnets: vec![subnet.clone()],
         ..fargate_config(&fixed.url)
     };
-    let provider = FargateProvider::from_sdk_config(&sdk_config("testing"), config).unwrap();
+    let provider =
+        FargateProvider::from_sdk_config(&ctx(), &sdk_config("testing"), config).unwrap();
     provider.check().await.expect("check against moto");
     let peer = MotoPeer {
         provider: Arc::new(MotoTimestamps {
@@ -1171,19 +1199,21 @@ async fn fargate_passes_the_contract_against_moto() {
     // What moto can check beyond the suite: encoded labels and deadline tags round-trip.
     let provider = &peer.provider;
     let mut spec = spec_for(&peer, "moto");
-    spec.labels.owner = "auth0|bob".into();
-    let launched = provider.launch(&spec).await.unwrap();
+    spec.session.labels.owner = "auth0|bob".into();
+    let launched = spec.launch(&**provider).await.unwrap();
     provider
-        .wait_started(&launched, Duration::from_secs(5))
+        .wait_started(&launched, Deadline::after(Duration::from_secs(5)))
         .await
         .unwrap();
-    let later = DateTime::<Utc>::from_timestamp(spec.labels.deadline.timestamp() + 60, 0).unwrap();
+    let later = Deadline::from_unix_secs(spec.session.labels.deadline.unix_secs() + 60).unwrap();
     provider
+        .relabel()
+        .expect("fargate can move a task's deadline")
         .set_deadline(&launched.handle, later)
         .await
         .unwrap();
     let status = provider.status(&launched.handle).await.unwrap().unwrap();
-    let mut expected = spec.labels.clone();
+    let mut expected = spec.session.labels.clone();
     expected.deadline = later;
     assert_eq!(status.labels, Some(expected));
     provider.terminate(&launched.handle).await.unwrap();

@@ -174,8 +174,11 @@ impl DailyRooms {
             .map_err(|f| RoomError::from_call(what, f))
     }
 
-    /// Success for 2xx and 404 (what the caller wanted gone is gone); `Ok(false)` for 404.
-    async fn found(resp: Response, what: &str) -> Result<bool, RoomError> {
+    /// `method` on the room `name`: whether it was there (404 is `Ok(false)`).
+    async fn on_room(&self, method: Method, name: &str, op: RoomOp) -> Result<bool, RoomError> {
+        let what = op.as_str();
+        let req = self.request(method, &format!("/rooms/{name}"));
+        let resp = self.send(req, op, what).await?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(false);
         }
@@ -235,27 +238,13 @@ impl RoomService for DailyRooms {
     }
 
     async fn delete(&self, name: &str) -> Result<(), RoomError> {
-        let what = "delete room";
-        let resp = self
-            .send(
-                self.request(Method::DELETE, &format!("/rooms/{name}")),
-                RoomOp::Delete,
-                what,
-            )
-            .await?;
-        Self::found(resp, what).await.map(drop)
+        self.on_room(Method::DELETE, name, RoomOp::Delete)
+            .await
+            .map(drop)
     }
 
     async fn exists(&self, name: &str) -> Result<bool, RoomError> {
-        let what = "get room";
-        let resp = self
-            .send(
-                self.request(Method::GET, &format!("/rooms/{name}")),
-                RoomOp::Get,
-                what,
-            )
-            .await?;
-        Self::found(resp, what).await
+        self.on_room(Method::GET, name, RoomOp::Get).await
     }
 
     async fn list_managed(&self) -> Result<Vec<ListedRoom>, RoomError> {

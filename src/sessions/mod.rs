@@ -1,5 +1,7 @@
 //! The session flow: start (room ∥ machine, then wait), status and stop, with admission and
-//! the start's own task. No HTTP types here: the handlers in `crate::api` parse, call, answer.
+//! the start's own task. It knows nothing of axum or status codes (the handlers in
+//! `crate::api` parse, call, answer; `crate::error` maps [`SessionError`]); its request and
+//! view types carry their OpenAPI schema.
 //!
 //! * [`plan`]: a start request, validated into a plan (nothing created yet);
 //! * [`start`](mod@start): admission, the start task and its steps;

@@ -22,18 +22,17 @@ fn fixture(name: &str) -> String {
     format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Through the router in-process: no socket is needed to see a 401.
 async fn assert_401(env: &TestEnv, header: Option<&str>, why: &str) {
-    let mut req = env
-        .http
-        .post(format!("{}/start", env.base))
-        .json(&start_body());
+    let mut headers = vec![("content-type", "application/json")];
     if let Some(h) = header {
-        req = req.header("authorization", h);
+        headers.push(("authorization", h));
     }
-    let resp = req.send().await.unwrap();
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{why}");
-    assert_eq!(resp.headers()["www-authenticate"], "Bearer", "{why}");
-    let body: Value = resp.json().await.unwrap();
+    let (status, resp_headers, body) = env
+        .oneshot("POST", "/start", &headers, start_body().to_string().into_bytes())
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{why}");
+    assert_eq!(resp_headers["www-authenticate"], "Bearer", "{why}");
     assert_eq!(body["error"], "unauthorized", "{why}");
     assert!(
         body["detail"].is_string() && body["info"] == body["detail"],

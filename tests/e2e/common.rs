@@ -179,6 +179,24 @@ impl TestEnv {
         (status, json)
     }
 
+    /// One request through this app's router in-process, without a socket.
+    pub async fn oneshot(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        oneshot(
+            build_router(AppState(self.app.clone())),
+            method,
+            path,
+            headers,
+            body,
+        )
+        .await
+    }
+
     pub async fn get_session(&self, sub: &str, status_url: &str) -> (StatusCode, Value) {
         self.call("GET", status_url, Some(&self.token(sub)), None)
             .await
@@ -218,6 +236,29 @@ impl TestEnv {
             "Fly spec violations: {violations:#?}"
         );
     }
+}
+
+/// One request through `router` in-process, without a socket (as axum's `examples/testing`
+/// does): status, headers and the JSON body.
+pub async fn oneshot(
+    router: axum::Router,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let mut req = axum::http::Request::builder().method(method).uri(path);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(axum::body::Body::from(body)).unwrap();
+    let (parts, body) = router.oneshot(req).await.unwrap().into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("non-JSON answer {}: {bytes:?}: {e}", parts.status));
+    (parts.status, parts.headers, json)
 }
 
 pub async fn start_fakes(fly: &FakeFlyConfig) -> (FakeFly, FakeDaily) {

@@ -10,6 +10,7 @@ mod client_js;
 mod common;
 mod embedded;
 mod hostile;
+mod in_process;
 mod observability;
 mod prism;
 mod providers;

@@ -49,11 +49,11 @@ use chrono::{DateTime, Utc};
 use reqwest::{Method, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::time::Instant;
 
 use crate::config::{check_url, required, BuildContext, ConfigError, ProviderSettings};
 use crate::env::Env;
 use crate::http::{self, CallFailure, ErrorAnswer, ErrorShape};
+use crate::retry::poll_delays;
 use crate::{
     Deadline, Launched, MachineProvider, MachineState, MachineStatus, MachineTemplate,
     ProviderError, Secret, SessionBinding, SessionLabels, Workload,
@@ -78,9 +78,6 @@ const PAGE_SIZE: u32 = 100;
 const MAX_PAGES: usize = 1000;
 /// `@type` of an Execution inside an Operation's `metadata` or `response`.
 const EXECUTION_TYPE: &str = "type.googleapis.com/google.cloud.run.v2.Execution";
-/// Polling of `wait_started`: first interval, growth factor 1.5, cap.
-const POLL_FIRST: Duration = Duration::from_millis(100);
-const POLL_MAX: Duration = Duration::from_secs(1);
 
 /// Settings of the `cloudrun` provider: the `[cloudrun]` section of the configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -142,6 +139,10 @@ impl CloudRunConfig {
 
 #[async_trait]
 impl ProviderSettings for CloudRunConfig {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
     fn apply_env(&mut self, env: &Env) -> Result<(), ConfigError> {
         env.apply("BOTDISPATCH_CLOUDRUN_PROJECT", &mut self.project)?;
         env.apply("BOTDISPATCH_CLOUDRUN_REGION", &mut self.region)?;
@@ -400,6 +401,33 @@ impl CloudRunProvider {
         })
     }
 
+    /// Polls until the execution runs (or can no longer run); no deadline of its own.
+    async fn poll_until_running(&self, handle: &str) -> Result<(), ProviderError> {
+        for delay in poll_delays() {
+            let Some(execution) = self.get_execution(handle).await? else {
+                return Err(ProviderError::StartFailed {
+                    provider: NAME,
+                    message: "the execution disappeared while starting".into(),
+                });
+            };
+            match execution.phase() {
+                // Succeeded: it ran (and is over already; status says so).
+                Phase::Running | Phase::Succeeded => return Ok(()),
+                Phase::Pending => {}
+                phase => {
+                    return Err(ProviderError::StartFailed {
+                        provider: NAME,
+                        message: execution.detail(phase).unwrap_or_else(|| {
+                            format!("the execution is {} and never ran", phase.as_str())
+                        }),
+                    })
+                }
+            }
+            tokio::time::sleep(delay).await;
+        }
+        unreachable!("poll_delays never ends")
+    }
+
     fn status_of(&self, execution: Execution) -> MachineStatus {
         let region = region_of(&execution.name)
             .unwrap_or(&self.region)
@@ -452,41 +480,9 @@ impl MachineProvider for CloudRunProvider {
         launched: &Launched,
         deadline: Deadline,
     ) -> Result<(), ProviderError> {
-        let deadline = deadline.instant();
-        let mut interval = POLL_FIRST;
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(ProviderError::Timeout { provider: NAME });
-            }
-            let execution =
-                match tokio::time::timeout(remaining, self.get_execution(&launched.handle)).await {
-                    Ok(result) => result?,
-                    Err(_) => return Err(ProviderError::Timeout { provider: NAME }),
-                };
-            let Some(execution) = execution else {
-                return Err(ProviderError::StartFailed {
-                    provider: NAME,
-                    message: "the execution disappeared while starting".into(),
-                });
-            };
-            match execution.phase() {
-                // Succeeded: it ran (and is over already; status says so).
-                Phase::Running | Phase::Succeeded => return Ok(()),
-                Phase::Pending => {}
-                phase => {
-                    return Err(ProviderError::StartFailed {
-                        provider: NAME,
-                        message: execution.detail(phase).unwrap_or_else(|| {
-                            format!("the execution is {} and never ran", phase.as_str())
-                        }),
-                    })
-                }
-            }
-            tokio::time::sleep(interval.min(deadline.saturating_duration_since(Instant::now())))
-                .await;
-            interval = (interval * 3 / 2).min(POLL_MAX);
-        }
+        tokio::time::timeout_at(deadline.instant(), self.poll_until_running(&launched.handle))
+            .await
+            .unwrap_or(Err(ProviderError::Timeout { provider: NAME }))
     }
 
     async fn status(&self, handle: &str) -> Result<Option<MachineStatus>, ProviderError> {
