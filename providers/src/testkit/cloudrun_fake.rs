@@ -28,26 +28,25 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{header, HeaderMap, Method, Uri};
+use axum::extract::State;
+use axum::http::{header, Method};
 use axum::response::Response;
-use axum::Router;
 use chrono::{DateTime, SecondsFormat, Utc};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use rand::distr::{Alphanumeric, SampleString};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::time::Instant;
+use uuid::Uuid;
 
-use super::faults::{self, ConnControl, FaultQueue, Reply, ServerHandle};
+use super::faults::{self, FakeCore};
+use super::server::{self, FakeServer, Reply, Request};
+use super::validate::discovery::{parse_duration, EXECUTION_TYPE};
 use super::{Fault, RecordedRequest};
 
-/// The published Cloud Run Admin API v2 discovery document (`rootUrl`
-/// `https://run.googleapis.com/`; its paths start with `v2/`).
-pub const CLOUD_RUN_DISCOVERY: &str = include_str!("specs/cloudrun-v2-discovery.json");
+// The validator and its document live in `validate/`; re-exported where they used to be.
+pub use super::validate::discovery::{DiscoveryValidator, CLOUD_RUN_DISCOVERY};
 
-/// `@type` of an Execution inside an Operation.
-const EXECUTION_TYPE: &str = "type.googleapis.com/google.cloud.run.v2.Execution";
 const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// Env names Cloud Run sets in job containers itself and refuses in overrides.
@@ -154,14 +153,14 @@ pub struct FakeExecution {
 /// the last handle is dropped.
 #[derive(Debug, Clone)]
 pub struct FakeCloudRun {
-    shared: Arc<Shared>,
-    server: Arc<ServerHandle>,
+    server: FakeServer<Shared>,
 }
 
 #[derive(Debug)]
 struct Shared {
     config: FakeCloudRunConfig,
     validator: &'static DiscoveryValidator,
+    core: FakeCore<CloudRunOp>,
     decoding_key: Option<DecodingKey>,
     /// `http://127.0.0.1:PORT/token`, the `aud` assertions must name; set once bound.
     token_uri: OnceLock<String>,
@@ -174,13 +173,10 @@ struct RunState {
     /// Bumped per execution created; orders listings (newest first) and page cursors.
     ordinal: u64,
     tokens: HashMap<String, Instant>,
-    requests: Vec<RecordedRequest>,
-    violations: Vec<String>,
     metadata_token_requests: usize,
     oauth_token_requests: usize,
     never_start: bool,
     next_runs: VecDeque<RunOutcome>,
-    faults: FaultQueue<CloudRunOp>,
 }
 
 /// A one-shot answer to the next `:run`.
@@ -514,24 +510,22 @@ impl FakeCloudRun {
             DecodingKey::from_rsa_pem(sa.public_key_pem.as_bytes())
                 .expect("FakeCloudRun: service_account.public_key_pem is not an RSA public key")
         });
-        let shared = Arc::new(Shared {
+        let shared = Shared {
             config,
             validator: DiscoveryValidator::cloud_run(),
+            core: FakeCore::default(),
             decoding_key,
             token_uri: OnceLock::new(),
             state: Mutex::new(RunState::default()),
-        });
-        let router = Router::new().fallback(handle).with_state(shared.clone());
-        let server = Arc::new(faults::serve(router).await);
-        let _ = shared
-            .token_uri
-            .set(format!("http://{}/token", server.addr()));
-        FakeCloudRun { shared, server }
+        };
+        let server = FakeServer::start(shared, handle).await;
+        let _ = server.token_uri.set(server.url("/token"));
+        FakeCloudRun { server }
     }
 
     /// `http://127.0.0.1:PORT/v2`, for `CloudRunConfig::api_url`.
     pub fn api_url(&self) -> String {
-        format!("http://{}/v2", self.addr())
+        self.server.url("/v2")
     }
 
     /// `127.0.0.1:PORT`, for `CloudRunAuth::MetadataServer`.
@@ -541,7 +535,7 @@ impl FakeCloudRun {
 
     /// `http://127.0.0.1:PORT/token`, for `token_uri_override`; also the `aud` assertions need.
     pub fn token_uri(&self) -> String {
-        format!("http://{}/token", self.addr())
+        self.server.url("/token")
     }
 
     /// The address the fake listens on.
@@ -551,7 +545,7 @@ impl FakeCloudRun {
 
     /// Every execution ever created, oldest first.
     pub fn executions(&self) -> Vec<FakeExecution> {
-        let state = self.shared.lock();
+        let state = self.server.lock();
         state
             .executions
             .iter()
@@ -561,7 +555,7 @@ impl FakeCloudRun {
 
     /// One execution by full name.
     pub fn execution(&self, name: &str) -> Option<FakeExecution> {
-        let state = self.shared.lock();
+        let state = self.server.lock();
         state
             .executions
             .iter()
@@ -572,17 +566,17 @@ impl FakeCloudRun {
     /// The bot of a running execution exits with `exit_code`: 0 succeeds the execution, anything
     /// else fails it (no retries). Returns whether the execution was running.
     pub fn exit_bot(&self, name: &str, exit_code: i32) -> bool {
-        self.shared.exit(name, exit_code, None)
+        self.server.exit(name, exit_code, None)
     }
 
     /// While on, executions created from now on stay pending.
     pub fn set_never_start(&self, never: bool) {
-        self.shared.lock().never_start = never;
+        self.server.lock().never_start = never;
     }
 
     /// The next `:run` is refused with 400 `INVALID_ARGUMENT` and `message`; nothing is created.
     pub fn refuse_next_run(&self, message: impl Into<String>) {
-        self.shared
+        self.server
             .lock()
             .next_runs
             .push_back(RunOutcome::Refuse(message.into()));
@@ -591,7 +585,7 @@ impl FakeCloudRun {
     /// The next `:run` answers 429 `RESOURCE_EXHAUSTED` (with a `google.rpc.RetryInfo` detail
     /// when `retry_delay` is set); nothing is created.
     pub fn throttle_next_run(&self, retry_delay: Option<Duration>) {
-        self.shared
+        self.server
             .lock()
             .next_runs
             .push_back(RunOutcome::Throttle(retry_delay));
@@ -600,7 +594,7 @@ impl FakeCloudRun {
     /// The next `:run` answers 200 with an Operation that is `done` with `error`
     /// (`google.rpc.Code` `code`); nothing is created.
     pub fn fail_next_run_operation(&self, code: i32, message: impl Into<String>) {
-        self.shared
+        self.server
             .lock()
             .next_runs
             .push_back(RunOutcome::OperationError {
@@ -611,24 +605,23 @@ impl FakeCloudRun {
 
     /// Arms `fault` for the next `count` requests of `op` (after any fault already armed for it).
     pub fn set_fault(&self, op: CloudRunOp, fault: Fault, count: u32) {
-        self.shared.lock().faults.push(op, fault, count);
+        self.server.core.set_fault(op, fault, count);
     }
 
     /// Disarms every fault and one-shot run outcome.
     pub fn clear_faults(&self) {
-        let mut state = self.shared.lock();
-        state.faults.clear();
-        state.next_runs.clear();
+        self.server.core.clear_faults();
+        self.server.lock().next_runs.clear();
     }
 
     /// Runs `job` (which must exist) the way someone else would: no botdispatch labels, running
     /// at once. Returns the execution's name.
     pub fn create_foreign_execution(&self, job: &str) -> String {
         let name = self
-            .shared
+            .server
             .create_execution(job, job_env(), Vec::new(), "600s".to_owned());
         {
-            let mut state = self.shared.lock();
+            let mut state = self.server.lock();
             if let Some(record) = state.executions.iter_mut().find(|e| e.name == name) {
                 record.phase = Phase::Running;
                 record.started_at = Some(Utc::now());
@@ -640,76 +633,51 @@ impl FakeCloudRun {
 
     /// Forgets every minted token: requests carrying one get 401 until a new one is fetched.
     pub fn revoke_tokens(&self) {
-        self.shared.lock().tokens.clear();
+        self.server.lock().tokens.clear();
     }
 
     /// Requests to the metadata server's token endpoint so far (accepted or not).
     pub fn metadata_token_requests(&self) -> usize {
-        self.shared.lock().metadata_token_requests
+        self.server.lock().metadata_token_requests
     }
 
     /// Requests to the OAuth token endpoint so far (accepted or not).
     pub fn oauth_token_requests(&self) -> usize {
-        self.shared.lock().oauth_token_requests
+        self.server.lock().oauth_token_requests
     }
 
     /// Every request answered so far, oldest first (token requests without their bodies).
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.shared.lock().requests.clone()
+        self.server.core.calls()
     }
 
     /// Every discovery violation seen so far: of requests (each answered 400) and of the fake's
     /// own answers (prefixed `fake answer`).
     pub fn spec_violations(&self) -> Vec<String> {
-        self.shared.lock().violations.clone()
+        self.server.core.violations()
     }
 }
 
-async fn handle(
-    State(shared): State<Arc<Shared>>,
-    ConnectInfo(conn): ConnectInfo<ConnControl>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let path = uri.path().to_owned();
-    let query = faults::parse_query(uri.query());
-    let (reply, recorded_body) = if path.starts_with("/computeMetadata/") {
-        (shared.metadata_token(&method, &path, &headers).await, None)
-    } else if path == "/token" {
-        (shared.oauth_token(&method, &headers, &body).await, None)
-    } else if body.is_empty() {
-        (
-            shared.api(&method, &path, &query, &headers, None).await,
-            None,
-        )
+async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    // Token requests are recorded without their bodies (a form, not JSON).
+    let (reply, recorded_body) = if request.path.starts_with("/computeMetadata/") {
+        (shared.metadata_token(&request).await, None)
+    } else if request.path == "/token" {
+        (shared.oauth_token(&request).await, None)
     } else {
-        match serde_json::from_slice::<Value>(&body) {
-            Ok(json) => (
-                shared
-                    .api(&method, &path, &query, &headers, Some(&json))
-                    .await,
-                Some(json),
-            ),
+        match request.json_body() {
+            Ok(json) => (shared.api(&request, json.as_ref()).await, json),
             Err(e) => {
                 let message = format!("Invalid JSON payload received. {e}");
                 shared
-                    .lock()
-                    .violations
-                    .push(format!("{method} {path}: {message}"));
+                    .core
+                    .violation(format!("{} {}: {message}", request.method, request.path));
                 (invalid(message), None)
             }
         }
     };
-    shared.lock().requests.push(RecordedRequest {
-        method: method.to_string(),
-        path,
-        query,
-        body: recorded_body,
-        status: reply.status(),
-    });
-    reply.into_response(&conn)
+    shared.core.record(request.recorded(recorded_body, &reply));
+    request.respond(reply)
 }
 
 /// Claims of an OAuth JWT-bearer assertion, as Google reads them.
@@ -723,12 +691,14 @@ struct AssertionClaims {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, RunState> {
-        // A panicking test thread must not take the fake down with it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        server::lock(&self.state)
     }
 
     fn mint_token(&self) -> Value {
-        let token = format!("ya29.fake-{}", super::random_alnum(40));
+        let token = format!(
+            "ya29.fake-{}",
+            Alphanumeric.sample_string(&mut rand::rng(), 40)
+        );
         let secs = self.config.token_lifetime.as_secs().max(1);
         self.lock()
             .tokens
@@ -738,32 +708,17 @@ impl Shared {
 
     /// Mints a token, unless a fault armed for `op` decides otherwise.
     async fn issue_token(&self, op: CloudRunOp) -> Reply {
-        let fault = self.lock().faults.next(op);
-        let failure = |status: u16| json!({"error": faults::reason(status).to_ascii_lowercase()});
-        match fault {
-            None => Reply::json(200, self.mint_token()),
-            Some(Fault::Status {
-                status,
-                retry_after,
-            }) => Reply::Json {
-                status,
-                body: failure(status),
-                retry_after,
-            },
-            Some(Fault::GhostCreate { status }) => {
-                self.mint_token();
-                Reply::json(status, failure(status))
-            }
-            Some(Fault::Stall(duration)) => {
-                tokio::time::sleep(duration).await;
-                Reply::json(200, self.mint_token())
-            }
-            Some(Fault::Reset) => Reply::Reset,
-        }
+        faults::answer(
+            self.core.next_fault(op),
+            || async { Reply::json(200, self.mint_token()) },
+            |status| json!({"error": faults::reason(status).to_ascii_lowercase()}),
+        )
+        .await
     }
 
-    async fn metadata_token(&self, method: &Method, path: &str, headers: &HeaderMap) -> Reply {
+    async fn metadata_token(&self, request: &Request) -> Reply {
         self.lock().metadata_token_requests += 1;
+        let (method, path) = (&request.method, &request.path);
         if method != Method::GET
             || path != "/computeMetadata/v1/instance/service-accounts/default/token"
         {
@@ -772,8 +727,7 @@ impl Shared {
                 json!({"error": format!("{method} {path} is not served here")}),
             );
         }
-        let flavor = headers.get("metadata-flavor").and_then(|v| v.to_str().ok());
-        if flavor != Some("Google") {
+        if request.header("metadata-flavor") != Some("Google") {
             return Reply::json(
                 403,
                 json!({"error": "Missing required header \"Metadata-Flavor\": \"Google\""}),
@@ -782,14 +736,13 @@ impl Shared {
         self.issue_token(CloudRunOp::MetadataToken).await
     }
 
-    async fn oauth_token(&self, method: &Method, headers: &HeaderMap, body: &[u8]) -> Reply {
+    async fn oauth_token(&self, request: &Request) -> Reply {
         self.lock().oauth_token_requests += 1;
-        if method != Method::POST {
+        if request.method != Method::POST {
             return oauth_error(405, "invalid_request", "use POST");
         }
-        let form_encoded = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
+        let form_encoded = request
+            .header(header::CONTENT_TYPE)
             .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
         if !form_encoded {
             return oauth_error(
@@ -798,8 +751,9 @@ impl Shared {
                 "Content-Type must be application/x-www-form-urlencoded",
             );
         }
-        let form: HashMap<String, String> =
-            url::form_urlencoded::parse(body).into_owned().collect();
+        let form: HashMap<String, String> = url::form_urlencoded::parse(&request.body)
+            .into_owned()
+            .collect();
         if form.get("grant_type").map(String::as_str) != Some(JWT_BEARER) {
             return oauth_error(400, "unsupported_grant_type", "Invalid grant_type.");
         }
@@ -862,12 +816,8 @@ impl Shared {
         Ok(())
     }
 
-    fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(token) = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-        else {
+    fn authorized(&self, request: &Request) -> bool {
+        let Some(token) = request.bearer_token() else {
             return false;
         };
         if self.config.static_token.as_deref() == Some(token) {
@@ -879,25 +829,17 @@ impl Shared {
             .is_some_and(|expires| Instant::now() < *expires)
     }
 
-    async fn api(
-        self: &Arc<Self>,
-        method: &Method,
-        path: &str,
-        query: &[(String, String)],
-        headers: &HeaderMap,
-        body: Option<&Value>,
-    ) -> Reply {
+    async fn api(self: &Arc<Self>, request: &Request, body: Option<&Value>) -> Reply {
+        let (method, path, query) = (&request.method, &request.path, &request.query);
         let api_path = path.trim_start_matches('/');
         if let Err(violation) =
             self.validator
                 .validate_request(method.as_str(), api_path, query, body)
         {
-            self.lock()
-                .violations
-                .push(format!("{method} {path}: {violation}"));
+            self.core.violation(format!("{method} {path}: {violation}"));
             return invalid(violation);
         }
-        if !self.authorized(headers) {
+        if !self.authorized(request) {
             return error(
                 401,
                 "Request had invalid authentication credentials. Expected OAuth 2 access token, \
@@ -928,28 +870,15 @@ impl Shared {
                 );
             }
         }
-        let fault = self.lock().faults.next(route.op());
-        let reply = match fault {
-            None => self.execute(&route, query, body),
-            Some(Fault::Status {
-                status,
-                retry_after,
-            }) => Reply::Json {
-                status,
-                body: json!({"error": {"code": status, "message": faults::reason(status),
-                                       "status": rpc_status(status)}}),
-                retry_after,
+        let reply = faults::answer(
+            self.core.next_fault(route.op()),
+            || async { self.execute(&route, request, body) },
+            |status| {
+                json!({"error": {"code": status, "message": faults::reason(status),
+                                 "status": rpc_status(status)}})
             },
-            Some(Fault::GhostCreate { status }) => {
-                let _ = self.execute(&route, query, body);
-                error(status, faults::reason(status))
-            }
-            Some(Fault::Stall(duration)) => {
-                tokio::time::sleep(duration).await;
-                self.execute(&route, query, body)
-            }
-            Some(Fault::Reset) => Reply::Reset,
-        };
+        )
+        .await;
         if let Reply::Json {
             status: 200,
             body: answer,
@@ -960,27 +889,20 @@ impl Shared {
                 self.validator
                     .validate_response(method.as_str(), api_path, answer)
             {
-                let mut state = self.lock();
                 for v in violations {
-                    state
-                        .violations
-                        .push(format!("fake answer to {method} {path}: {v}"));
+                    self.core
+                        .violation(format!("fake answer to {method} {path}: {v}"));
                 }
             }
         }
         reply
     }
 
-    fn execute(
-        self: &Arc<Self>,
-        route: &Route,
-        query: &[(String, String)],
-        body: Option<&Value>,
-    ) -> Reply {
+    fn execute(self: &Arc<Self>, route: &Route, request: &Request, body: Option<&Value>) -> Reply {
         match route {
             Route::GetJob(job) => self.get_job(job),
             Route::Run(job) => self.run(job, body),
-            Route::List(job) => self.list(job, query),
+            Route::List(job) => self.list(job, request),
             Route::GetExecution(name) => {
                 let state = self.lock();
                 match state.executions.iter().find(|e| &e.name == name) {
@@ -1013,7 +935,7 @@ impl Shared {
                 "projects/{}/locations/{}/operations/{}",
                 self.config.project,
                 self.config.region,
-                super::uuid_v4()
+                Uuid::new_v4()
             ),
             "metadata": metadata,
         })
@@ -1189,12 +1111,7 @@ impl Shared {
         state.ordinal += 1;
         let ordinal = state.ordinal;
         let name = loop {
-            let suffix: String = (0..5)
-                .map(|_| {
-                    let n = (super::random_u64() % 36) as u8;
-                    char::from(if n < 10 { b'0' + n } else { b'a' + n - 10 })
-                })
-                .collect();
+            let suffix = super::random_string(b"0123456789abcdefghijklmnopqrstuvwxyz", 5);
             let name = format!(
                 "projects/{}/locations/{}/jobs/{job}/executions/{job}-{suffix}",
                 self.config.project, self.config.region
@@ -1207,7 +1124,7 @@ impl Shared {
         let never_start = state.never_start;
         state.executions.push(ExecutionRecord {
             name: name.clone(),
-            uid: super::uuid_v4(),
+            uid: Uuid::new_v4().to_string(),
             job: job.to_owned(),
             ordinal,
             phase: Phase::Pending,
@@ -1312,21 +1229,16 @@ impl Shared {
         Reply::json(200, self.operation(snapshot))
     }
 
-    fn list(&self, job: &str, query: &[(String, String)]) -> Reply {
-        let get = |key: &str| {
-            query
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.as_str())
-        };
+    fn list(&self, job: &str, request: &Request) -> Reply {
         let max = self.config.max_page_size.max(1);
-        let page_size = get("pageSize")
+        let page_size = request
+            .query("pageSize")
             .and_then(|s| s.parse::<usize>().ok())
             .filter(|n| *n > 0)
             .map_or(max, |n| n.min(max));
         // The token is a cursor: the ordinal of the last execution of the previous page, so
         // executions created while paging neither repeat nor shift the pages.
-        let cursor = match get("pageToken").filter(|t| !t.is_empty()) {
+        let cursor = match request.query("pageToken").filter(|t| !t.is_empty()) {
             None => u64::MAX,
             Some(token) => match token.strip_prefix("after-").and_then(|n| n.parse().ok()) {
                 Some(n) => n,
@@ -1351,614 +1263,5 @@ impl Shared {
             out["nextPageToken"] = json!(format!("after-{}", last.ordinal));
         }
         Reply::json(200, out)
-    }
-}
-
-/// A `google-duration` in seconds (`"600s"`, `"1.5s"`).
-fn parse_duration(value: &str) -> Option<f64> {
-    let number = value.strip_suffix('s')?;
-    if number.is_empty()
-        || !number
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-')
-    {
-        return None;
-    }
-    number.parse().ok()
-}
-
-/// Validates requests (and answers) against a Google API discovery document: path, HTTP method,
-/// path-parameter patterns, query parameters (the method's and the API's standard ones), and
-/// JSON bodies against the method's request schema, strictly: unknown field names, wrong JSON
-/// types, values outside an `enum`, malformed `google-duration` / `google-datetime` / `int64`
-/// strings, output-only fields, and missing fields documented as `Required.` are all errors.
-///
-/// Answers are checked the same way against the response schema, output-only fields allowed, so
-/// a fake's shapes are the published ones.
-#[derive(Debug)]
-pub struct DiscoveryValidator {
-    schemas: Map<String, Value>,
-    /// The API-wide query parameters (`alt`, `fields`, `$.xgafv`, …).
-    common: Map<String, Value>,
-    methods: Vec<DiscoveryMethod>,
-}
-
-#[derive(Debug)]
-struct DiscoveryMethod {
-    http_method: String,
-    segments: Vec<PathSegment>,
-    /// The expanded path (`v2/{+name}:run`), for path-parameter patterns.
-    path: String,
-    params: Map<String, Value>,
-    request: Option<String>,
-    response: Option<String>,
-}
-
-#[derive(Debug)]
-enum PathSegment {
-    Literal(String),
-    Param,
-    /// `{name}:verb`
-    ParamVerb(String),
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    Request,
-    Response,
-}
-
-impl DiscoveryValidator {
-    /// The validator of [`CLOUD_RUN_DISCOVERY`], parsed once per process.
-    ///
-    /// # Panics
-    ///
-    /// Panics if the embedded document is not a discovery document.
-    pub fn cloud_run() -> &'static DiscoveryValidator {
-        static VALIDATOR: OnceLock<DiscoveryValidator> = OnceLock::new();
-        VALIDATOR.get_or_init(|| {
-            DiscoveryValidator::from_json(CLOUD_RUN_DISCOVERY)
-                .expect("the embedded Cloud Run discovery document parses")
-        })
-    }
-
-    /// Reads a discovery document.
-    pub fn from_json(document: &str) -> Result<Self, String> {
-        let doc: Value = serde_json::from_str(document).map_err(|e| e.to_string())?;
-        let schemas = doc
-            .get("schemas")
-            .and_then(Value::as_object)
-            .cloned()
-            .ok_or("the document has no schemas")?;
-        let common = doc
-            .get("parameters")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
-        let mut methods = Vec::new();
-        collect_methods(doc.get("resources"), &mut methods)?;
-        if methods.is_empty() {
-            return Err("the document has no methods".to_owned());
-        }
-        Ok(Self {
-            schemas,
-            common,
-            methods,
-        })
-    }
-
-    /// Finds the method of `method path` (`path` without leading `/`, e.g. `v2/projects/…`).
-    fn method(&self, method: &str, path: &str) -> Result<&DiscoveryMethod, String> {
-        let segments: Vec<&str> = path.split('/').collect();
-        let matching: Vec<&DiscoveryMethod> = self
-            .methods
-            .iter()
-            .filter(|m| m.matches(&segments))
-            .collect();
-        if matching.is_empty() {
-            return Err(format!("no method of the API serves the path /{path}"));
-        }
-        matching
-            .into_iter()
-            .filter(|m| m.http_method == method)
-            .max_by_key(|m| m.literal_count())
-            .ok_or_else(|| format!("method {method} not allowed on /{path}"))
-    }
-
-    /// Checks one request; the error explains the first problems found.
-    pub fn validate_request(
-        &self,
-        method: &str,
-        path: &str,
-        query: &[(String, String)],
-        body: Option<&Value>,
-    ) -> Result<(), String> {
-        let m = self.method(method, path)?;
-        let mut problems = Vec::new();
-        m.check_path_params(path, &mut problems);
-        self.check_query(m, query, &mut problems);
-        match (&m.request, body) {
-            (None, Some(_)) => problems.push(format!("{method} /{path} takes no request body")),
-            (Some(schema), Some(body)) => self.check(
-                &json!({ "$ref": schema }),
-                body,
-                "",
-                Direction::Request,
-                &mut problems,
-            ),
-            _ => {}
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
-        }
-    }
-
-    /// Checks an answer of `method path` against the method's response schema (and an
-    /// Operation's Execution metadata against the Execution schema).
-    pub fn validate_response(
-        &self,
-        method: &str,
-        path: &str,
-        body: &Value,
-    ) -> Result<(), Vec<String>> {
-        let m = self.method(method, path).map_err(|e| vec![e])?;
-        let mut problems = Vec::new();
-        if let Some(schema) = &m.response {
-            self.check(
-                &json!({ "$ref": schema }),
-                body,
-                "",
-                Direction::Response,
-                &mut problems,
-            );
-        }
-        for key in ["metadata", "response"] {
-            if let Some(Value::Object(inner)) = body.get(key) {
-                if inner.get("@type").and_then(Value::as_str) == Some(EXECUTION_TYPE) {
-                    let mut execution = inner.clone();
-                    execution.remove("@type");
-                    self.check(
-                        &json!({"$ref": "GoogleCloudRunV2Execution"}),
-                        &Value::Object(execution),
-                        key,
-                        Direction::Response,
-                        &mut problems,
-                    );
-                }
-            }
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems)
-        }
-    }
-
-    fn check_query(
-        &self,
-        m: &DiscoveryMethod,
-        query: &[(String, String)],
-        problems: &mut Vec<String>,
-    ) {
-        let mut seen: HashMap<&str, usize> = HashMap::new();
-        for (name, value) in query {
-            let param = m
-                .params
-                .get(name)
-                .filter(|p| p.get("location").and_then(Value::as_str) == Some("query"))
-                .or_else(|| self.common.get(name));
-            let Some(param) = param else {
-                problems.push(format!("Invalid JSON payload received. Unknown name \"{name}\": Cannot bind query parameter."));
-                continue;
-            };
-            let count = seen.entry(name.as_str()).or_default();
-            *count += 1;
-            let repeated = param.get("repeated").and_then(Value::as_bool) == Some(true);
-            if *count > 1 && !repeated {
-                problems.push(format!("query parameter {name:?} may appear once"));
-            }
-            if let Err(e) = check_scalar(param, value) {
-                problems.push(format!("Invalid value at '{name}' ({e})"));
-            }
-        }
-        for (name, param) in &m.params {
-            let required = param.get("required").and_then(Value::as_bool) == Some(true);
-            let in_query = param.get("location").and_then(Value::as_str) == Some("query");
-            if required && in_query && !seen.contains_key(name.as_str()) {
-                problems.push(format!("missing required query parameter {name:?}"));
-            }
-        }
-    }
-
-    fn check(
-        &self,
-        schema: &Value,
-        value: &Value,
-        at: &str,
-        direction: Direction,
-        problems: &mut Vec<String>,
-    ) {
-        if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
-            match self.schemas.get(reference) {
-                Some(target) => self.check(target, value, at, direction, problems),
-                None => problems.push(format!("unresolvable schema {reference:?}")),
-            }
-            return;
-        }
-        if value.is_null() {
-            // proto3 JSON reads null as the field's default.
-            return;
-        }
-        let kind = schema.get("type").and_then(Value::as_str).unwrap_or("any");
-        let shown = || {
-            if at.is_empty() {
-                "(root)".to_owned()
-            } else {
-                at.to_owned()
-            }
-        };
-        match kind {
-            "object" => {
-                let Some(object) = value.as_object() else {
-                    problems.push(format!(
-                        "Invalid value at '{}' (type.googleapis.com/object), {value}",
-                        shown()
-                    ));
-                    return;
-                };
-                let properties = schema.get("properties").and_then(Value::as_object);
-                let additional = schema.get("additionalProperties");
-                for (key, item) in object {
-                    let path = if at.is_empty() {
-                        key.clone()
-                    } else {
-                        format!("{at}.{key}")
-                    };
-                    match (properties.and_then(|p| p.get(key)), additional) {
-                        (Some(property), _) => {
-                            if direction == Direction::Request
-                                && property.get("readOnly").and_then(Value::as_bool) == Some(true)
-                            {
-                                problems.push(format!("field '{path}' is output only"));
-                            }
-                            self.check(property, item, &path, direction, problems);
-                        }
-                        (None, Some(additional)) => self.check(additional, item, &path, direction, problems),
-                        (None, None) => problems.push(format!(
-                            "Invalid JSON payload received. Unknown name \"{key}\" at '{}': Cannot find field.",
-                            shown()
-                        )),
-                    }
-                }
-                if direction == Direction::Request {
-                    for (key, property) in properties.into_iter().flatten() {
-                        let required = property
-                            .get("description")
-                            .and_then(Value::as_str)
-                            .is_some_and(|d| d.starts_with("Required."));
-                        if required && !object.contains_key(key) {
-                            let path = if at.is_empty() {
-                                key.clone()
-                            } else {
-                                format!("{at}.{key}")
-                            };
-                            problems.push(format!("Required field '{path}' is missing"));
-                        }
-                    }
-                }
-            }
-            "array" => {
-                let Some(items) = value.as_array() else {
-                    problems.push(format!("Invalid value at '{}' (array), {value}", shown()));
-                    return;
-                };
-                let item_schema = schema
-                    .get("items")
-                    .cloned()
-                    .unwrap_or_else(|| json!({"type": "any"}));
-                for (i, item) in items.iter().enumerate() {
-                    self.check(
-                        &item_schema,
-                        item,
-                        &format!("{at}[{i}]"),
-                        direction,
-                        problems,
-                    );
-                }
-            }
-            "any" => {}
-            _ => {
-                let text = match value {
-                    Value::String(s) => s.clone(),
-                    Value::Number(_) | Value::Bool(_) => value.to_string(),
-                    _ => {
-                        problems.push(format!("Invalid value at '{}' ({kind}), {value}", shown()));
-                        return;
-                    }
-                };
-                // JSON types must fit too: proto3 takes int64 as a string or a number, the rest
-                // as their own JSON type.
-                let format = schema.get("format").and_then(Value::as_str).unwrap_or("");
-                let type_ok = match kind {
-                    "string" => {
-                        value.is_string()
-                            || (matches!(format, "int64" | "uint64") && value.is_i64())
-                    }
-                    "integer" | "number" => value.is_number(),
-                    "boolean" => value.is_boolean(),
-                    _ => true,
-                };
-                if !type_ok {
-                    problems.push(format!("Invalid value at '{}' ({kind}), {value}", shown()));
-                    return;
-                }
-                if let Err(e) = check_scalar(schema, &text) {
-                    problems.push(format!("Invalid value at '{}' ({e})", shown()));
-                }
-            }
-        }
-    }
-}
-
-/// Checks a scalar's text against a discovery `type`, `format` and `enum`.
-fn check_scalar(schema: &Value, text: &str) -> Result<(), String> {
-    let kind = schema
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("string");
-    let format = schema.get("format").and_then(Value::as_str).unwrap_or("");
-    let ok = match (kind, format) {
-        ("integer", "int32") => text.parse::<i32>().is_ok(),
-        ("integer", "uint32") => text.parse::<u32>().is_ok(),
-        ("integer", _) | ("string", "int64") => text.parse::<i64>().is_ok(),
-        ("string", "uint64") => text.parse::<u64>().is_ok(),
-        ("number", _) => text.parse::<f64>().is_ok(),
-        ("boolean", _) => matches!(text, "true" | "false"),
-        ("string", "google-duration") => parse_duration(text).is_some(),
-        ("string", "google-datetime") => DateTime::parse_from_rfc3339(text).is_ok(),
-        _ => true,
-    };
-    if !ok {
-        return Err(format!(
-            "{kind}{}, {text:?}",
-            if format.is_empty() {
-                String::new()
-            } else {
-                format!(" {format}")
-            }
-        ));
-    }
-    if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
-        if !allowed.iter().any(|a| a.as_str() == Some(text)) {
-            return Err(format!("{text:?} is not a value of the enum"));
-        }
-    }
-    Ok(())
-}
-
-fn collect_methods(
-    resources: Option<&Value>,
-    out: &mut Vec<DiscoveryMethod>,
-) -> Result<(), String> {
-    let Some(resources) = resources.and_then(Value::as_object) else {
-        return Ok(());
-    };
-    for resource in resources.values() {
-        for (name, method) in resource
-            .get("methods")
-            .and_then(Value::as_object)
-            .into_iter()
-            .flatten()
-        {
-            let text = |key: &str| method.get(key).and_then(Value::as_str).map(str::to_owned);
-            let flat = text("flatPath")
-                .or_else(|| text("path"))
-                .ok_or_else(|| format!("method {name} has no path"))?;
-            let segments = flat
-                .split('/')
-                .map(
-                    |s| match s.strip_prefix('{').and_then(|rest| rest.split_once('}')) {
-                        Some((_, "")) => PathSegment::Param,
-                        Some((_, verb)) => {
-                            PathSegment::ParamVerb(verb.trim_start_matches(':').to_owned())
-                        }
-                        None => PathSegment::Literal(s.to_owned()),
-                    },
-                )
-                .collect();
-            out.push(DiscoveryMethod {
-                http_method: text("httpMethod")
-                    .ok_or_else(|| format!("method {name} has no httpMethod"))?,
-                segments,
-                path: text("path").unwrap_or(flat),
-                params: method
-                    .get("parameters")
-                    .and_then(Value::as_object)
-                    .cloned()
-                    .unwrap_or_default(),
-                request: method
-                    .pointer("/request/$ref")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned),
-                response: method
-                    .pointer("/response/$ref")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned),
-            });
-        }
-        collect_methods(resource.get("resources"), out)?;
-    }
-    Ok(())
-}
-
-impl DiscoveryMethod {
-    fn matches(&self, segments: &[&str]) -> bool {
-        self.segments.len() == segments.len()
-            && self
-                .segments
-                .iter()
-                .zip(segments)
-                .all(|(template, actual)| match template {
-                    PathSegment::Literal(l) => l == actual,
-                    PathSegment::Param => !actual.is_empty() && !actual.contains(':'),
-                    PathSegment::ParamVerb(verb) => actual
-                        .strip_suffix(verb.as_str())
-                        .and_then(|s| s.strip_suffix(':'))
-                        .is_some_and(|id| !id.is_empty() && !id.contains(':')),
-                })
-    }
-
-    fn literal_count(&self) -> usize {
-        self.segments
-            .iter()
-            .filter(|s| matches!(s, PathSegment::Literal(_)))
-            .count()
-    }
-
-    /// Checks the `{+name}` expansion of the request path against the parameter's `pattern`.
-    fn check_path_params(&self, path: &str, problems: &mut Vec<String>) {
-        let Some((prefix, rest)) = self.path.split_once("{+") else {
-            return;
-        };
-        let Some((name, suffix)) = rest.split_once('}') else {
-            return;
-        };
-        let Some(value) = path
-            .strip_prefix(prefix)
-            .and_then(|v| v.strip_suffix(suffix))
-        else {
-            return;
-        };
-        let Some(pattern) = self.params.get(name).and_then(|p| p.get("pattern")) else {
-            return;
-        };
-        let matches = jsonschema::validator_for(&json!({ "type": "string", "pattern": pattern }))
-            .map(|v| v.is_valid(&json!(value)));
-        if !matches!(matches, Ok(true)) {
-            problems.push(format!(
-                "path parameter {name} = {value:?} does not match {pattern}"
-            ));
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const RUN: &str = "v2/projects/p/locations/r/jobs/bots:run";
-
-    fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
-
-    fn run_body() -> Value {
-        json!({"overrides": {
-            "containerOverrides": [{"env": [{"name": "A", "value": "1"}], "args": ["x"]}],
-            "taskCount": 1,
-            "timeout": "600s",
-        }})
-    }
-
-    #[test]
-    fn a_correct_run_request_passes() {
-        let v = DiscoveryValidator::cloud_run();
-        v.validate_request("POST", RUN, &[], Some(&run_body()))
-            .unwrap();
-        v.validate_request("POST", RUN, &[], None).unwrap();
-    }
-
-    #[test]
-    fn unknown_fields_wrong_types_and_bad_formats_fail() {
-        let v = DiscoveryValidator::cloud_run();
-        let mut body = run_body();
-        body["overrides"]["labels"] = json!({"a": "b"});
-        let err = v
-            .validate_request("POST", RUN, &[], Some(&body))
-            .unwrap_err();
-        assert!(
-            err.contains("Unknown name \"labels\" at 'overrides'"),
-            "{err}"
-        );
-
-        let mut body = run_body();
-        body["overrides"]["taskCount"] = json!("1");
-        assert!(v.validate_request("POST", RUN, &[], Some(&body)).is_err());
-
-        let mut body = run_body();
-        body["overrides"]["timeout"] = json!("600");
-        let err = v
-            .validate_request("POST", RUN, &[], Some(&body))
-            .unwrap_err();
-        assert!(err.contains("google-duration"), "{err}");
-
-        let mut body = run_body();
-        body["overrides"]["containerOverrides"][0]["env"][0] = json!({"value": "no name"});
-        let err = v
-            .validate_request("POST", RUN, &[], Some(&body))
-            .unwrap_err();
-        assert!(err.contains("Required field"), "{err}");
-
-        let mut body = run_body();
-        body["overrides"]["containerOverrides"][0]["env"] = json!({"A": "1"});
-        assert!(v.validate_request("POST", RUN, &[], Some(&body)).is_err());
-    }
-
-    #[test]
-    fn paths_methods_and_query_parameters_are_checked() {
-        let v = DiscoveryValidator::cloud_run();
-        let list = "v2/projects/p/locations/r/jobs/-/executions";
-        v.validate_request(
-            "GET",
-            list,
-            &q(&[("pageSize", "100"), ("pageToken", "t")]),
-            None,
-        )
-        .unwrap();
-        assert!(v
-            .validate_request("GET", list, &q(&[("pageSize", "many")]), None)
-            .is_err());
-        assert!(v
-            .validate_request("GET", list, &q(&[("filter", "x")]), None)
-            .is_err());
-        assert!(v.validate_request("DELETE", list, &[], None).is_err());
-        assert!(v.validate_request("GET", "v2/nope", &[], None).is_err());
-        let cancel = "v2/projects/p/locations/r/jobs/j/executions/j-abcde:cancel";
-        v.validate_request("POST", cancel, &[], Some(&json!({})))
-            .unwrap();
-        assert!(v
-            .validate_request("POST", cancel, &[], Some(&json!({"force": true})))
-            .is_err());
-        let get = "v2/projects/p/locations/r/jobs/j/executions/j-abcde";
-        v.validate_request("GET", get, &[], None).unwrap();
-        assert!(v
-            .validate_request("GET", get, &[], Some(&json!({})))
-            .is_err());
-    }
-
-    #[test]
-    fn answers_are_checked_with_output_only_fields_allowed() {
-        let v = DiscoveryValidator::cloud_run();
-        let get = "v2/projects/p/locations/r/jobs/j/executions/j-abcde";
-        let execution = json!({"name": "x", "runningCount": 1, "createTime": "2026-11-22T10:00:00Z",
-                               "conditions": [{"type": "Completed", "state": "CONDITION_PENDING"}]});
-        v.validate_response("GET", get, &execution).unwrap();
-        let bad = json!({"name": "x", "conditions": [{"state": "PENDING"}]});
-        assert!(v.validate_response("GET", get, &bad).is_err());
-        let op = json!({"name": "o", "metadata": {"@type": EXECUTION_TYPE, "runningCount": "x"}});
-        assert!(v.validate_response("POST", RUN, &op).is_err());
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("600s"), Some(600.0));
-        assert_eq!(parse_duration("1.5s"), Some(1.5));
-        assert_eq!(parse_duration("600"), None);
-        assert_eq!(parse_duration("1e3s"), None);
     }
 }

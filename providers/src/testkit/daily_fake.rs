@@ -10,15 +10,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{header, HeaderMap, Method, Uri};
+use axum::extract::State;
+use axum::http::Method;
 use axum::response::Response;
-use axum::Router;
 use chrono::{DateTime, SecondsFormat, Utc};
+use rand::distr::{Alphanumeric, SampleString};
 use serde_json::{json, Map, Value};
+use uuid::Uuid;
 
-use super::faults::{self, ConnControl, FaultQueue, Reply, ServerHandle};
+use super::faults::{self, FakeCore};
+use super::server::{self, FakeServer, Reply, Request};
 use super::{Fault, RecordedRequest};
 
 /// Configuration of a [`FakeDaily`].
@@ -97,13 +98,13 @@ impl FakeRoom {
 /// stops when the last handle is dropped.
 #[derive(Debug, Clone)]
 pub struct FakeDaily {
-    shared: Arc<Shared>,
-    server: Arc<ServerHandle>,
+    server: FakeServer<Shared>,
 }
 
 #[derive(Debug)]
 struct Shared {
     config: FakeDailyConfig,
+    core: FakeCore<DailyOp>,
     state: Mutex<DailyState>,
 }
 
@@ -111,10 +112,8 @@ struct Shared {
 struct DailyState {
     /// Oldest first.
     rooms: Vec<FakeRoom>,
-    requests: Vec<RecordedRequest>,
     fail_create: Option<(u16, String)>,
     create_delay: Duration,
-    faults: FaultQueue<DailyOp>,
     /// Added to the wall clock, to expire rooms without waiting.
     clock_offset: chrono::Duration,
 }
@@ -222,19 +221,20 @@ impl FakeDaily {
     ///
     /// Panics outside a tokio runtime or if no local port can be bound.
     pub async fn start(config: FakeDailyConfig) -> FakeDaily {
-        let shared = Arc::new(Shared {
+        let shared = Shared {
             config,
+            core: FakeCore::default(),
             state: Mutex::new(DailyState::default()),
-        });
-        let router = Router::new().fallback(handle).with_state(shared.clone());
-        let server = Arc::new(faults::serve(router).await);
-        FakeDaily { shared, server }
+        };
+        FakeDaily {
+            server: FakeServer::start(shared, handle).await,
+        }
     }
 
     /// `http://127.0.0.1:PORT/v1`, what a client configured for `https://api.daily.co/v1`
     /// should use.
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr())
+        self.server.url("/v1")
     }
 
     /// The address the fake listens on.
@@ -244,12 +244,12 @@ impl FakeDaily {
 
     /// The API key the fake accepts.
     pub fn api_key(&self) -> &str {
-        &self.shared.config.api_key
+        &self.server.config.api_key
     }
 
     /// The rooms that exist (not deleted, not expired), oldest first.
     pub fn rooms(&self) -> Vec<FakeRoom> {
-        let mut state = self.shared.lock();
+        let mut state = self.server.lock();
         state.prune();
         state.rooms.clone()
     }
@@ -261,35 +261,35 @@ impl FakeDaily {
 
     /// Every request answered so far, oldest first.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.shared.lock().requests.clone()
+        self.server.core.calls()
     }
 
     /// While set, every room creation answers `status` with
     /// `{"error": <type for the status>, "info": <message>}` and creates nothing.
     pub fn set_fail_create(&self, failure: Option<(u16, String)>) {
-        self.shared.lock().fail_create = failure;
+        self.server.lock().fail_create = failure;
     }
 
     /// Room creations answer after this delay. The room exists from the moment the request
     /// arrived, like a slow API whose caller may time out after the fact.
     pub fn set_create_delay(&self, delay: Duration) {
-        self.shared.lock().create_delay = delay;
+        self.server.lock().create_delay = delay;
     }
 
     /// Arms `fault` for the next `count` requests of `op` (after any fault already armed for it).
     pub fn set_fault(&self, op: DailyOp, fault: Fault, count: u32) {
-        self.shared.lock().faults.push(op, fault, count);
+        self.server.core.set_fault(op, fault, count);
     }
 
     /// Disarms every fault armed with [`set_fault`](Self::set_fault).
     pub fn clear_faults(&self) {
-        self.shared.lock().faults.clear();
+        self.server.core.clear_faults();
     }
 
     /// Moves the fake's clock forward (rooms whose `exp` passed disappear), without sleeping.
     pub fn advance_clock(&self, by: Duration) {
         let by = chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX);
-        let mut state = self.shared.lock();
+        let mut state = self.server.lock();
         state.clock_offset = state
             .clock_offset
             .checked_add(&by)
@@ -297,41 +297,20 @@ impl FakeDaily {
     }
 }
 
-async fn handle(
-    State(shared): State<Arc<Shared>>,
-    ConnectInfo(conn): ConnectInfo<ConnControl>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let path = uri.path().to_owned();
-    let query = faults::parse_query(uri.query());
-    let parsed_body = if body.is_empty() {
-        Ok(None)
-    } else {
-        serde_json::from_slice::<Value>(&body).map(Some)
-    };
-    let reply = match &parsed_body {
-        Ok(json) => {
-            shared
-                .process(&method, &path, &query, &headers, json.as_ref())
-                .await
-        }
+async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let body = request.json_body();
+    let reply = match &body {
+        Ok(json) => shared.process(&request, json.as_ref()).await,
         Err(e) => daily_error(
             400,
             "invalid-request-error",
             format!("invalid JSON body: {e}"),
         ),
     };
-    shared.lock().requests.push(RecordedRequest {
-        method: method.to_string(),
-        path,
-        query,
-        body: parsed_body.ok().flatten(),
-        status: reply.status(),
-    });
-    reply.into_response(&conn)
+    shared
+        .core
+        .record(request.recorded(body.ok().flatten(), &reply));
+    request.respond(reply)
 }
 
 fn daily_error(status: u16, kind: &str, info: impl Into<String>) -> Reply {
@@ -368,63 +347,31 @@ fn valid_room_name(name: &str) -> bool {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, DailyState> {
-        // A panicking test thread must not take the fake down with it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        server::lock(&self.state)
     }
 
-    async fn process(
-        &self,
-        method: &Method,
-        path: &str,
-        query: &[(String, String)],
-        headers: &HeaderMap,
-        body: Option<&Value>,
-    ) -> Reply {
-        let expected = format!("Bearer {}", self.config.api_key);
-        let authorized = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v == expected);
-        if !authorized {
+    async fn process(&self, request: &Request, body: Option<&Value>) -> Reply {
+        if request.bearer_token() != Some(self.config.api_key.as_str()) {
             return daily_error(
                 401,
                 "authentication-error",
                 "missing or invalid API key in the Authorization header",
             );
         }
+        let (method, path) = (&request.method, &request.path);
         let Some(route) = Route::parse(method, path) else {
             return daily_error(404, "not-found", format!("no route for {method} {path}"));
         };
 
-        let fault = self.lock().faults.next(route.op());
-        match fault {
-            None => self.execute(&route, query, body).await,
-            Some(Fault::Status {
-                status,
-                retry_after,
-            }) => Reply::Json {
-                status,
-                body: json!({"error": error_kind(status), "info": faults::reason(status)}),
-                retry_after,
-            },
-            Some(Fault::GhostCreate { status }) => {
-                let _ = self.execute(&route, query, body).await;
-                daily_error(status, error_kind(status), faults::reason(status))
-            }
-            Some(Fault::Stall(duration)) => {
-                tokio::time::sleep(duration).await;
-                self.execute(&route, query, body).await
-            }
-            Some(Fault::Reset) => Reply::Reset,
-        }
+        faults::answer(
+            self.core.next_fault(route.op()),
+            || self.execute(&route, request, body),
+            |status| json!({"error": error_kind(status), "info": faults::reason(status)}),
+        )
+        .await
     }
 
-    async fn execute(
-        &self,
-        route: &Route,
-        query: &[(String, String)],
-        body: Option<&Value>,
-    ) -> Reply {
+    async fn execute(&self, route: &Route, request: &Request, body: Option<&Value>) -> Reply {
         match route {
             Route::Domain => Reply::json(
                 200,
@@ -440,18 +387,13 @@ impl Shared {
                 state.prune();
                 // Daily lists rooms newest first, at most `limit` (≤ 100) a page; `ending_before`
                 // (a room id) continues with the rooms created before that one.
-                let param = |name: &str| {
-                    query
-                        .iter()
-                        .find(|(k, _)| k == name)
-                        .map(|(_, v)| v.as_str())
-                };
-                let limit = param("limit")
+                let limit = request
+                    .query("limit")
                     .and_then(|l| l.parse::<usize>().ok())
                     .unwrap_or(100)
                     .clamp(1, 100);
                 let newest_first = state.rooms.iter().rev();
-                let data: Vec<Value> = match param("ending_before") {
+                let data: Vec<Value> = match request.query("ending_before") {
                     Some(id) => newest_first
                         .skip_while(|r| r.id != id)
                         .skip(1)
@@ -538,14 +480,14 @@ impl Shared {
                 }
                 Some(name) => name,
                 None => loop {
-                    let candidate = super::random_alnum(20);
+                    let candidate = Alphanumeric.sample_string(&mut rand::rng(), 20);
                     if !existing.contains(candidate.as_str()) {
                         break candidate;
                     }
                 },
             };
             let room = FakeRoom {
-                id: super::uuid_v4(),
+                id: Uuid::new_v4().to_string(),
                 url: format!("https://{}.daily.co/{name}", self.config.domain_name),
                 name,
                 privacy,

@@ -23,29 +23,27 @@
 //! (violations are recorded and answered 400), SigV4 header (400 `UnrecognizedClientException`),
 //! implemented operation (501), armed [`EcsFault`], then the operation itself.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
+use axum::extract::State;
+use axum::http::{header, HeaderValue, Method};
+use axum::response::Response;
 use chrono::{DateTime, Utc};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
+use uuid::Uuid;
 
-use super::faults::{self, ConnControl, ServerHandle};
+use super::faults::{self, FakeCore};
+use super::server::{self, FakeServer, Reply, Request};
 use super::Fault;
 
-/// The official botocore service model of ECS (`ecs/2014-11-13/service-2.json`).
-pub const ECS_SPEC: &str = include_str!("specs/ecs-service-2.json");
+// The validator and its document live in `validate/`; re-exported where they used to be.
+pub use super::validate::botocore::{BotocoreValidator, ECS_SPEC};
 
 const TARGET_PREFIX: &str = "AmazonEC2ContainerServiceV20141113.";
 const JSON_11: &str = "application/x-amz-json-1.1";
-/// The ECS model's pattern of tag keys and values.
-const TAG_PATTERN: &str = "([\\p{L}\\p{Z}\\p{N}_.:/=+\\-@]*)";
 
 /// Configuration of a [`FakeEcs`].
 #[derive(Debug, Clone)]
@@ -338,14 +336,14 @@ impl FakeTask {
 /// when the last handle is dropped.
 #[derive(Debug, Clone)]
 pub struct FakeEcs {
-    shared: Arc<Shared>,
-    server: Arc<ServerHandle>,
+    server: FakeServer<Shared>,
 }
 
 #[derive(Debug)]
 struct Shared {
     config: FakeEcsConfig,
     validator: BotocoreValidator,
+    core: FakeCore<EcsOp, EcsCall, EcsFault>,
     state: Mutex<EcsState>,
 }
 
@@ -354,9 +352,6 @@ struct EcsState {
     tasks: Vec<TaskRecord>,
     /// `clientToken` → (the request it came with, the tasks it started).
     tokens: HashMap<String, (Value, Vec<String>)>,
-    calls: Vec<EcsCall>,
-    violations: Vec<String>,
-    faults: HashMap<EcsOp, VecDeque<(EcsFault, u32)>>,
     never_start: bool,
     fail_start: Option<String>,
 }
@@ -368,85 +363,33 @@ struct TaskRecord {
     epoch: u64,
 }
 
-/// What the fake answers.
-enum Answer {
-    Json {
-        status: u16,
-        body: Value,
-        retry_after: Option<u64>,
-    },
-    Reset,
+fn ecs_error(status: u16, kind: &str, message: impl Into<String>) -> Reply {
+    Reply::json(status, json!({"__type": kind, "message": message.into()}))
 }
 
-impl Answer {
-    fn ok(body: Value) -> Self {
-        Self::Json {
-            status: 200,
-            body,
-            retry_after: None,
-        }
-    }
-
-    fn error(status: u16, kind: &str, message: impl Into<String>) -> Self {
-        Self::Json {
-            status,
-            body: json!({"__type": kind, "message": message.into()}),
-            retry_after: None,
-        }
-    }
-
-    fn invalid(message: impl Into<String>) -> Self {
-        Self::error(400, "InvalidParameterException", message)
-    }
-
-    fn status(&self) -> u16 {
-        match self {
-            Self::Json { status, .. } => *status,
-            Self::Reset => 0,
-        }
-    }
-
-    fn into_response(self, conn: &ConnControl) -> Response {
-        match self {
-            Self::Json {
-                status,
-                body,
-                retry_after,
-            } => {
-                let status =
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                let mut response = (status, body.to_string()).into_response();
-                let headers = response.headers_mut();
-                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON_11));
-                if let Ok(id) = HeaderValue::from_str(&super::uuid_v4()) {
-                    headers.insert("x-amzn-requestid", id);
-                }
-                if let Some(seconds) = retry_after {
-                    headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-                }
-                response
-            }
-            Self::Reset => {
-                conn.reset();
-                StatusCode::INTERNAL_SERVER_ERROR.into_response()
-            }
-        }
-    }
+fn invalid(message: impl Into<String>) -> Reply {
+    ecs_error(400, "InvalidParameterException", message)
 }
 
-/// The error answer that goes with an HTTP status (for [`EcsFault::Http`]).
-fn error_for_status(status: u16, retry_after: Option<u64>) -> Answer {
+/// The error body that goes with an HTTP status (for [`EcsFault::Http`]).
+fn error_for_status(status: u16) -> Value {
     let kind = match status {
         429 => "ThrottlingException",
         503 => "ServiceUnavailableException",
         s if s >= 500 => "ServerException",
         _ => "ClientException",
     };
-    Answer::Json {
-        status,
-        body: json!({"__type": kind, "message": faults::reason(status)}),
-        retry_after,
+    json!({"__type": kind, "message": faults::reason(status)})
+}
+
+/// Gives a response the headers of ECS's AWS JSON 1.1 protocol.
+fn aws_json(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON_11));
+    if let Ok(id) = HeaderValue::from_str(&Uuid::new_v4().to_string()) {
+        headers.insert("x-amzn-requestid", id);
     }
+    response
 }
 
 impl FakeEcs {
@@ -456,19 +399,20 @@ impl FakeEcs {
     ///
     /// Panics outside a tokio runtime or if no local port can be bound.
     pub async fn start(config: FakeEcsConfig) -> FakeEcs {
-        let shared = Arc::new(Shared {
+        let shared = Shared {
             config,
             validator: BotocoreValidator::ecs(),
+            core: FakeCore::default(),
             state: Mutex::new(EcsState::default()),
-        });
-        let router = Router::new().fallback(handle).with_state(shared.clone());
-        let server = Arc::new(faults::serve(router).await);
-        FakeEcs { shared, server }
+        };
+        FakeEcs {
+            server: FakeServer::start(shared, handle).await,
+        }
     }
 
     /// `http://127.0.0.1:PORT`: the endpoint URL to give the SDK.
     pub fn endpoint_url(&self) -> String {
-        format!("http://{}", self.addr())
+        self.server.url("")
     }
 
     /// The address the fake listens on.
@@ -478,12 +422,12 @@ impl FakeEcs {
 
     /// The fake's configuration.
     pub fn config(&self) -> &FakeEcsConfig {
-        &self.shared.config
+        &self.server.config
     }
 
     /// Every task ever started (stopped ones included), oldest first.
     pub fn tasks(&self) -> Vec<FakeTask> {
-        self.shared
+        self.server
             .lock()
             .tasks
             .iter()
@@ -493,7 +437,7 @@ impl FakeEcs {
 
     /// One task by ARN or id.
     pub fn task(&self, arn: &str) -> Option<FakeTask> {
-        let state = self.shared.lock();
+        let state = self.server.lock();
         state
             .tasks
             .iter()
@@ -504,95 +448,72 @@ impl FakeEcs {
     /// The bot of task `arn` exits with `exit_code`: a `RUNNING` task is stopped with
     /// `EssentialContainerExited` and drains to `STOPPED` (tags kept). Returns whether it ran.
     pub fn exit_task(&self, arn: &str, exit_code: i32) -> bool {
-        self.shared.exit(arn, exit_code, None)
+        self.server.exit(arn, exit_code, None)
     }
 
     /// Every request answered so far, oldest first.
     pub fn calls(&self) -> Vec<EcsCall> {
-        self.shared.lock().calls.clone()
+        self.server.core.calls()
     }
 
     /// The bodies of the answered requests of `op`, oldest first.
     pub fn bodies(&self, op: EcsOp) -> Vec<Value> {
-        self.shared
-            .lock()
-            .calls
-            .iter()
+        self.calls()
+            .into_iter()
             .filter(|c| c.op == op.name())
-            .filter_map(|c| c.body.clone())
+            .filter_map(|c| c.body)
             .collect()
     }
 
     /// Every model violation seen so far (each was answered 400).
     pub fn spec_violations(&self) -> Vec<String> {
-        self.shared.lock().violations.clone()
+        self.server.core.violations()
     }
 
     /// While on, tasks started from now on stay `PENDING` (until stopped).
     pub fn set_never_start(&self, never: bool) {
-        self.shared.lock().never_start = never;
+        self.server.lock().never_start = never;
     }
 
     /// While set, tasks started from now on stop after `PENDING` with `TaskFailedToStart` and
     /// this `stoppedReason` (e.g. `CannotPullContainerError: ...`).
     pub fn set_fail_start(&self, reason: Option<String>) {
-        self.shared.lock().fail_start = reason;
+        self.server.lock().fail_start = reason;
     }
 
     /// Arms `fault` for the next `count` requests of `op` (after any fault already armed for it).
     pub fn set_fault(&self, op: EcsOp, fault: impl Into<EcsFault>, count: u32) {
-        if count > 0 {
-            self.shared
-                .lock()
-                .faults
-                .entry(op)
-                .or_default()
-                .push_back((fault.into(), count));
-        }
+        self.server.core.set_fault(op, fault.into(), count);
     }
 
     /// Disarms every fault.
     pub fn clear_faults(&self) {
-        self.shared.lock().faults.clear();
+        self.server.core.clear_faults();
     }
 }
 
-async fn handle(
-    State(shared): State<Arc<Shared>>,
-    ConnectInfo(conn): ConnectInfo<ConnControl>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let target = headers
-        .get("x-amz-target")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let target = request.header("x-amz-target").unwrap_or_default();
     let op_name = target
         .strip_prefix(TARGET_PREFIX)
         .unwrap_or_default()
         .to_owned();
-    let parsed = serde_json::from_slice::<Value>(&body);
-    let answer = match &parsed {
-        Ok(json) => {
-            shared
-                .process(&method, uri.path(), &headers, &target, &op_name, json)
-                .await
-        }
+    // Unlike the REST fakes', an empty body is not valid here: AWS JSON sends at least `{}`.
+    let body = serde_json::from_slice::<Value>(&request.body);
+    let reply = match &body {
+        Ok(json) => shared.process(&request, target, &op_name, json).await,
         Err(e) => {
             let message = format!("{op_name}: request body is not valid JSON: {e}");
-            shared.lock().violations.push(message.clone());
-            Answer::error(400, "SerializationException", message)
+            shared.core.violation(message.clone());
+            ecs_error(400, "SerializationException", message)
         }
     };
-    shared.lock().calls.push(EcsCall {
+    shared.core.record(EcsCall {
         op: op_name,
-        body: parsed.ok(),
-        status: answer.status(),
+        body: body.ok(),
+        status: reply.status(),
     });
-    answer.into_response(&conn)
+    aws_json(request.respond(reply))
 }
 
 fn epoch(at: DateTime<Utc>) -> Value {
@@ -634,24 +555,22 @@ fn str_field<'a>(body: &'a Value, key: &str) -> Option<&'a str> {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, EcsState> {
-        // A panicking test thread must not take the fake down with it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        server::lock(&self.state)
     }
 
-    fn violation(&self, message: String) -> Answer {
-        self.lock().violations.push(message.clone());
-        Answer::error(400, "InvalidParameterException", message)
+    fn violation(&self, message: String) -> Reply {
+        self.core.violation(message.clone());
+        invalid(message)
     }
 
     async fn process(
         self: &Arc<Self>,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
+        request: &Request,
         target: &str,
         op_name: &str,
         body: &Value,
-    ) -> Answer {
+    ) -> Reply {
+        let (method, path) = (&request.method, &request.path);
         if method != Method::POST || path != "/" {
             return self.violation(format!("{method} {path}: ECS takes POST / only"));
         }
@@ -660,10 +579,7 @@ impl Shared {
                 "X-Amz-Target {target:?} does not start with {TARGET_PREFIX}"
             ));
         }
-        let content_type = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
+        let content_type = request.header(header::CONTENT_TYPE).unwrap_or_default();
         if content_type != JSON_11 {
             return self.violation(format!(
                 "{op_name}: Content-Type is {content_type:?}, not {JSON_11}"
@@ -672,87 +588,63 @@ impl Shared {
         if let Err(violation) = self.validator.validate(op_name, body) {
             return self.violation(violation);
         }
-        if let Err(answer) = self.authenticate(headers) {
+        if let Err(answer) = self.authenticate(request) {
             return answer;
         }
         let Some(op) = EcsOp::from_name(op_name) else {
-            return Answer::error(
+            return ecs_error(
                 501,
                 "NotImplemented",
                 format!("{op_name} is not implemented by FakeEcs"),
             );
         };
 
-        let fault = {
-            let mut state = self.lock();
-            let queue = state.faults.entry(op).or_default();
-            match queue.front_mut() {
-                Some((fault, remaining)) => {
-                    let fault = fault.clone();
-                    *remaining -= 1;
-                    if *remaining == 0 {
-                        queue.pop_front();
-                    }
-                    Some(fault)
-                }
-                None => None,
-            }
-        };
-        match fault {
-            None => self.execute(op, body),
+        let http_fault = match self.core.next_fault(op) {
+            None => None,
+            Some(EcsFault::Http(fault)) => Some(fault),
             Some(EcsFault::Error {
                 status,
                 kind,
                 message,
-            }) => Answer::error(status, &kind, message),
+            }) => return ecs_error(status, &kind, message),
             Some(EcsFault::RunTaskFailure { reason, detail }) if op == EcsOp::RunTask => {
                 let mut failure = json!({"reason": reason});
                 if let Some(detail) = detail {
                     failure["detail"] = json!(detail);
                 }
-                Answer::ok(json!({"tasks": [], "failures": [failure]}))
+                return Reply::json(200, json!({"tasks": [], "failures": [failure]}));
             }
-            Some(EcsFault::RunTaskFailure { .. }) => self.execute(op, body),
-            Some(EcsFault::Http(Fault::Status {
-                status,
-                retry_after,
-            })) => error_for_status(status, retry_after),
-            Some(EcsFault::Http(Fault::GhostCreate { status })) => {
-                let _ = self.execute(op, body);
-                error_for_status(status, None)
-            }
-            Some(EcsFault::Http(Fault::Stall(duration))) => {
-                tokio::time::sleep(duration).await;
-                self.execute(op, body)
-            }
-            Some(EcsFault::Http(Fault::Reset)) => Answer::Reset,
-        }
+            Some(EcsFault::RunTaskFailure { .. }) => None,
+        };
+        faults::answer(
+            http_fault,
+            || async { self.execute(op, body) },
+            error_for_status,
+        )
+        .await
     }
 
     /// Checks the SigV4 `Authorization` header's shape and credential scope (not the signature).
-    fn authenticate(&self, headers: &HeaderMap) -> Result<(), Answer> {
-        let auth = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
+    fn authenticate(&self, request: &Request) -> Result<(), Reply> {
+        let auth = request.header(header::AUTHORIZATION).unwrap_or_default();
         let scope = auth
             .strip_prefix("AWS4-HMAC-SHA256 Credential=")
             .and_then(|rest| rest.split(',').next())
             .unwrap_or_default();
         let parts: Vec<&str> = scope.split('/').collect();
         let signed = auth.contains("SignedHeaders=") && auth.contains("Signature=");
-        let dated = headers.contains_key("x-amz-date");
+        let dated = request.headers.contains_key("x-amz-date");
         let config = &self.config;
         match parts.as_slice() {
             [key, _date, region, "ecs", "aws4_request"] if signed && dated => {
                 if *key != config.access_key_id {
-                    Err(Answer::error(
+                    Err(ecs_error(
                         400,
                         "UnrecognizedClientException",
                         "The security token included in the request is invalid.",
                     ))
                 } else if *region != config.region {
-                    Err(Answer::error(
+                    Err(ecs_error(
                         400,
                         "InvalidSignatureException",
                         format!("Credential should be scoped to a valid region, not '{region}'."),
@@ -761,7 +653,7 @@ impl Shared {
                     Ok(())
                 }
             }
-            _ => Err(Answer::error(
+            _ => Err(ecs_error(
                 400,
                 "MissingAuthenticationTokenException",
                 "Missing Authentication Token",
@@ -769,7 +661,7 @@ impl Shared {
         }
     }
 
-    fn execute(self: &Arc<Self>, op: EcsOp, body: &Value) -> Answer {
+    fn execute(self: &Arc<Self>, op: EcsOp, body: &Value) -> Reply {
         match op {
             EcsOp::RunTask => self.run_task(body),
             EcsOp::DescribeTasks => self.describe_tasks(body),
@@ -781,7 +673,7 @@ impl Shared {
     }
 
     /// The cluster name a request's `cluster` (name or ARN, default `default`) refers to.
-    fn cluster(&self, body: &Value) -> Result<String, Answer> {
+    fn cluster(&self, body: &Value) -> Result<String, Reply> {
         let reference = str_field(body, "cluster").unwrap_or("default");
         let name = reference
             .rsplit_once(":cluster/")
@@ -789,7 +681,7 @@ impl Shared {
         if self.config.clusters.iter().any(|c| c == name) {
             Ok(name.to_owned())
         } else {
-            Err(Answer::error(
+            Err(ecs_error(
                 400,
                 "ClusterNotFoundException",
                 "Cluster not found.",
@@ -812,7 +704,7 @@ impl Shared {
             .max_by_key(|td| td.revision)
     }
 
-    fn run_task(self: &Arc<Self>, body: &Value) -> Answer {
+    fn run_task(self: &Arc<Self>, body: &Value) -> Reply {
         let cluster = match self.cluster(body) {
             Ok(c) => c,
             Err(answer) => return answer,
@@ -823,14 +715,12 @@ impl Shared {
                 || token.chars().count() > 64
                 || !token.bytes().all(|b| (33..=126).contains(&b))
             {
-                return Answer::invalid(
-                    "clientToken must be 1 to 64 characters in the range 33-126.",
-                );
+                return invalid("clientToken must be 1 to 64 characters in the range 33-126.");
             }
             let state = self.lock();
             if let Some((request, arns)) = state.tokens.get(token) {
                 if request != body {
-                    return Answer::Json {
+                    return Reply::Json {
                         status: 400,
                         body: json!({
                             "__type": "ConflictException",
@@ -846,7 +736,7 @@ impl Shared {
                     .filter(|r| arns.contains(&r.task.arn))
                     .map(|r| r.task.to_json(&self.config.region, true))
                     .collect();
-                return Answer::ok(json!({"tasks": tasks, "failures": []}));
+                return Reply::json(200, json!({"tasks": tasks, "failures": []}));
             }
         }
         let run = match self.check_run_task(body) {
@@ -865,7 +755,7 @@ impl Shared {
                     "arn:aws:ecs:{}:{}:task/{cluster}/{}",
                     self.config.region,
                     self.config.account_id,
-                    super::random_hex(32)
+                    super::random_string(super::LOWER_HEX, 32)
                 );
                 let task = FakeTask {
                     arn: arn.clone(),
@@ -901,14 +791,14 @@ impl Shared {
                 state.tokens.insert(token, (body.clone(), arns));
             }
         }
-        Answer::ok(json!({"tasks": answers, "failures": []}))
+        Reply::json(200, json!({"tasks": answers, "failures": []}))
     }
 
     /// The checks ECS makes on a `RunTask` beyond the model's shapes.
-    fn check_run_task(&self, body: &Value) -> Result<RunPlan, Answer> {
+    fn check_run_task(&self, body: &Value) -> Result<RunPlan, Reply> {
         let reference = str_field(body, "taskDefinition").unwrap_or_default();
         let td = self.task_definition(reference).ok_or_else(|| {
-            Answer::error(
+            ecs_error(
                 400,
                 "ClientException",
                 "Unable to describe task definition.",
@@ -916,7 +806,7 @@ impl Shared {
         })?;
         let count = body.get("count").and_then(Value::as_i64).unwrap_or(1);
         if !(1..=10).contains(&count) {
-            return Err(Answer::invalid("count must be between 1 and 10."));
+            return Err(invalid("count must be between 1 and 10."));
         }
         let launch_type = str_field(body, "launchType");
         let strategy = body
@@ -924,7 +814,7 @@ impl Shared {
             .and_then(Value::as_array);
         let capacity_provider = match (launch_type, strategy) {
             (Some(_), Some(_)) => {
-                return Err(Answer::invalid(
+                return Err(invalid(
                     "Specifying both a launch type and capacity provider strategy is not supported. Remove one and try again.",
                 ))
             }
@@ -937,14 +827,14 @@ impl Shared {
                 match names.as_slice() {
                     [one] if matches!(*one, "FARGATE" | "FARGATE_SPOT") => (*one).to_owned(),
                     _ => {
-                        return Err(Answer::invalid(format!(
+                        return Err(invalid(format!(
                             "The fake runs one FARGATE or FARGATE_SPOT capacity provider, not {names:?}."
                         )))
                     }
                 }
             }
             _ => {
-                return Err(Answer::invalid(
+                return Err(invalid(
                     "The fake runs Fargate tasks only: set launchType FARGATE or a FARGATE/FARGATE_SPOT capacity provider strategy.",
                 ))
             }
@@ -955,21 +845,19 @@ impl Shared {
             .and_then(Value::as_array)
             .map_or(0, Vec::len);
         if vpc.is_none() {
-            return Err(Answer::invalid(
+            return Err(invalid(
                 "Network Configuration must be provided when networkMode 'awsvpc' is specified.",
             ));
         }
         if !(1..=16).contains(&subnets) {
-            return Err(Answer::invalid(
-                "subnets can have at most 16 items and at least 1.",
-            ));
+            return Err(invalid("subnets can have at most 16 items and at least 1."));
         }
         let groups = vpc
             .and_then(|v| v.get("securityGroups"))
             .and_then(Value::as_array)
             .map_or(0, Vec::len);
         if groups > 5 {
-            return Err(Answer::invalid("securityGroups can have at most 5 items."));
+            return Err(invalid("securityGroups can have at most 5 items."));
         }
         if let Some(started_by) = str_field(body, "startedBy") {
             let valid = started_by.len() <= 128
@@ -977,7 +865,7 @@ impl Shared {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'/'));
             if !valid {
-                return Err(Answer::invalid(
+                return Err(invalid(
                     "startedBy may have up to 128 letters, numbers, hyphens, forward slashes and underscores.",
                 ));
             }
@@ -993,12 +881,10 @@ impl Shared {
             let value = str_field(tag, "value").unwrap_or_default();
             let reserved = |s: &str| s.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("aws:"));
             if reserved(key) || reserved(value) {
-                return Err(Answer::invalid(
-                    "Tag keys and values may not start with 'aws:'.",
-                ));
+                return Err(invalid("Tag keys and values may not start with 'aws:'."));
             }
             if tags.iter().any(|(k, _): &(String, String)| k == key) {
-                return Err(Answer::invalid(format!("Duplicate tag key {key:?}.")));
+                return Err(invalid(format!("Duplicate tag key {key:?}.")));
             }
             tags.push((key.to_owned(), value.to_owned()));
         }
@@ -1011,7 +897,7 @@ impl Shared {
         {
             let name = str_field(container, "name").unwrap_or_default();
             if !td.containers.iter().any(|c| c == name) {
-                return Err(Answer::invalid(format!(
+                return Err(invalid(format!(
                     "Override for container named {name} is not a container in the TaskDefinition."
                 )));
             }
@@ -1029,7 +915,7 @@ impl Shared {
             _ => false,
         };
         if !valid_size {
-            return Err(Answer::error(
+            return Err(ecs_error(
                 400,
                 "ClientException",
                 format!("No Fargate configuration exists for given values: {cpu} CPU, {memory} memory. See the Amazon ECS documentation for the valid values."),
@@ -1174,7 +1060,7 @@ impl Shared {
         })
     }
 
-    fn describe_tasks(&self, body: &Value) -> Answer {
+    fn describe_tasks(&self, body: &Value) -> Reply {
         let cluster = match self.cluster(body) {
             Ok(c) => c,
             Err(answer) => return answer,
@@ -1187,10 +1073,10 @@ impl Shared {
             .filter_map(Value::as_str)
             .collect();
         if wanted.is_empty() {
-            return Answer::invalid("Tasks cannot be empty.");
+            return invalid("Tasks cannot be empty.");
         }
         if wanted.len() > 100 {
-            return Answer::invalid("Tasks can have at most 100 items.");
+            return invalid("Tasks can have at most 100 items.");
         }
         let include_tags = body
             .get("include")
@@ -1205,10 +1091,10 @@ impl Shared {
                 None => failures.push(json!({"arn": reference, "reason": "MISSING"})),
             }
         }
-        Answer::ok(json!({"tasks": tasks, "failures": failures}))
+        Reply::json(200, json!({"tasks": tasks, "failures": failures}))
     }
 
-    fn stop_task(self: &Arc<Self>, body: &Value) -> Answer {
+    fn stop_task(self: &Arc<Self>, body: &Value) -> Reply {
         let cluster = match self.cluster(body) {
             Ok(c) => c,
             Err(answer) => return answer,
@@ -1218,7 +1104,7 @@ impl Shared {
         let (snapshot, stop) = {
             let mut state = self.lock();
             let Some(record) = Self::find_task(&mut state, &cluster, reference) else {
-                return Answer::invalid("The referenced task was not found.");
+                return invalid("The referenced task was not found.");
             };
             let stop = (record.task.desired_status != "STOPPED")
                 .then(|| begin_stop(record, "UserInitiated", reason, None, true));
@@ -1230,10 +1116,10 @@ impl Shared {
         if let Some((arn, epoch)) = stop {
             tokio::spawn(self.clone().finish_stop(arn, epoch));
         }
-        Answer::ok(json!({"task": snapshot}))
+        Reply::json(200, json!({"task": snapshot}))
     }
 
-    fn list_tasks(&self, body: &Value) -> Answer {
+    fn list_tasks(&self, body: &Value) -> Reply {
         let cluster = match self.cluster(body) {
             Ok(c) => c,
             Err(answer) => return answer,
@@ -1249,7 +1135,7 @@ impl Shared {
         ];
         if started_by.is_some() {
             if let Some(other) = others.iter().find(|k| body.get(**k).is_some()) {
-                return Answer::invalid(format!(
+                return invalid(format!(
                     "startedBy must be the only filter of ListTasks, not combined with {other}."
                 ));
             }
@@ -1258,7 +1144,7 @@ impl Shared {
         let page = match body.get("maxResults").and_then(Value::as_i64) {
             None => 100,
             Some(n @ 1..=100) => n as usize,
-            Some(_) => return Answer::invalid("maxResults must be between 1 and 100."),
+            Some(_) => return invalid("maxResults must be between 1 and 100."),
         }
         .min(self.config.max_page_size.max(1));
         let offset = match str_field(body, "nextToken") {
@@ -1268,7 +1154,7 @@ impl Shared {
                 .and_then(|n| n.parse::<usize>().ok())
             {
                 Some(n) => n,
-                None => return Answer::invalid("Invalid nextToken."),
+                None => return invalid("Invalid nextToken."),
             },
         };
         let family = str_field(body, "family");
@@ -1289,11 +1175,11 @@ impl Shared {
         if end < arns.len() {
             answer["nextToken"] = json!(format!("fake-ecs-page-{end}"));
         }
-        Answer::ok(answer)
+        Reply::json(200, answer)
     }
 
     /// `TagResource` on a task (the only resource the fake tags): adds or overwrites tags.
-    fn tag_resource(&self, body: &Value) -> Answer {
+    fn tag_resource(&self, body: &Value) -> Reply {
         let arn = str_field(body, "resourceArn").unwrap_or_default();
         let new: Vec<(String, String)> = body
             .get("tags")
@@ -1307,18 +1193,18 @@ impl Shared {
             .collect();
         let reserved = |s: &str| s.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("aws:"));
         if new.iter().any(|(k, v)| reserved(k) || reserved(v)) {
-            return Answer::invalid("Tag keys and values may not start with 'aws:'.");
+            return invalid("Tag keys and values may not start with 'aws:'.");
         }
         let mut state = self.lock();
         let Some(record) = state.tasks.iter_mut().find(|r| r.task.arn == arn) else {
-            return Answer::error(
+            return ecs_error(
                 400,
                 "ResourceNotFoundException",
                 "The specified resource could not be found.",
             );
         };
         if record.task.last_status == "STOPPED" {
-            return Answer::invalid("The specified task is stopped.");
+            return invalid("The specified task is stopped.");
         }
         let mut tags = record.task.tags.clone();
         for (key, value) in new {
@@ -1328,19 +1214,19 @@ impl Shared {
             }
         }
         if tags.len() > 50 {
-            return Answer::invalid("A resource can have at most 50 tags.");
+            return invalid("A resource can have at most 50 tags.");
         }
         record.task.tags = tags;
-        Answer::ok(json!({}))
+        Reply::json(200, json!({}))
     }
 
-    fn describe_clusters(&self, body: &Value) -> Answer {
+    fn describe_clusters(&self, body: &Value) -> Reply {
         let names: Vec<&str> = match body.get("clusters").and_then(Value::as_array) {
             Some(list) => list.iter().filter_map(Value::as_str).collect(),
             None => vec!["default"],
         };
         if names.len() > 100 {
-            return Answer::invalid("clusters can have at most 100 items.");
+            return invalid("clusters can have at most 100 items.");
         }
         let (region, account) = (&self.config.region, &self.config.account_id);
         let state = self.lock();
@@ -1376,7 +1262,7 @@ impl Shared {
                 "settings": [{"name": "containerInsights", "value": "disabled"}],
             }));
         }
-        Answer::ok(json!({"clusters": clusters, "failures": failures}))
+        Reply::json(200, json!({"clusters": clusters, "failures": failures}))
     }
 }
 
@@ -1419,289 +1305,9 @@ fn begin_stop(
     record.epoch
 }
 
-/// Validates request bodies against a botocore JSON service model: required members present,
-/// no unknown members, JSON types, enum values, list and string lengths, integer ranges, and the
-/// tag pattern. Other `pattern`s of the model are not checked.
-#[derive(Clone)]
-pub struct BotocoreValidator {
-    model: Arc<Value>,
-}
-
-impl std::fmt::Debug for BotocoreValidator {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BotocoreValidator")
-            .field("service", &self.model.pointer("/metadata/serviceId"))
-            .finish()
-    }
-}
-
-impl BotocoreValidator {
-    /// The validator for the embedded ECS model ([`ECS_SPEC`]); parsed once per process.
-    pub fn ecs() -> Self {
-        static ECS: OnceLock<BotocoreValidator> = OnceLock::new();
-        ECS.get_or_init(|| Self::from_json(ECS_SPEC).expect("embedded ECS model parses"))
-            .clone()
-    }
-
-    /// Builds a validator from the text of a botocore `service-2.json`.
-    pub fn from_json(text: &str) -> Result<Self, String> {
-        let model: Value =
-            serde_json::from_str(text).map_err(|e| format!("model is not valid JSON: {e}"))?;
-        if !model.get("shapes").is_some_and(Value::is_object) {
-            return Err("model has no `shapes` object".to_owned());
-        }
-        Ok(Self {
-            model: Arc::new(model),
-        })
-    }
-
-    /// Checks the input of operation `op`; the error lists every problem with its JSON pointer.
-    pub fn validate(&self, op: &str, body: &Value) -> Result<(), String> {
-        let Some(input) = self
-            .model
-            .pointer(&format!("/operations/{op}"))
-            .map(|o| o.pointer("/input/shape").and_then(Value::as_str))
-        else {
-            return Err(format!("{op}: no such operation in the model"));
-        };
-        let mut problems = Vec::new();
-        match input {
-            Some(shape) => self.check(shape, body, "", &mut problems),
-            None if body.as_object().is_some_and(Map::is_empty) => {}
-            None => problems.push("operation takes no input".to_owned()),
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{op}: {}", problems.join("; ")))
-        }
-    }
-
-    fn check(&self, name: &str, value: &Value, path: &str, problems: &mut Vec<String>) {
-        let Some(shape) = self.model.get("shapes").and_then(|s| s.get(name)) else {
-            problems.push(format!("{path}: model has no shape {name}"));
-            return;
-        };
-        let at = if path.is_empty() { "/" } else { path };
-        let kind = shape
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let int = |key: &str| shape.get(key).and_then(Value::as_i64);
-        let mut bad = |what: String| problems.push(format!("{at}: {what}"));
-        match kind {
-            "structure" => {
-                let Some(object) = value.as_object() else {
-                    bad(format!("expected an object ({name})"));
-                    return;
-                };
-                let members = shape.get("members").and_then(Value::as_object);
-                for required in shape
-                    .get("required")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                {
-                    if !object.contains_key(required) {
-                        bad(format!("missing required member {required}"));
-                    }
-                }
-                if shape.get("union").and_then(Value::as_bool) == Some(true) && object.len() != 1 {
-                    bad(format!("union {name} needs exactly one member"));
-                }
-                for (key, item) in object {
-                    match members.and_then(|m| m.get(key)) {
-                        Some(member) => {
-                            let target = member
-                                .get("shape")
-                                .and_then(Value::as_str)
-                                .unwrap_or_default();
-                            self.check(target, item, &format!("{path}/{key}"), problems);
-                        }
-                        None => problems.push(format!("{at}: unknown member {key} of {name}")),
-                    }
-                }
-            }
-            "list" => {
-                let Some(items) = value.as_array() else {
-                    bad(format!("expected a list ({name})"));
-                    return;
-                };
-                check_len(items.len(), int("min"), int("max"), &mut bad);
-                let member = shape
-                    .pointer("/member/shape")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                for (i, item) in items.iter().enumerate() {
-                    self.check(member, item, &format!("{path}/{i}"), problems);
-                }
-            }
-            "map" => {
-                let Some(entries) = value.as_object() else {
-                    bad(format!("expected a map ({name})"));
-                    return;
-                };
-                check_len(entries.len(), int("min"), int("max"), &mut bad);
-                let key_shape = shape
-                    .pointer("/key/shape")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                let value_shape = shape
-                    .pointer("/value/shape")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                for (key, item) in entries {
-                    self.check(
-                        key_shape,
-                        &Value::from(key.as_str()),
-                        &format!("{path}/{key}"),
-                        problems,
-                    );
-                    self.check(value_shape, item, &format!("{path}/{key}"), problems);
-                }
-            }
-            "string" => {
-                let Some(text) = value.as_str() else {
-                    bad(format!("expected a string ({name})"));
-                    return;
-                };
-                if let Some(allowed) = shape.get("enum").and_then(Value::as_array) {
-                    if !allowed.iter().any(|a| a == text) {
-                        bad(format!("{text:?} is not one of {allowed:?}"));
-                    }
-                }
-                check_len(text.chars().count(), int("min"), int("max"), &mut bad);
-                if shape.get("pattern").and_then(Value::as_str) == Some(TAG_PATTERN)
-                    && !text.chars().all(is_tag_char)
-                {
-                    bad(format!("{text:?} does not match {TAG_PATTERN}"));
-                }
-            }
-            "integer" | "long" => match value.as_i64() {
-                Some(n) => {
-                    if int("min").is_some_and(|min| n < min)
-                        || int("max").is_some_and(|max| n > max)
-                    {
-                        bad(format!("{n} is out of range for {name}"));
-                    }
-                }
-                None => bad(format!("expected an integer ({name})")),
-            },
-            "boolean" if !value.is_boolean() => bad(format!("expected a boolean ({name})")),
-            "double" | "float" | "timestamp" if !value.is_number() => {
-                bad(format!("expected a number ({name})"))
-            }
-            "blob" if !value.is_string() => bad(format!("expected a base64 string ({name})")),
-            "boolean" | "double" | "float" | "timestamp" | "blob" => {}
-            other => bad(format!("shape {name} has unsupported type {other:?}")),
-        }
-    }
-}
-
-fn check_len(len: usize, min: Option<i64>, max: Option<i64>, bad: &mut impl FnMut(String)) {
-    let len = len as i64;
-    if min.is_some_and(|m| len < m) {
-        bad(format!(
-            "length {len} is below the minimum {}",
-            min.unwrap_or_default()
-        ));
-    }
-    if max.is_some_and(|m| len > m) {
-        bad(format!(
-            "length {len} is above the maximum {}",
-            max.unwrap_or_default()
-        ));
-    }
-}
-
-/// `[\p{L}\p{Z}\p{N}_.:/=+\-@]`.
-fn is_tag_char(c: char) -> bool {
-    let separator = matches!(
-        c,
-        ' ' | '\u{a0}' | '\u{1680}' | '\u{2000}'
-            ..='\u{200a}' | '\u{2028}' | '\u{2029}' | '\u{202f}' | '\u{205f}' | '\u{3000}'
-    );
-    c.is_alphabetic() || c.is_numeric() || separator || "_.:/=+-@".contains(c)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn run_task() -> Value {
-        json!({
-            "cluster": "bots",
-            "taskDefinition": "bot",
-            "launchType": "FARGATE",
-            "count": 1,
-            "networkConfiguration": {"awsvpcConfiguration": {
-                "subnets": ["subnet-1"], "securityGroups": [], "assignPublicIp": "DISABLED"}},
-            "overrides": {"containerOverrides": [{"name": "bot",
-                "environment": [{"name": "A", "value": "b"}], "command": ["python", "bot.py"]}],
-                "cpu": "1024", "memory": "2048"},
-            "startedBy": "k",
-            "tags": [{"key": "managed_by", "value": "botdispatch"}],
-            "clientToken": "botdispatch-k",
-        })
-    }
-
-    #[test]
-    fn a_correct_run_task_passes() {
-        BotocoreValidator::ecs()
-            .validate("RunTask", &run_task())
-            .unwrap();
-        BotocoreValidator::ecs()
-            .validate(
-                "DescribeTasks",
-                &json!({"cluster": "bots", "tasks": ["a"], "include": ["TAGS"]}),
-            )
-            .unwrap();
-    }
-
-    #[test]
-    fn model_violations_are_reported_with_pointers() {
-        let v = BotocoreValidator::ecs();
-        let mut body = run_task();
-        body["launchType"] = json!("LAMBDA");
-        body["networkConfiguration"]["awsvpcConfiguration"]["assignPublicIp"] = json!(true);
-        body["overrides"]["containerOverrides"][0]["enviroment"] = json!([]);
-        body["tags"][0]["value"] = json!("auth0|alice");
-        body["count"] = json!("1");
-        let error = v.validate("RunTask", &body).unwrap_err();
-        for expected in [
-            "/launchType: \"LAMBDA\" is not one of",
-            "/networkConfiguration/awsvpcConfiguration/assignPublicIp: expected a string",
-            "/overrides/containerOverrides/0: unknown member enviroment",
-            "/tags/0/value: \"auth0|alice\" does not match",
-            "/count: expected an integer",
-        ] {
-            assert!(error.contains(expected), "{expected} in {error}");
-        }
-        let error = v
-            .validate("DescribeTasks", &json!({"include": ["EVERYTHING"]}))
-            .unwrap_err();
-        assert!(error.contains("missing required member tasks"), "{error}");
-        assert!(v.validate("LaunchRocket", &json!({})).is_err());
-        let long = json!({"tasks": ["a"], "include": ["TAGS"], "cluster": "x".repeat(3)});
-        assert!(v.validate("DescribeTasks", &long).is_ok());
-        let tags: Vec<Value> = (0..51).map(|i| json!({"key": format!("k{i}")})).collect();
-        let error = v
-            .validate("RunTask", &json!({"taskDefinition": "bot", "tags": tags}))
-            .unwrap_err();
-        assert!(
-            error.contains("/tags: length 51 is above the maximum 50"),
-            "{error}"
-        );
-    }
-
-    #[test]
-    fn tag_pattern_accepts_unicode_letters_and_rejects_symbols() {
-        assert!("Ünïcødé 名前 1 _.:/=+-@".chars().all(is_tag_char));
-        for c in ['|', '!', '#', '\n', '🎙', ','] {
-            assert!(!is_tag_char(c), "{c:?}");
-        }
-    }
 
     #[test]
     fn fargate_sizes_follow_the_table() {

@@ -1,25 +1,17 @@
-//! Fault injection shared by the fakes: the [`Fault`] enum, per-operation fault queues, request
-//! recording, and the HTTP server plumbing that lets a handler reset its TCP connection.
+//! Fault injection and request recording shared by the fakes: the [`Fault`] enum, how a fault
+//! changes an answer (`answer`), per-operation fault queues, and `FakeCore`, the recorder of
+//! requests, spec violations and armed faults that every fake embeds.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::hash::Hash;
-use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::serve::{IncomingStream, Listener};
-use axum::Router;
+use axum::http::StatusCode;
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+
+use super::server::{lock, Reply};
 
 /// A misbehaviour injected into the next requests of one operation of a fake
 /// (see `FakeFly::set_fault` and `FakeDaily::set_fault`).
@@ -66,11 +58,11 @@ pub struct RecordedRequest {
 
 /// Queues of armed faults, per operation. Each entry applies to the next `count` requests.
 #[derive(Debug)]
-pub(crate) struct FaultQueue<Op> {
-    queues: HashMap<Op, VecDeque<(Fault, u32)>>,
+struct FaultQueue<Op, F = Fault> {
+    queues: HashMap<Op, VecDeque<(F, u32)>>,
 }
 
-impl<Op> Default for FaultQueue<Op> {
+impl<Op, F> Default for FaultQueue<Op, F> {
     fn default() -> Self {
         Self {
             queues: HashMap::new(),
@@ -78,16 +70,16 @@ impl<Op> Default for FaultQueue<Op> {
     }
 }
 
-impl<Op: Eq + Hash> FaultQueue<Op> {
+impl<Op: Eq + Hash, F: Clone> FaultQueue<Op, F> {
     /// Arms `fault` for the next `count` requests of `op`, after any fault already armed for it.
-    pub(crate) fn push(&mut self, op: Op, fault: Fault, count: u32) {
+    fn push(&mut self, op: Op, fault: F, count: u32) {
         if count > 0 {
             self.queues.entry(op).or_default().push_back((fault, count));
         }
     }
 
     /// Takes the fault that applies to the current request of `op`, if any.
-    pub(crate) fn next(&mut self, op: Op) -> Option<Fault> {
+    fn next(&mut self, op: Op) -> Option<F> {
         let queue = self.queues.get_mut(&op)?;
         let (fault, remaining) = queue.front_mut()?;
         let fault = fault.clone();
@@ -99,63 +91,107 @@ impl<Op: Eq + Hash> FaultQueue<Op> {
     }
 
     /// Disarms every fault.
-    pub(crate) fn clear(&mut self) {
+    fn clear(&mut self) {
         self.queues.clear();
     }
 }
 
-/// What a fake answers: a JSON reply, or a connection reset.
+/// What every fake keeps besides its own state: the requests it answered (as `Call`s), the spec
+/// violations it refused, and the faults armed per operation `Op`.
 #[derive(Debug)]
-pub(crate) enum Reply {
-    Json {
-        status: u16,
-        body: Value,
-        retry_after: Option<u64>,
-    },
-    Reset,
+pub(crate) struct FakeCore<Op, Call = RecordedRequest, F = Fault> {
+    inner: Mutex<CoreState<Op, Call, F>>,
 }
 
-impl Reply {
-    pub(crate) fn json(status: u16, body: Value) -> Self {
-        Self::Json {
+#[derive(Debug)]
+struct CoreState<Op, Call, F> {
+    calls: Vec<Call>,
+    violations: Vec<String>,
+    faults: FaultQueue<Op, F>,
+}
+
+impl<Op, Call, F> Default for FakeCore<Op, Call, F> {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(CoreState {
+                calls: Vec::new(),
+                violations: Vec::new(),
+                faults: FaultQueue::default(),
+            }),
+        }
+    }
+}
+
+impl<Op: Eq + Hash, Call: Clone, F: Clone> FakeCore<Op, Call, F> {
+    /// Records an answered request.
+    pub(crate) fn record(&self, call: Call) {
+        lock(&self.inner).calls.push(call);
+    }
+
+    /// Every request answered so far, oldest first.
+    pub(crate) fn calls(&self) -> Vec<Call> {
+        lock(&self.inner).calls.clone()
+    }
+
+    /// Records a spec violation (the fake answers it 400).
+    pub(crate) fn violation(&self, message: String) {
+        lock(&self.inner).violations.push(message);
+    }
+
+    /// Every spec violation seen so far.
+    pub(crate) fn violations(&self) -> Vec<String> {
+        lock(&self.inner).violations.clone()
+    }
+
+    /// Arms `fault` for the next `count` requests of `op` (after any fault already armed for it).
+    pub(crate) fn set_fault(&self, op: Op, fault: F, count: u32) {
+        lock(&self.inner).faults.push(op, fault, count);
+    }
+
+    /// Takes the fault that applies to the current request of `op`, if any.
+    pub(crate) fn next_fault(&self, op: Op) -> Option<F> {
+        lock(&self.inner).faults.next(op)
+    }
+
+    /// Disarms every fault.
+    pub(crate) fn clear_faults(&self) {
+        lock(&self.inner).faults.clear();
+    }
+}
+
+/// Answers a request under the armed `fault`, if any: `run` performs the operation and answers
+/// it; `error` is the API's error body for an HTTP status.
+///
+/// [`Fault::Status`] answers the error without running; [`Fault::GhostCreate`] runs, then
+/// answers the error anyway; [`Fault::Stall`] sleeps, then runs; [`Fault::Reset`] resets the
+/// connection without running.
+pub(crate) async fn answer<Fut>(
+    fault: Option<Fault>,
+    run: impl FnOnce() -> Fut,
+    error: impl FnOnce(u16) -> Value,
+) -> Reply
+where
+    Fut: Future<Output = Reply>,
+{
+    match fault {
+        None => run().await,
+        Some(Fault::Status {
             status,
-            body,
-            retry_after: None,
+            retry_after,
+        }) => Reply::Json {
+            status,
+            body: error(status),
+            retry_after,
+        },
+        Some(Fault::GhostCreate { status }) => {
+            let _ = run().await;
+            Reply::json(status, error(status))
         }
-    }
-
-    /// Status to record: the HTTP status, or `0` for a reset.
-    pub(crate) fn status(&self) -> u16 {
-        match self {
-            Self::Json { status, .. } => *status,
-            Self::Reset => 0,
+        Some(Fault::Stall(duration)) => {
+            tokio::time::sleep(duration).await;
+            run().await
         }
-    }
-
-    /// Turns the reply into a response, resetting the connection if asked to.
-    pub(crate) fn into_response(self, conn: &ConnControl) -> Response {
-        match self {
-            Self::Json {
-                status,
-                body,
-                retry_after,
-            } => {
-                let status =
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                let mut response = (status, axum::Json(body)).into_response();
-                if let Some(seconds) = retry_after {
-                    response
-                        .headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-                }
-                response
-            }
-            Self::Reset => {
-                // The response below is never seen: the connection fails on its first write.
-                conn.reset();
-                StatusCode::INTERNAL_SERVER_ERROR.into_response()
-            }
-        }
+        Some(Fault::Reset) => Reply::Reset,
     }
 }
 
@@ -165,175 +201,6 @@ pub(crate) fn reason(status: u16) -> &'static str {
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("error")
-}
-
-/// Decodes a raw query string into pairs.
-pub(crate) fn parse_query(raw: Option<&str>) -> Vec<(String, String)> {
-    raw.map(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .into_owned()
-            .collect()
-    })
-    .unwrap_or_default()
-}
-
-/// Per-connection switch that makes the connection fail with a TCP reset. Handlers get it with
-/// `ConnectInfo<ConnControl>`.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct ConnControl(Arc<AtomicBool>);
-
-impl ConnControl {
-    /// From now on every read and write on the connection fails, and the socket is closed with
-    /// `SO_LINGER` 0, so the peer sees a reset instead of a response.
-    pub(crate) fn reset(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-
-    fn is_reset(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-impl Connected<IncomingStream<'_, ResettableListener>> for ConnControl {
-    fn connect_info(stream: IncomingStream<'_, ResettableListener>) -> Self {
-        stream.io().control.clone()
-    }
-}
-
-/// A TCP listener whose connections carry a [`ConnControl`].
-#[derive(Debug)]
-pub(crate) struct ResettableListener {
-    inner: TcpListener,
-}
-
-impl Listener for ResettableListener {
-    type Io = ResettableIo;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    // Best effort: lower latency for small test requests.
-                    let _ = stream.set_nodelay(true);
-                    let io = ResettableIo {
-                        stream,
-                        control: ConnControl::default(),
-                        lingering: false,
-                    };
-                    return (io, addr);
-                }
-                // Typically EMFILE: back off instead of spinning.
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-}
-
-/// A TCP stream that starts failing once its [`ConnControl`] is reset.
-#[derive(Debug)]
-pub(crate) struct ResettableIo {
-    stream: TcpStream,
-    control: ConnControl,
-    lingering: bool,
-}
-
-impl ResettableIo {
-    fn check(&mut self) -> io::Result<()> {
-        if !self.control.is_reset() {
-            return Ok(());
-        }
-        if !self.lingering {
-            // Linger 0: closing the socket sends RST rather than FIN.
-            let _ = self.stream.set_zero_linger();
-            self.lingering = true;
-        }
-        Err(io::Error::new(
-            io::ErrorKind::ConnectionReset,
-            "fault injection: connection reset",
-        ))
-    }
-}
-
-impl AsyncRead for ResettableIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.check()?;
-        Pin::new(&mut this.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for ResettableIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.check()?;
-        Pin::new(&mut this.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.check()?;
-        Pin::new(&mut this.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.check()?;
-        Pin::new(&mut this.stream).poll_shutdown(cx)
-    }
-}
-
-/// A running fake server; stops accepting connections when dropped.
-#[derive(Debug)]
-pub(crate) struct ServerHandle {
-    addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl ServerHandle {
-    pub(crate) fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for ServerHandle {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Serves `router` on `127.0.0.1:<free port>` from a task on the current tokio runtime.
-///
-/// Handlers can extract `ConnectInfo<ConnControl>` to reset their connection.
-///
-/// # Panics
-///
-/// Panics outside a tokio runtime or if no local port can be bound.
-pub(crate) async fn serve(router: Router) -> ServerHandle {
-    let inner = TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .expect("testkit: bind 127.0.0.1:0");
-    let addr = inner.local_addr().expect("testkit: local address");
-    let listener = ResettableListener { inner };
-    let service = router.into_make_service_with_connect_info::<ConnControl>();
-    let task = tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, service).await {
-            tracing::warn!(%error, "testkit fake server stopped");
-        }
-    });
-    ServerHandle { addr, task }
 }
 
 #[cfg(test)]

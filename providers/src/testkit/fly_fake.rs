@@ -15,17 +15,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{header, HeaderMap, Method, Uri};
+use axum::extract::State;
+use axum::http::Method;
 use axum::response::Response;
-use axum::Router;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Map, Value};
 use tokio::sync::watch;
+use ulid::Ulid;
 
-use super::faults::{self, ConnControl, FaultQueue, Reply, ServerHandle};
-use super::spec::OpenApiValidator;
+use super::faults::{self, FakeCore};
+use super::server::{self, FakeServer, Reply, Request};
+use super::validate::openapi::OpenApiValidator;
 use super::{Fault, RecordedRequest};
 
 /// Configuration of a [`FakeFly`].
@@ -138,14 +138,14 @@ impl FakeMachine {
 /// server stops when the last handle is dropped.
 #[derive(Debug, Clone)]
 pub struct FakeFly {
-    shared: Arc<Shared>,
-    server: Arc<ServerHandle>,
+    server: FakeServer<Shared>,
 }
 
 #[derive(Debug)]
 struct Shared {
     config: FakeFlyConfig,
     validator: OpenApiValidator,
+    core: FakeCore<FlyOp>,
     state: Mutex<FlyState>,
     /// Bumped on every machine state change; waiters re-check when it moves.
     changes: watch::Sender<u64>,
@@ -154,12 +154,24 @@ struct Shared {
 #[derive(Debug, Default)]
 struct FlyState {
     machines: Vec<MachineRecord>,
-    requests: Vec<RecordedRequest>,
-    violations: Vec<String>,
     fail_create: Option<(u16, String)>,
     never_start: bool,
     create_delay: Duration,
-    faults: FaultQueue<FlyOp>,
+}
+
+impl FlyState {
+    /// Machine `id` of `app`, destroyed or not.
+    fn machine(&self, app: &str, id: &str) -> Option<&MachineRecord> {
+        self.machines
+            .iter()
+            .find(|r| r.machine.app == app && r.machine.id == id)
+    }
+
+    fn machine_mut(&mut self, app: &str, id: &str) -> Option<&mut MachineRecord> {
+        self.machines
+            .iter_mut()
+            .find(|r| r.machine.app == app && r.machine.id == id)
+    }
 }
 
 #[derive(Debug)]
@@ -237,23 +249,21 @@ impl Route {
     }
 }
 
-/// One incoming request, parsed.
+/// One incoming request, routed.
 struct Incoming<'a> {
     route: Route,
-    query: &'a [(String, String)],
+    http: &'a Request,
     body: Option<&'a Value>,
 }
 
 impl Incoming<'_> {
     fn query(&self, name: &str) -> Option<&str> {
-        self.query
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.http.query(name)
     }
 
     fn query_all<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s str> + 's {
-        self.query
+        self.http
+            .query
             .iter()
             .filter(move |(k, _)| k == name)
             .map(|(_, v)| v.as_str())
@@ -272,15 +282,16 @@ impl FakeFly {
     /// Panics outside a tokio runtime or if no local port can be bound.
     pub async fn start(config: FakeFlyConfig) -> FakeFly {
         let (changes, _) = watch::channel(0);
-        let shared = Arc::new(Shared {
+        let shared = Shared {
             config,
             validator: OpenApiValidator::fly(),
+            core: FakeCore::default(),
             state: Mutex::new(FlyState::default()),
             changes,
-        });
-        let router = Router::new().fallback(handle).with_state(shared.clone());
-        let server = Arc::new(faults::serve(router).await);
-        FakeFly { shared, server }
+        };
+        FakeFly {
+            server: FakeServer::start(shared, handle).await,
+        }
     }
 
     /// `http://127.0.0.1:PORT/v1`, what a client configured for `https://api.machines.dev/v1`
@@ -291,7 +302,7 @@ impl FakeFly {
 
     /// `http://127.0.0.1:PORT`: the same API without the `/v1` prefix (as Prism forwards it).
     pub fn root_url(&self) -> String {
-        format!("http://{}", self.addr())
+        self.server.url("")
     }
 
     /// The address the fake listens on.
@@ -301,18 +312,18 @@ impl FakeFly {
 
     /// The bearer token the fake accepts.
     pub fn token(&self) -> &str {
-        &self.shared.config.token
+        &self.server.config.token
     }
 
     /// Every machine ever created (destroyed ones included), oldest first.
     pub fn machines(&self) -> Vec<FakeMachine> {
-        let state = self.shared.lock();
+        let state = self.server.lock();
         state.machines.iter().map(|r| r.machine.clone()).collect()
     }
 
     /// The machines that are not destroyed, oldest first.
     pub fn live_machines(&self) -> Vec<FakeMachine> {
-        let state = self.shared.lock();
+        let state = self.server.lock();
         state
             .machines
             .iter()
@@ -323,7 +334,7 @@ impl FakeFly {
 
     /// One machine by id (of any app).
     pub fn machine(&self, id: &str) -> Option<FakeMachine> {
-        let state = self.shared.lock();
+        let state = self.server.lock();
         state
             .machines
             .iter()
@@ -336,15 +347,15 @@ impl FakeFly {
     /// code), then `destroyed` if its config has `auto_destroy: true`. Returns whether the
     /// machine was running.
     pub fn exit_machine(&self, id: &str, exit_code: i32) -> bool {
-        self.shared.exit(id, exit_code, None)
+        self.server.exit(id, exit_code, None)
     }
 
     /// Waits until the machine `id` is (or has been, since the call) in `state`, at most
     /// `timeout`. Returns whether it got there.
     pub async fn wait_for_state(&self, id: &str, state: &str, timeout: Duration) -> bool {
-        let mut changes = self.shared.changes.subscribe();
+        let mut changes = self.server.changes.subscribe();
         let start = {
-            let guard = self.shared.lock();
+            let guard = self.server.lock();
             match guard.machines.iter().find(|r| r.machine.id == id) {
                 Some(record) => record.history.len() - 1,
                 None => return false,
@@ -353,7 +364,7 @@ impl FakeFly {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             {
-                let guard = self.shared.lock();
+                let guard = self.server.lock();
                 let Some(record) = guard.machines.iter().find(|r| r.machine.id == id) else {
                     return false;
                 };
@@ -370,76 +381,58 @@ impl FakeFly {
 
     /// Every request answered so far, oldest first.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.shared.lock().requests.clone()
+        self.server.core.calls()
     }
 
     /// Every spec violation seen so far (each was answered 400).
     pub fn spec_violations(&self) -> Vec<String> {
-        self.shared.lock().violations.clone()
+        self.server.core.violations()
     }
 
     /// While set, every create answers `status` with `{"error": <message>}` and creates nothing.
     pub fn set_fail_create(&self, failure: Option<(u16, String)>) {
-        self.shared.lock().fail_create = failure;
+        self.server.lock().fail_create = failure;
     }
 
     /// While on, machines created from now on never reach `started` (they stay in `starting`).
     pub fn set_never_start(&self, never: bool) {
-        self.shared.lock().never_start = never;
+        self.server.lock().never_start = never;
     }
 
     /// Creates answer after this delay. The machine exists (and boots) from the moment the
     /// request arrived, like a slow API whose caller may time out after the fact.
     pub fn set_create_delay(&self, delay: Duration) {
-        self.shared.lock().create_delay = delay;
+        self.server.lock().create_delay = delay;
     }
 
     /// Arms `fault` for the next `count` requests of `op` (after any fault already armed for it).
     pub fn set_fault(&self, op: FlyOp, fault: Fault, count: u32) {
-        self.shared.lock().faults.push(op, fault, count);
+        self.server.core.set_fault(op, fault, count);
     }
 
     /// Disarms every fault armed with [`set_fault`](Self::set_fault).
     pub fn clear_faults(&self) {
-        self.shared.lock().faults.clear();
+        self.server.core.clear_faults();
     }
 }
 
-async fn handle(
-    State(shared): State<Arc<Shared>>,
-    ConnectInfo(conn): ConnectInfo<ConnControl>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let path = uri.path().to_owned();
-    let query = faults::parse_query(uri.query());
-    let parsed_body = if body.is_empty() {
-        Ok(None)
-    } else {
-        serde_json::from_slice::<Value>(&body).map(Some)
-    };
-    let reply = match &parsed_body {
-        Ok(json) => {
-            shared
-                .process(&method, &path, &query, &headers, json.as_ref())
-                .await
-        }
+async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let body = request.json_body();
+    let reply = match &body {
+        Ok(json) => shared.process(&request, json.as_ref()).await,
         Err(e) => {
-            let message = format!("{method} {path}: request body is not valid JSON: {e}");
-            shared.lock().violations.push(message.clone());
+            let message = format!(
+                "{} {}: request body is not valid JSON: {e}",
+                request.method, request.path
+            );
+            shared.core.violation(message.clone());
             Reply::json(400, json!({"error": message, "status": "unknown"}))
         }
     };
-    shared.lock().requests.push(RecordedRequest {
-        method: method.to_string(),
-        path,
-        query,
-        body: parsed_body.ok().flatten(),
-        status: reply.status(),
-    });
-    reply.into_response(&conn)
+    shared
+        .core
+        .record(request.recorded(body.ok().flatten(), &reply));
+    request.respond(reply)
 }
 
 fn fly_error(status: u16, message: impl Into<String>) -> Reply {
@@ -456,43 +449,31 @@ fn rfc3339(at: DateTime<Utc>) -> String {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, FlyState> {
-        // A panicking test thread must not take the fake down with it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        server::lock(&self.state)
     }
 
     fn notify(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    async fn process(
-        self: &Arc<Self>,
-        method: &Method,
-        path: &str,
-        query: &[(String, String)],
-        headers: &HeaderMap,
-        body: Option<&Value>,
-    ) -> Reply {
+    async fn process(self: &Arc<Self>, request: &Request, body: Option<&Value>) -> Reply {
+        let method = &request.method;
         // Routes are served under `/v1` (the real base URL) and at the root (Prism forwards
         // the spec's paths, which have no `/v1`).
-        let api_path = match path.strip_prefix("/v1") {
+        let api_path = match request.path.strip_prefix("/v1") {
             Some(rest) if rest.starts_with('/') => rest,
-            _ => path,
+            _ => &request.path,
         };
 
-        if let Err(violation) = self
-            .validator
-            .validate(method.as_str(), api_path, query, body)
+        if let Err(violation) =
+            self.validator
+                .validate(method.as_str(), api_path, &request.query, body)
         {
-            self.lock().violations.push(violation.clone());
+            self.core.violation(violation.clone());
             return Reply::json(400, json!({"error": violation, "status": "unknown"}));
         }
 
-        let expected = format!("Bearer {}", self.config.token);
-        let authorized = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v == expected);
-        if !authorized {
+        if request.bearer_token() != Some(self.config.token.as_str()) {
             return fly_error(401, "unauthorized: missing or invalid bearer token");
         }
 
@@ -505,29 +486,18 @@ impl Shared {
         if !self.config.apps.iter().any(|a| a == route.app()) {
             return fly_error(404, "app not found");
         }
-        let request = Incoming { route, query, body };
+        let incoming = Incoming {
+            route,
+            http: request,
+            body,
+        };
 
-        let fault = self.lock().faults.next(request.route.op());
-        match fault {
-            None => self.execute(&request).await,
-            Some(Fault::Status {
-                status,
-                retry_after,
-            }) => Reply::Json {
-                status,
-                body: json!({ "error": faults::reason(status).to_ascii_lowercase() }),
-                retry_after,
-            },
-            Some(Fault::GhostCreate { status }) => {
-                let _ = self.execute(&request).await;
-                fly_error(status, faults::reason(status).to_ascii_lowercase())
-            }
-            Some(Fault::Stall(duration)) => {
-                tokio::time::sleep(duration).await;
-                self.execute(&request).await
-            }
-            Some(Fault::Reset) => Reply::Reset,
-        }
+        faults::answer(
+            self.core.next_fault(incoming.route.op()),
+            || self.execute(&incoming),
+            |status| json!({ "error": faults::reason(status).to_ascii_lowercase() }),
+        )
+        .await
     }
 
     async fn execute(self: &Arc<Self>, request: &Incoming<'_>) -> Reply {
@@ -576,7 +546,7 @@ impl Shared {
                 .map(|r| r.machine.id.as_str())
                 .collect();
             let id = loop {
-                let id = super::random_hex(14);
+                let id = super::random_string(super::LOWER_HEX, 14);
                 if !existing.contains(id.as_str()) {
                     break id;
                 }
@@ -592,7 +562,7 @@ impl Shared {
                 app: app.to_owned(),
                 region: text("region").unwrap_or_else(|| "iad".to_owned()),
                 state: initial.to_owned(),
-                instance_id: super::ulid_like(),
+                instance_id: Ulid::new().to_string(),
                 config: body.get("config").cloned().unwrap_or_else(|| json!({})),
                 created_at: now,
                 updated_at: now,
@@ -678,16 +648,15 @@ impl Shared {
                 return false;
             }
             record.epoch += 1;
-            let request = json!({"exit_event": {
-                "exit_code": exit_code,
-                "oom_killed": false,
-                "requested_stop": false,
-                "exited_at": rfc3339(Utc::now()),
-            }});
-            transition(record, "stopped", "exit", "flyd", Some(request));
-            if record.machine.auto_destroy() {
-                transition(record, "destroyed", "destroy", "flyd", None);
-            }
+            process_exited(
+                record,
+                json!({
+                    "exit_code": exit_code,
+                    "oom_killed": false,
+                    "requested_stop": false,
+                    "exited_at": rfc3339(Utc::now()),
+                }),
+            );
         }
         self.notify();
         true
@@ -700,9 +669,8 @@ impl Shared {
         };
         let mut state = self.lock();
         let Some(record) = state
-            .machines
-            .iter_mut()
-            .find(|r| r.machine.app == app && r.machine.id == id && r.machine.state != "destroyed")
+            .machine_mut(app, id)
+            .filter(|r| r.machine.state != "destroyed")
         else {
             return Reply::json(404, json!({"error": "machine not found"}));
         };
@@ -747,6 +715,7 @@ impl Shared {
             .query("state")
             .map(|s| s.split(',').filter(|s| !s.is_empty()).collect());
         let metadata: Vec<(&str, &str)> = request
+            .http
             .query
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix("metadata.")?, v.as_str())))
@@ -775,11 +744,7 @@ impl Shared {
 
     fn get(&self, app: &str, id: &str) -> Reply {
         let state = self.lock();
-        match state
-            .machines
-            .iter()
-            .find(|r| r.machine.app == app && r.machine.id == id)
-        {
+        match state.machine(app, id) {
             Some(r) => Reply::json(200, r.machine.to_json(&r.private_ip, false)),
             None => not_found(),
         }
@@ -809,11 +774,7 @@ impl Shared {
         let mut changes = self.changes.subscribe();
         let start = {
             let state = self.lock();
-            let Some(record) = state
-                .machines
-                .iter()
-                .find(|r| r.machine.app == app && r.machine.id == id)
-            else {
+            let Some(record) = state.machine(app, id) else {
                 return not_found();
             };
             if let Some(version) = version {
@@ -859,11 +820,7 @@ impl Shared {
     /// `Some` when a wait for `wanted` (counting states from `history[start]` on) is decided.
     fn check_wait(&self, app: &str, id: &str, start: usize, wanted: &[&str]) -> Option<Reply> {
         let state = self.lock();
-        let Some(record) = state
-            .machines
-            .iter()
-            .find(|r| r.machine.app == app && r.machine.id == id)
-        else {
+        let Some(record) = state.machine(app, id) else {
             return Some(not_found());
         };
         let reached = record
@@ -895,11 +852,7 @@ impl Shared {
     fn stop(self: &Arc<Self>, app: &str, id: &str) -> Reply {
         {
             let mut state = self.lock();
-            let Some(record) = state
-                .machines
-                .iter_mut()
-                .find(|r| r.machine.app == app && r.machine.id == id)
-            else {
+            let Some(record) = state.machine_mut(app, id) else {
                 return not_found();
             };
             if !matches!(
@@ -932,17 +885,16 @@ impl Shared {
             if record.epoch != epoch || record.machine.state != "stopping" {
                 return;
             }
-            let request = json!({"exit_event": {
-                "exit_code": 0,
-                "signal": 15,
-                "oom_killed": false,
-                "requested_stop": true,
-                "exited_at": rfc3339(Utc::now()),
-            }});
-            transition(record, "stopped", "exit", "flyd", Some(request));
-            if record.machine.auto_destroy() {
-                transition(record, "destroyed", "destroy", "flyd", None);
-            }
+            process_exited(
+                record,
+                json!({
+                    "exit_code": 0,
+                    "signal": 15,
+                    "oom_killed": false,
+                    "requested_stop": true,
+                    "exited_at": rfc3339(Utc::now()),
+                }),
+            );
         }
         self.notify();
     }
@@ -950,11 +902,7 @@ impl Shared {
     fn delete(&self, app: &str, id: &str, force: bool) -> Reply {
         {
             let mut state = self.lock();
-            let Some(record) = state
-                .machines
-                .iter_mut()
-                .find(|r| r.machine.app == app && r.machine.id == id)
-            else {
+            let Some(record) = state.machine_mut(app, id) else {
                 return not_found();
             };
             match record.machine.state.as_str() {
@@ -1001,9 +949,19 @@ fn transition(
     record.history.push((event_id, to.to_owned()));
 }
 
+/// The machine's main process exited (`exit_event` as Fly reports it): the machine stops, and is
+/// destroyed if its config has `auto_destroy: true`.
+fn process_exited(record: &mut MachineRecord, exit_event: Value) {
+    let request = json!({ "exit_event": exit_event });
+    transition(record, "stopped", "exit", "flyd", Some(request));
+    if record.machine.auto_destroy() {
+        transition(record, "destroyed", "destroy", "flyd", None);
+    }
+}
+
 fn event(kind: &str, status: &str, source: &str, request: Option<Value>) -> Value {
     let mut event = json!({
-        "id": super::ulid_like(),
+        "id": Ulid::new().to_string(),
         "type": kind,
         "status": status,
         "source": source,

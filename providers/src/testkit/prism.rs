@@ -20,8 +20,9 @@
 //!   types (`timeout=abc`, `include_deleted=yes`).
 //! - It does **not** reject unknown body fields (the spec never says
 //!   `additionalProperties: false`, so `auto_destory` passes) nor undeclared query parameters
-//!   (forwarded as they are). [`OpenApiValidator`](super::spec::OpenApiValidator), used by the
-//!   fakes, is strict about both.
+//!   (forwarded as they are).
+//!   [`OpenApiValidator`](super::validate::openapi::OpenApiValidator), used by the fakes, is
+//!   strict about both.
 //! - It rejects `state=started,stopped` (and repeated `state`) on `/wait`, although Fly
 //!   documents comma-separated and repeated values there: the spec declares a plain string enum.
 //! - It validates the upstream's responses too: a response whose body violates the declared

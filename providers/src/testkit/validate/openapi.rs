@@ -2,7 +2,7 @@
 //! JSON body against a spec, rejecting undeclared fields and parameters.
 //!
 //! It validates requests only; responses are the fakes' own business (run them behind
-//! [`PrismProxy`](super::prism::PrismProxy) to have responses checked too).
+//! [`PrismProxy`](crate::testkit::prism::PrismProxy) to have responses checked too).
 //!
 //! Strictness: before compiling, every object schema that declares `properties` and says nothing
 //! about `additionalProperties` gets `"additionalProperties": false`, so a misspelled field such
@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 /// The published Fly Machines OpenAPI spec (servers: `https://api.machines.dev/v1`; its paths are
 /// written without the `/v1` prefix).
-pub const FLY_MACHINES_SPEC: &str = include_str!("specs/fly-machines-openapi.json");
+pub const FLY_MACHINES_SPEC: &str = include_str!("../specs/fly-machines-openapi.json");
 
 const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
@@ -581,14 +581,8 @@ fn parse_body(doc: &Value, raw: &Value) -> Result<RequestBody, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::q;
     use super::*;
-
-    fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
 
     fn create_request() -> Value {
         json!({
