@@ -6,12 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hmac::{Hmac, Mac};
 use providers::resilient::Resilient;
 use providers::retry::RetryPolicy;
 use providers::{BuildContext, MachineProvider};
 use rand::RngCore;
-use sha2::Sha256;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -72,6 +70,7 @@ pub fn build_context(config: &Config, http: reqwest::Client) -> BuildContext {
         http,
         request_timeout: config.request_timeout(),
         production: config.is_production(),
+        deployment: config.deployment.clone(),
     }
 }
 
@@ -109,7 +108,7 @@ impl App {
             policy,
             config.outbound_rate_scale,
         ));
-        let ids = SessionIds::new(&session_key(&config), provider.name());
+        let ids = SessionIds::new(session_keys(&config), provider.name(), &config.deployment);
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
         let sessions = Arc::new(Sessions::new(
@@ -148,7 +147,8 @@ impl App {
     }
 
     /// Readiness: provider and rooms reachable with our credentials. Cached for [`READY_TTL`];
-    /// concurrent probes share one check.
+    /// concurrent probes share one check. The error names the failing component only (the
+    /// endpoint is public); what the provider or Daily said is logged once per check.
     pub async fn readiness(&self) -> Result<(), String> {
         let mut cached = self.ready.lock().await;
         if let Some((at, result)) = cached.as_ref() {
@@ -160,10 +160,20 @@ impl App {
             self.sessions.provider().check(),
             self.sessions.rooms().check()
         );
+        let provider_name = self.sessions.provider().name();
+        let rooms_kind = self.sessions.rooms().kind();
         let result = match (provider, rooms) {
             (Ok(()), Ok(())) => Ok(()),
-            (Err(e), _) => Err(e.to_string()),
-            (_, Err(e)) => Err(e.to_string()),
+            (Err(e), _) => {
+                tracing::warn!(error = %e, "not ready: the machine provider check failed");
+                Err(format!(
+                    "the machine provider ({provider_name}) is not ready"
+                ))
+            }
+            (_, Err(e)) => {
+                tracing::warn!(error = %e, "not ready: the rooms check failed");
+                Err(format!("the rooms backend ({rooms_kind}) is not ready"))
+            }
         };
         *cached = Some((Instant::now(), result.clone()));
         result
@@ -176,18 +186,12 @@ pub(crate) async fn build_rooms(
     http: reqwest::Client,
 ) -> anyhow::Result<Arc<dyn RoomService>> {
     Ok(match config.rooms_kind() {
-        RoomsKind::Local => Arc::new(LocalRooms::default()),
+        RoomsKind::Local => Arc::new(LocalRooms::new(&config.deployment)),
         RoomsKind::Daily => {
-            let domain = config
-                .daily
-                .domain_id
-                .clone()
-                .zip(config.daily.domain_name.clone());
             let rooms = DailyRooms::connect(
                 http,
-                &config.daily.api_url,
-                config.daily.api_key.clone().unwrap_or_default(),
-                domain,
+                &config.daily,
+                &config.deployment,
                 config.request_timeout(),
             )
             .await
@@ -197,20 +201,19 @@ pub(crate) async fn build_rooms(
     })
 }
 
-/// The key that signs session ids: configured, else derived from the shared JWT secret (so
-/// replicas sharing it agree), else random (single-replica development only).
-fn session_key(config: &Config) -> Vec<u8> {
-    if let Some(secret) = &config.session_secret {
-        return secret.expose().as_bytes().to_vec();
-    }
-    if let Some(secret) = config.auth.jwt_secret.as_ref().filter(|s| !s.is_empty()) {
-        let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes())
-            .expect("HMAC takes keys of any length");
-        mac.update(b"botdispatch session ids v1");
-        return mac.finalize().into_bytes().to_vec();
+/// The keys that sign and verify session ids: the configured ones, else (development only:
+/// production requires them) a random key, valid on this replica only. Never derived from the
+/// JWT secret: whoever can mint tokens must not be able to sign session ids.
+fn session_keys(config: &Config) -> Vec<Vec<u8>> {
+    if !config.session_secret.is_empty() {
+        return config
+            .session_secret
+            .iter()
+            .map(|s| s.expose().as_bytes().to_vec())
+            .collect();
     }
     let mut key = vec![0u8; 32];
     rand::rng().fill_bytes(&mut key);
     tracing::warn!("no session_secret configured: session ids are valid on this replica only");
-    key
+    vec![key]
 }

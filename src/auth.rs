@@ -24,6 +24,10 @@ pub enum AuthError {
     WrongAudience,
     #[error("the token is invalid: {0}")]
     Invalid(&'static str),
+    #[error(
+        "the token names critical header extensions (crit), which this service does not understand"
+    )]
+    CriticalExtension,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +49,15 @@ pub enum AuthSetupError {
     Sign(jsonwebtoken::errors::Error),
 }
 
-/// Claims botdispatch reads. `scope` is space separated (`admin`, `agent:NAME`); `agents` is an
-/// explicit list. Neither present means every agent.
+/// Scope that lets a token read every session, not only its own `sub`'s.
+pub const READ_ANY: &str = "sessions:read_any";
+/// Scope that lets a token stop every session, not only its own `sub`'s.
+pub const STOP_ANY: &str = "sessions:stop_any";
+
+/// Claims botdispatch reads. `scope` is a space-separated string or an array of scopes
+/// (`agent:NAME`, [`READ_ANY`], [`STOP_ANY`]); `agents` is an explicit list. With neither
+/// `agent:` scopes nor `agents` every agent may be started. `aud` is a string or an array
+/// (RFC 7519 §4.1.3).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
@@ -54,13 +65,31 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scope: Option<String>,
+    pub scope: Option<OneOrMany>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agents: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<OneOrMany>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+}
+
+/// A claim that may be one string or an array of strings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The scopes a `scope` claim names: a string's space-separated words, or the array's items.
+    fn scopes(self) -> Vec<String> {
+        match self {
+            Self::One(s) => s.split_whitespace().map(str::to_owned).collect(),
+            Self::Many(v) => v,
+        }
+    }
 }
 
 /// An authenticated caller.
@@ -80,15 +109,23 @@ impl Caller {
         }
     }
 
-    pub fn is_admin(&self) -> bool {
-        self.scopes.iter().any(|s| s == "admin")
+    fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
     }
 
-    /// Whether the token allows starting `agent`.
+    /// Whether the token may read sessions of every caller ([`READ_ANY`]).
+    pub fn may_read_any(&self) -> bool {
+        self.has_scope(READ_ANY)
+    }
+
+    /// Whether the token may stop sessions of every caller ([`STOP_ANY`]).
+    pub fn may_stop_any(&self) -> bool {
+        self.has_scope(STOP_ANY)
+    }
+
+    /// Whether the token allows starting `agent`: its `agent:` scopes and `agents` claim
+    /// always apply, whatever other scopes it has.
     pub fn may_start(&self, agent: &str) -> bool {
-        if self.is_admin() {
-            return true;
-        }
         let scoped: Vec<&str> = self
             .scopes
             .iter()
@@ -185,6 +222,7 @@ impl Authenticator {
 
     pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
+        reject_critical_extensions(token)?;
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -203,12 +241,7 @@ impl Authenticator {
         if claims.sub.trim().is_empty() || claims.sub.len() > 256 {
             return Err(AuthError::Invalid("sub must be 1 to 256 characters"));
         }
-        let scopes = claims
-            .scope
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect();
+        let scopes = claims.scope.map(OneOrMany::scopes).unwrap_or_default();
         Ok(Caller::new(claims.sub, scopes, claims.agents))
     }
 
@@ -225,14 +258,31 @@ impl Authenticator {
             sub: sub.to_owned(),
             exp: now + ttl.as_secs(),
             iat: Some(now),
-            scope: scope.map(str::to_owned),
+            scope: scope.map(|s| OneOrMany::One(s.to_owned())),
             agents: None,
-            aud: self.audience.clone(),
+            aud: self.audience.clone().map(OneOrMany::One),
             iss: self.issuer.clone(),
         };
         jsonwebtoken::encode(&Header::new(self.algorithm), &claims, key)
             .map_err(AuthSetupError::Sign)
     }
+}
+
+/// RFC 7515 §4.1.11: a recipient must refuse a token whose `crit` header names extensions it
+/// does not understand; this service understands none.
+fn reject_critical_extensions(token: &str) -> Result<(), AuthError> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let header = token.split('.').next().unwrap_or_default();
+    let header: serde_json::Value = URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or(AuthError::Invalid("not a well-formed JWT"))?;
+    if header.get("crit").is_some() {
+        return Err(AuthError::CriticalExtension);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -247,7 +297,10 @@ mod tests {
         assert!(scoped.may_start("x") && !scoped.may_start("y"));
         let listed = Caller::new("a", vec![], Some(vec!["y".into()]));
         assert!(listed.may_start("y") && !listed.may_start("x"));
+        // `admin` is no master key: the agent scopes still apply.
         let admin = Caller::new("a", vec!["admin".into(), "agent:x".into()], None);
-        assert!(admin.may_start("y") && admin.is_admin());
+        assert!(!admin.may_start("y") && !admin.may_read_any() && !admin.may_stop_any());
+        let ops = Caller::new("a", vec![READ_ANY.into()], None);
+        assert!(ops.may_read_any() && !ops.may_stop_any());
     }
 }

@@ -1,6 +1,8 @@
 //! The one API error type: it alone decides status codes and the JSON error shape
 //! `{"error": "<code>", "detail": "<text>", "info": "<text>"}` (Pipecat clients show
-//! `info ?? detail`).
+//! `info ?? detail`). What a provider or Daily said never reaches a client: their errors get a
+//! stable, generic text naming the request id, and the specifics are logged once where the
+//! error is handled.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +22,9 @@ pub struct ApiError {
     pub code: &'static str,
     pub detail: String,
     pub retry_after: Option<u64>,
+    /// The detail is generic: the response names the request id, so the specifics can be
+    /// found in the log.
+    refer_to_log: bool,
 }
 
 /// The one error shape. `detail` and `info` carry the same text: Pipecat clients show
@@ -42,7 +47,25 @@ impl ApiError {
             code,
             detail: detail.into(),
             retry_after: None,
+            refer_to_log: false,
         }
+    }
+
+    /// An error whose specifics stay in the log: the client gets `detail` and the request id.
+    pub fn upstream(status: StatusCode, code: &'static str, detail: &'static str) -> Self {
+        Self {
+            refer_to_log: true,
+            ..Self::new(status, code, detail)
+        }
+    }
+
+    /// The same error, naming the request it answers when it refers to the log.
+    pub fn for_request(mut self, request_id: &str) -> Self {
+        if self.refer_to_log {
+            self.detail = format!("{} (request id {request_id})", self.detail);
+            self.refer_to_log = false;
+        }
+        self
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Self {
@@ -67,6 +90,10 @@ impl IntoResponse for ApiError {
             info: &self.detail,
         };
         let mut response = (self.status, axum::Json(body)).into_response();
+        if self.refer_to_log {
+            // The router's outer layer renders it again with the request id.
+            response.extensions_mut().insert(self.clone());
+        }
         if let Some(secs) = self.retry_after {
             response
                 .headers_mut()
@@ -94,48 +121,60 @@ fn secs(d: Option<std::time::Duration>) -> u64 {
 
 impl From<ProviderError> for ApiError {
     fn from(e: ProviderError) -> Self {
-        let detail = e.to_string();
+        use StatusCode as S;
         match e {
-            ProviderError::Throttled { retry_after, .. } => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+            ProviderError::Throttled { retry_after, .. } => Self::upstream(
+                S::SERVICE_UNAVAILABLE,
                 "provider_throttled",
-                detail,
+                "the machine provider is throttling requests; try again later",
             )
             .retry_after(secs(retry_after)),
-            ProviderError::Timeout { .. } => {
-                Self::new(StatusCode::GATEWAY_TIMEOUT, "start_timeout", detail)
-                    .retry_after(DEFAULT_RETRY_AFTER_SECS)
-            }
-            ProviderError::Unavailable { .. } => {
-                Self::new(StatusCode::BAD_GATEWAY, "provider_unavailable", detail)
-                    .retry_after(DEFAULT_RETRY_AFTER_SECS)
-            }
-            ProviderError::StartFailed { .. } => {
-                Self::new(StatusCode::BAD_GATEWAY, "bot_start_failed", detail)
-            }
+            ProviderError::Timeout { .. } => Self::upstream(
+                S::GATEWAY_TIMEOUT,
+                "start_timeout",
+                "the bot machine did not start in time",
+            )
+            .retry_after(DEFAULT_RETRY_AFTER_SECS),
+            ProviderError::Unavailable { .. } => Self::upstream(
+                S::BAD_GATEWAY,
+                "provider_unavailable",
+                "the machine provider is unavailable; try again",
+            )
+            .retry_after(DEFAULT_RETRY_AFTER_SECS),
+            ProviderError::StartFailed { .. } => Self::upstream(
+                S::BAD_GATEWAY,
+                "bot_start_failed",
+                "the bot machine failed to start",
+            ),
             ProviderError::Rejected { .. }
             | ProviderError::Conflict { .. }
-            | ProviderError::Config { .. } => {
-                Self::new(StatusCode::BAD_GATEWAY, "provider_error", detail)
-            }
+            | ProviderError::Config { .. } => Self::upstream(
+                S::BAD_GATEWAY,
+                "provider_error",
+                "the machine provider refused the request",
+            ),
         }
     }
 }
 
 impl From<RoomError> for ApiError {
     fn from(e: RoomError) -> Self {
-        let detail = e.to_string();
+        use StatusCode as S;
         match e {
-            RoomError::Throttled { retry_after } => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "rooms_throttled", detail)
-                    .retry_after(secs(retry_after))
-            }
-            RoomError::Unavailable { .. } => {
-                Self::new(StatusCode::BAD_GATEWAY, "rooms_unavailable", detail)
-                    .retry_after(DEFAULT_RETRY_AFTER_SECS)
-            }
+            RoomError::Throttled { retry_after } => Self::upstream(
+                S::SERVICE_UNAVAILABLE,
+                "rooms_throttled",
+                "Daily is throttling requests; try again later",
+            )
+            .retry_after(secs(retry_after)),
+            RoomError::Unavailable { .. } => Self::upstream(
+                S::BAD_GATEWAY,
+                "rooms_unavailable",
+                "Daily is unavailable; try again",
+            )
+            .retry_after(DEFAULT_RETRY_AFTER_SECS),
             RoomError::Rejected { .. } | RoomError::AlreadyExists(_) | RoomError::Token(_) => {
-                Self::new(StatusCode::BAD_GATEWAY, "rooms_error", detail)
+                Self::upstream(S::BAD_GATEWAY, "rooms_error", "Daily refused the request")
             }
         }
     }

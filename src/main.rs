@@ -46,7 +46,7 @@ enum Command {
         /// How long the token is valid, e.g. 30m, 1h, 7d.
         #[arg(long, default_value = "1h")]
         ttl: humantime::Duration,
-        /// Space-separated scopes, e.g. "admin" or "agent:support".
+        /// Space-separated scopes, e.g. "agent:support" or "sessions:read_any".
         #[arg(long)]
         scope: Option<String>,
     },
@@ -106,6 +106,12 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let generated_secret = config.fill_dev_secrets();
     telemetry::init();
     let addr = config.listen_addr()?;
+    anyhow::ensure!(
+        !generated_secret || addr.ip().is_loopback(),
+        "listen (BOTDISPATCH_LISTEN) = {addr} is reachable from other machines, but no JWT secret is configured: \
+         the generated development secret is for this machine only. Set BOTDISPATCH_JWT_SECRET \
+         (or auth.jwt_public_key_file), or listen on 127.0.0.1"
+    );
     // Time for cancelled starts to destroy what they created, after the grace period.
     let shutdown_cleanup = config.request_timeout() * 3;
     let app = Arc::new(App::build(config, app::http_client()?).await?);
@@ -125,11 +131,14 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     }
 
     app.spawn_background();
+    let grace = app.config.shutdown_grace();
     let limits = ServerLimits {
         header_read_timeout: Duration::from_secs(app.config.header_read_timeout_secs),
+        // In-flight starts answer within the grace period (503 once it is over): a connection
+        // still open a little after that is a slow client, not a start.
+        drain: grace + Duration::from_secs(2),
         ..ServerLimits::default()
     };
-    let grace = app.config.shutdown_grace();
     let shutdown = {
         let app = app.clone();
         async move {

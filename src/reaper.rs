@@ -101,9 +101,11 @@ impl Reaper {
             }
         };
         let now = Utc::now();
+        // An incomplete listing cannot show that a room is gone: the room-gone rule waits.
         let room_names: Option<HashSet<&str>> = rooms
             .as_ref()
-            .map(|r| r.iter().map(|r| r.name.as_str()).collect());
+            .filter(|listing| listing.complete)
+            .map(|listing| listing.rooms.iter().map(|r| r.name.as_str()).collect());
         let mut live_rooms: HashSet<&str> = HashSet::new();
         for m in &machines {
             let Some(labels) = &m.labels else { continue };
@@ -119,7 +121,7 @@ impl Reaper {
                 }
             }
         }
-        for room in rooms.iter().flatten() {
+        for room in rooms.iter().flat_map(|listing| &listing.rooms) {
             if !live_rooms.contains(room.name.as_str()) && self.old_enough(room.created_at, now) {
                 self.delete_room(&room.name, &mut report).await;
             }

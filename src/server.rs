@@ -1,6 +1,7 @@
 //! The HTTP/1.1 server loop: hyper with limits axum's `serve` does not expose (a deadline for
 //! request headers, a cap on their size), and graceful shutdown that lets in-flight requests
-//! finish while refusing new connections.
+//! finish while refusing new connections, for at most a drain time: a slow client cannot hold
+//! a deploy.
 
 use std::future::Future;
 use std::time::Duration;
@@ -20,6 +21,9 @@ pub struct ServerLimits {
     pub header_read_timeout: Duration,
     /// Most bytes of request head buffered; larger heads get 431.
     pub max_header_bytes: usize,
+    /// After shutdown begins, how long open connections may take to finish; those still open
+    /// then are dropped.
+    pub drain: Duration,
 }
 
 impl Default for ServerLimits {
@@ -27,12 +31,13 @@ impl Default for ServerLimits {
         Self {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
+            drain: Duration::from_secs(30),
         }
     }
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and waits for
-/// the open connections' requests to finish.
+/// the open connections' requests to finish, at most `limits.drain`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -73,5 +78,13 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(limits.drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            drain_secs = limits.drain.as_secs(),
+            "connections still open after the drain time: closing them"
+        );
+    }
 }

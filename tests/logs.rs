@@ -123,6 +123,27 @@ async fn a_full_scenario_logs_no_secret_and_names_its_sessions() {
     assert!(about_session >= 2, "session lines: {about_session}\n{logs}");
     // One request span per request, with its request id.
     assert!(logs.contains("\"request.id\""), "{logs}");
+
+    // What the provider said reaches the log once, under the request id the client was given,
+    // and never the client.
+    let detail = failed["detail"].as_str().unwrap();
+    assert!(!detail.contains("bad image"), "{detail}");
+    let request_id = detail
+        .rsplit("request id ")
+        .next()
+        .unwrap()
+        .trim_end_matches(')');
+    let mentions: Vec<Value> = logs
+        .lines()
+        .filter(|l| l.contains("bad image"))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(mentions.len(), 1, "logged once: {mentions:#?}");
+    assert_eq!(
+        mentions[0]["spans"][0]["request.id"], request_id,
+        "{:#}",
+        mentions[0]
+    );
     println!(
         "captured {} log lines; none holds a secret",
         logs.lines().count()

@@ -36,6 +36,9 @@ pub struct BuildContext {
     pub request_timeout: Duration,
     /// Whether this is a production deployment (`APP_ENV=production`).
     pub production: bool,
+    /// The deployment's name: the provider lists, finds and reads as its own only the
+    /// machines labelled with it.
+    pub deployment: String,
 }
 
 impl BuildContext {
@@ -44,6 +47,7 @@ impl BuildContext {
             http,
             request_timeout: Duration::from_secs(15),
             production: false,
+            deployment: crate::labels::DEFAULT_DEPLOYMENT.to_owned(),
         }
     }
 

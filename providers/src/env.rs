@@ -80,14 +80,14 @@ macro_rules! numbers {
 numbers!(u16, u32, u64, usize, f64);
 
 /// A comma-separated list; empty items are dropped.
-impl FromEnv for Vec<String> {
-    fn from_env(_: &str, value: String) -> Result<Self, ConfigError> {
-        Ok(value
+impl<T: FromEnv> FromEnv for Vec<T> {
+    fn from_env(name: &str, value: String) -> Result<Self, ConfigError> {
+        value
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect())
+            .map(|item| T::from_env(name, item.to_owned()))
+            .collect()
     }
 }
 

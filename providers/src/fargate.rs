@@ -66,6 +66,8 @@ pub const STOP_REASON: &str = "botdispatch: session ended";
 const CLIENT_TOKEN_PREFIX: &str = "botdispatch-";
 /// Longest session key used as `startedBy` as is.
 const MAX_STARTED_BY: usize = 36;
+/// ECS refuses `RunTask` overrides longer than this many characters.
+const MAX_OVERRIDES_CHARS: usize = 8192;
 /// `DescribeTasks` takes at most this many tasks per call; `ListTasks` pages are as large.
 const PAGE: usize = 100;
 /// ECS is eventually consistent: a task `RunTask` just returned may read as `MISSING` for a moment.
@@ -195,6 +197,7 @@ pub struct FargateProvider {
     /// `config.cluster`, validated.
     cluster: String,
     region: String,
+    deployment: String,
 }
 
 impl fmt::Debug for FargateProvider {
@@ -259,6 +262,7 @@ impl FargateProvider {
             cluster: config.cluster.clone().unwrap_or_default(),
             config,
             region,
+            deployment: ctx.deployment.clone(),
         })
     }
 
@@ -344,7 +348,12 @@ impl FargateProvider {
     }
 
     fn to_status(&self, task: &Task) -> MachineStatus {
-        task_status(task, &self.config.container_name, &self.region)
+        task_status(
+            task,
+            &self.config.container_name,
+            &self.region,
+            &self.deployment,
+        )
     }
 
     /// The `RunTask` request of a session, without sending it.
@@ -486,6 +495,65 @@ impl MachineProvider for FargateProvider {
             (Op::List, RateLimit::app(5.0, 25)),
             (Op::Label, RateLimit::app(5.0, 10)),
         ]
+    }
+
+    /// A task ARN in this provider's region and cluster:
+    /// `arn:<partition>:ecs:<region>:<account>:task/<cluster>/<task id>`.
+    fn is_handle(&self, handle: &str) -> bool {
+        let cluster_name = self.cluster.rsplit('/').next().unwrap_or_default();
+        let mut parts = handle.splitn(6, ':');
+        let (Some("arn"), Some(partition), Some("ecs"), Some(region), Some(account), Some(rest)) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return false;
+        };
+        let id_ok = |id: &str| {
+            (1..=64).contains(&id.len())
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        partition.starts_with("aws")
+            && region == self.region
+            && account.len() == 12
+            && account.bytes().all(|b| b.is_ascii_digit())
+            && rest
+                .strip_prefix("task/")
+                .and_then(|r| r.split_once('/'))
+                .is_some_and(|(cluster, id)| cluster == cluster_name && id_ok(id))
+    }
+
+    /// `RunTask` overrides hold at most 8,192 characters (the JSON of `overrides`).
+    fn fits(
+        &self,
+        template: &MachineTemplate,
+        session_env: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let environment: Vec<_> = template
+            .env
+            .iter()
+            .chain(session_env)
+            .map(|(name, value)| serde_json::json!({"name": name, "value": value}))
+            .collect();
+        let overrides = serde_json::json!({
+            "containerOverrides": [{
+                "name": self.config.container_name,
+                "environment": environment,
+                "command": template.cmd,
+            }],
+            "cpu": "16384",
+            "memory": "122880",
+        });
+        let size = overrides.to_string().chars().count();
+        if size > MAX_OVERRIDES_CHARS {
+            return Err(format!(
+                "RunTask overrides hold at most {MAX_OVERRIDES_CHARS} characters; this start needs {size}"
+            ));
+        }
+        Ok(())
     }
 
     async fn launch(
@@ -677,7 +745,7 @@ fn is_stopping(task: &Task) -> bool {
 }
 
 /// Reads a task as botdispatch reports machines (see the module docs for the state mapping).
-fn task_status(task: &Task, container_name: &str, region: &str) -> MachineStatus {
+fn task_status(task: &Task, container_name: &str, region: &str, deployment: &str) -> MachineStatus {
     let last_status = task.last_status().unwrap_or("UNKNOWN");
     let stop_code = task.stop_code().map(|c| c.as_str());
     // The bot's container first; any other container that exited non-zero explains a failure too.
@@ -737,7 +805,7 @@ fn task_status(task: &Task, container_name: &str, region: &str) -> MachineStatus
         created_at: task.created_at().and_then(to_chrono),
         started_at,
         ended_at,
-        labels: SessionLabels::from_map(&tags),
+        labels: SessionLabels::from_map_of(&tags, deployment),
         detail,
     }
 }
@@ -1014,7 +1082,7 @@ mod tests {
 
     #[test]
     fn maps_ecs_task_states() {
-        let read = |t: Task| task_status(&t, "bot", "us-east-1");
+        let read = |t: Task| task_status(&t, "bot", "us-east-1", "default");
         for last in ["PROVISIONING", "PENDING", "ACTIVATING"] {
             assert_eq!(
                 read(task(last, "RUNNING").build()).state,

@@ -144,6 +144,16 @@ pub struct FlyProvider {
     app_name: String,
     default_region: Option<String>,
     request_timeout: Duration,
+    deployment: String,
+}
+
+/// A Fly machine id: lowercase hex today (14 characters); letters and digits, 8 to 32, are
+/// accepted so a longer id scheme would not lock sessions out.
+fn is_machine_id(handle: &str) -> bool {
+    (8..=32).contains(&handle.len())
+        && handle
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 impl FlyProvider {
@@ -159,7 +169,24 @@ impl FlyProvider {
             app_name: config.app_name.unwrap_or_default(),
             default_region: config.default_region,
             request_timeout: ctx.request_timeout,
+            deployment: ctx.deployment.clone(),
         })
+    }
+
+    /// `/machines/{handle}{rest}`, for a valid handle only (percent-encoded all the same).
+    fn machine_path(&self, handle: &str, rest: &str) -> Result<String, ProviderError> {
+        if !is_machine_id(handle) {
+            return Err(ProviderError::rejected(
+                NAME,
+                format!("{handle:?} is not a Fly machine id"),
+            ));
+        }
+        let id = http::segment(handle).map_err(|e| ProviderError::rejected(NAME, e))?;
+        Ok(format!("/machines/{id}{rest}"))
+    }
+
+    fn status_of(&self, machine: FlyMachine) -> MachineStatus {
+        machine.into_status(&self.deployment)
     }
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
@@ -188,9 +215,8 @@ impl FlyProvider {
 
     async fn get_machine(&self, id: &str) -> Result<Option<FlyMachine>, ProviderError> {
         let what = "get machine";
-        let resp = self
-            .send(self.request(Method::GET, &format!("/machines/{id}")), what)
-            .await?;
+        let path = self.machine_path(id, "")?;
+        let resp = self.send(self.request(Method::GET, &path), what).await?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -321,6 +347,10 @@ impl MachineProvider for FlyProvider {
         })
     }
 
+    fn is_handle(&self, handle: &str) -> bool {
+        is_machine_id(handle)
+    }
+
     async fn wait_started(
         &self,
         launched: &Launched,
@@ -342,7 +372,7 @@ impl MachineProvider for FlyProvider {
                 query.push(("instance_id", version.clone()));
             }
             let req = self
-                .request(Method::GET, &format!("/machines/{}/wait", launched.handle))
+                .request(Method::GET, &self.machine_path(&launched.handle, "/wait")?)
                 .query(&query)
                 .timeout(Duration::from_secs(secs) + self.request_timeout);
             let resp = match tokio::time::timeout_at(deadline.instant(), self.send(req, what)).await
@@ -373,7 +403,7 @@ impl MachineProvider for FlyProvider {
     }
 
     async fn status(&self, handle: &str) -> Result<Option<MachineStatus>, ProviderError> {
-        Ok(self.get_machine(handle).await?.map(FlyMachine::into_status))
+        Ok(self.get_machine(handle).await?.map(|m| self.status_of(m)))
     }
 
     async fn terminate(&self, handle: &str) -> Result<(), ProviderError> {
@@ -382,7 +412,7 @@ impl MachineProvider for FlyProvider {
         let what = "stop machine";
         let resp = self
             .send(
-                self.request(Method::POST, &format!("/machines/{handle}/stop"))
+                self.request(Method::POST, &self.machine_path(handle, "/stop")?)
                     .json(&json!({})),
                 what,
             )
@@ -402,7 +432,7 @@ impl MachineProvider for FlyProvider {
         let what = "destroy machine";
         let resp = self
             .send(
-                self.request(Method::DELETE, &format!("/machines/{handle}"))
+                self.request(Method::DELETE, &self.machine_path(handle, "")?)
                     .query(&[("force", "true")]),
                 what,
             )
@@ -420,7 +450,11 @@ impl MachineProvider for FlyProvider {
         // Destroyed machines too: an idempotent retry must see that its session already ran.
         let machines = self
             .list(
-                &[(key::MANAGED_BY, MANAGED_BY), (key::SESSION, session_key)],
+                &[
+                    (key::MANAGED_BY, MANAGED_BY),
+                    (key::DEPLOYMENT, &self.deployment),
+                    (key::SESSION, session_key),
+                ],
                 true,
             )
             .await?;
@@ -428,7 +462,7 @@ impl MachineProvider for FlyProvider {
         // A live machine wins over destroyed ones of the same session.
         let mut ours: Vec<MachineStatus> = machines
             .into_iter()
-            .map(FlyMachine::into_status)
+            .map(|m| self.status_of(m))
             .filter(|m| {
                 m.labels
                     .as_ref()
@@ -440,10 +474,18 @@ impl MachineProvider for FlyProvider {
     }
 
     async fn list_managed(&self) -> Result<Vec<MachineStatus>, ProviderError> {
-        let machines = self.list(&[(key::MANAGED_BY, MANAGED_BY)], false).await?;
+        let machines = self
+            .list(
+                &[
+                    (key::MANAGED_BY, MANAGED_BY),
+                    (key::DEPLOYMENT, &self.deployment),
+                ],
+                false,
+            )
+            .await?;
         Ok(machines
             .into_iter()
-            .map(FlyMachine::into_status)
+            .map(|m| self.status_of(m))
             .filter(|m| m.labels.is_some() && m.provider_state != "destroyed")
             .collect())
     }
@@ -474,7 +516,7 @@ impl Relabel for FlyProvider {
         let req = self
             .request(
                 Method::POST,
-                &format!("/machines/{handle}/metadata/{}", key::DEADLINE),
+                &self.machine_path(handle, &format!("/metadata/{}", key::DEADLINE))?,
             )
             .json(&json!({ "value": deadline.unix_secs().to_string() }));
         let resp = self.send(req, what).await?;
@@ -535,7 +577,8 @@ impl FlyEvent {
 }
 
 impl FlyMachine {
-    fn into_status(self) -> MachineStatus {
+    /// The machine as botdispatch reports it; labels only when it is `deployment`'s.
+    fn into_status(self, deployment: &str) -> MachineStatus {
         // Fly lists events newest first; sort so "first started" and "last ended" are clear.
         let mut events = self.events;
         events.sort_by_key(|e| e.timestamp.unwrap_or_default());
@@ -575,7 +618,7 @@ impl FlyMachine {
         let labels = self
             .config
             .as_ref()
-            .and_then(|c| SessionLabels::from_map(&c.metadata));
+            .and_then(|c| SessionLabels::from_map_of(&c.metadata, deployment));
         MachineStatus {
             handle: self.id,
             state,
@@ -614,7 +657,7 @@ mod tests {
 
     #[test]
     fn maps_fly_states_and_events() {
-        let s = machine("starting", json!([])).into_status();
+        let s = machine("starting", json!([])).into_status("default");
         assert_eq!(s.state, MachineState::Starting);
         assert_eq!(s.labels.unwrap().owner, "alice");
 
@@ -624,13 +667,13 @@ mod tests {
             {"type": "start", "status": "started", "timestamp": 1_700_000_002_000_i64},
             {"type": "launch", "status": "created", "timestamp": 1_700_000_000_000_i64}
         ]);
-        let s = machine("destroyed", events).into_status();
+        let s = machine("destroyed", events).into_status("default");
         assert_eq!(s.state, MachineState::Ended);
         assert_eq!(s.started_at.unwrap().timestamp(), 1_700_000_002);
         assert_eq!(s.ended_at.unwrap().timestamp(), 1_700_000_009);
         assert_eq!(s.detail.as_deref(), Some("bot exited with code 0"));
 
-        let s = machine("destroyed", json!([])).into_status();
+        let s = machine("destroyed", json!([])).into_status("default");
         assert_eq!(s.state, MachineState::Failed);
     }
 }

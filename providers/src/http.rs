@@ -196,6 +196,23 @@ impl ProviderError {
     }
 }
 
+/// Characters left as they are in a URL path segment: RFC 3986's unreserved ones.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `value` as one URL path segment: `/`, `%`, `?`, `#` and the rest percent-encoded, and the
+/// dot segments `.` and `..` refused (a URL parser would resolve them), so data can never
+/// move a request to another path.
+pub fn segment(value: &str) -> Result<String, String> {
+    if value.is_empty() || value == "." || value == ".." {
+        return Err(format!("{value:?} cannot be a URL path segment"));
+    }
+    Ok(percent_encoding::utf8_percent_encode(value, SEGMENT).to_string())
+}
+
 /// Reads a `Retry-After` value: either whole seconds or an HTTP-date (RFC 7231 §7.1.3).
 /// Dates in the past give zero; garbage gives `None`.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
@@ -254,6 +271,14 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn segments_cannot_leave_their_place() {
+        assert_eq!(segment("148ed193b95089").unwrap(), "148ed193b95089");
+        assert_eq!(segment("../x").unwrap(), "..%2Fx");
+        assert_eq!(segment("a?b#c%d").unwrap(), "a%3Fb%23c%25d");
+        assert!(segment("..").is_err() && segment(".").is_err() && segment("").is_err());
     }
 
     #[test]

@@ -21,7 +21,11 @@ pub mod key {
     pub const ROOM: &str = "botdispatch_room";
     pub const DEADLINE: &str = "botdispatch_deadline";
     pub const AGENT: &str = "botdispatch_agent";
+    pub const DEPLOYMENT: &str = "botdispatch_deployment";
 }
+
+/// The deployment of machines launched before deployments had names.
+pub const DEFAULT_DEPLOYMENT: &str = "default";
 
 /// What a provider attaches to a machine so that the machine alone tells whose session it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +38,8 @@ pub struct SessionLabels {
     pub room: String,
     /// The agent (bot profile) that was started.
     pub agent: String,
+    /// The deployment that launched it: only that deployment's dispatchers touch it.
+    pub deployment: String,
     /// When the session must be over, whatever the bot does (whole seconds).
     pub deadline: Deadline,
 }
@@ -47,6 +53,7 @@ impl SessionLabels {
             (key::OWNER.to_owned(), self.owner.clone()),
             (key::ROOM.to_owned(), self.room.clone()),
             (key::AGENT.to_owned(), self.agent.clone()),
+            (key::DEPLOYMENT.to_owned(), self.deployment.clone()),
             (
                 key::DEADLINE.to_owned(),
                 self.deadline.unix_secs().to_string(),
@@ -54,7 +61,14 @@ impl SessionLabels {
         ])
     }
 
-    /// Reads labels back from a machine; `None` when the machine is not one of ours.
+    /// Reads labels back from a machine; `None` unless the machine is managed by botdispatch
+    /// for `deployment` (another deployment's machine is not ours).
+    pub fn from_map_of(map: &BTreeMap<String, String>, deployment: &str) -> Option<Self> {
+        Self::from_map(map).filter(|l| l.deployment == deployment)
+    }
+
+    /// Reads labels back from a machine, whatever its deployment (missing: [`DEFAULT_DEPLOYMENT`]);
+    /// `None` when the machine is not managed by botdispatch.
     pub fn from_map(map: &BTreeMap<String, String>) -> Option<Self> {
         if map.get(key::MANAGED_BY).map(String::as_str) != Some(MANAGED_BY) {
             return None;
@@ -65,6 +79,10 @@ impl SessionLabels {
             owner: map.get(key::OWNER)?.clone(),
             room: map.get(key::ROOM)?.clone(),
             agent: map.get(key::AGENT).cloned().unwrap_or_default(),
+            deployment: map
+                .get(key::DEPLOYMENT)
+                .cloned()
+                .unwrap_or_else(|| DEFAULT_DEPLOYMENT.to_owned()),
             deadline: Deadline::from_unix_secs(deadline)?,
         })
     }
@@ -159,10 +177,13 @@ mod tests {
             owner: "alice".into(),
             room: "bd-01k0abc".into(),
             agent: "default".into(),
+            deployment: "staging".into(),
             deadline: Deadline::from_unix_secs(1_800_000_000).unwrap(),
         };
         let map = labels.to_map();
-        assert_eq!(SessionLabels::from_map(&map), Some(labels));
+        assert_eq!(SessionLabels::from_map(&map), Some(labels.clone()));
+        assert_eq!(SessionLabels::from_map_of(&map, "staging"), Some(labels));
+        assert_eq!(SessionLabels::from_map_of(&map, "production"), None);
         let mut foreign = map.clone();
         foreign.insert(key::MANAGED_BY.into(), "someone-else".into());
         assert_eq!(SessionLabels::from_map(&foreign), None);
@@ -207,10 +228,18 @@ mod tests {
             assert!(!stored.to_ascii_lowercase().starts_with("aws:"), "{stored}");
             assert_eq!(ecs.decode(&stored), value, "{stored}");
         }
-        assert_eq!(ecs.encode("alice@example.com").unwrap(), "alice@example.com");
+        assert_eq!(
+            ecs.encode("alice@example.com").unwrap(),
+            "alice@example.com"
+        );
         assert_eq!(ecs.encode("auth0|x").unwrap(), "b64.YXV0aDB8eA");
         // The encoding is RFC 4648 base64url without padding.
-        for (plain, encoded) in [("f", "Zg"), ("fo", "Zm8"), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")] {
+        for (plain, encoded) in [
+            ("f", "Zg"),
+            ("fo", "Zm8"),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(ecs.decode(&format!("b64.{encoded}")), plain);
         }
         // Someone else's tag that merely starts with the prefix stays as it is, and so does a

@@ -80,8 +80,10 @@ impl ProviderSettings for LocalConfig {
         }
     }
 
-    async fn build(&self, _ctx: &BuildContext) -> Result<Arc<dyn MachineProvider>, ProviderError> {
-        Ok(Arc::new(LocalProvider::new(self.clone())))
+    async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn MachineProvider>, ProviderError> {
+        Ok(Arc::new(
+            LocalProvider::new(self.clone()).with_deployment(&ctx.deployment),
+        ))
     }
 }
 
@@ -146,6 +148,8 @@ impl Entry {
 /// Runs each session's bot as a child process of the dispatcher.
 pub struct LocalProvider {
     config: LocalConfig,
+    /// Only this deployment's processes are listed, found and read as ours.
+    deployment: String,
     table: Arc<Mutex<HashMap<String, Entry>>>,
     /// Bumped on every state change, so waits need no polling.
     changed: watch::Sender<u64>,
@@ -155,9 +159,24 @@ impl LocalProvider {
     pub fn new(config: LocalConfig) -> Self {
         Self {
             config,
+            deployment: crate::labels::DEFAULT_DEPLOYMENT.to_owned(),
             table: Arc::default(),
             changed: watch::channel(0).0,
         }
+    }
+
+    /// The same provider, for `deployment`'s machines.
+    pub fn with_deployment(mut self, deployment: &str) -> Self {
+        self.deployment = deployment.to_owned();
+        self
+    }
+
+    /// An entry's status as this deployment sees it: another deployment's process reads as
+    /// not ours (no labels).
+    fn status_of(&self, handle: &str, entry: &Entry) -> MachineStatus {
+        let mut status = entry.status(handle);
+        status.labels = status.labels.filter(|l| l.deployment == self.deployment);
+        status
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
@@ -260,9 +279,16 @@ impl MachineProvider for LocalProvider {
                 });
             }
         }
+        // Like a fresh VM: nothing of the dispatcher's own environment (its secrets, cloud
+        // credentials) reaches the bot; only PATH and HOME, to find programs, and the contract.
         let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]).env_clear();
+        for inherited in ["PATH", "HOME"] {
+            if let Some(value) = std::env::var_os(inherited) {
+                command.env(inherited, value);
+            }
+        }
         command
-            .args(&argv[1..])
             .envs(session.machine_env(template))
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
@@ -326,8 +352,15 @@ impl MachineProvider for LocalProvider {
         }
     }
 
+    fn is_handle(&self, handle: &str) -> bool {
+        (1..=80).contains(&handle.len())
+            && handle
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    }
+
     async fn status(&self, handle: &str) -> Result<Option<MachineStatus>, ProviderError> {
-        Ok(self.lock().get(handle).map(|e| e.status(handle)))
+        Ok(self.lock().get(handle).map(|e| self.status_of(handle, e)))
     }
 
     async fn terminate(&self, handle: &str) -> Result<(), ProviderError> {
@@ -350,16 +383,18 @@ impl MachineProvider for LocalProvider {
         Ok(self
             .lock()
             .iter()
-            .find(|(_, e)| e.labels.session_key == session_key)
-            .map(|(h, e)| e.status(h)))
+            .find(|(_, e)| {
+                e.labels.session_key == session_key && e.labels.deployment == self.deployment
+            })
+            .map(|(h, e)| self.status_of(h, e)))
     }
 
     async fn list_managed(&self) -> Result<Vec<MachineStatus>, ProviderError> {
         Ok(self
             .lock()
             .iter()
-            .filter(|(_, e)| !e.state.is_terminal())
-            .map(|(h, e)| e.status(h))
+            .filter(|(_, e)| !e.state.is_terminal() && e.labels.deployment == self.deployment)
+            .map(|(h, e)| self.status_of(h, e))
             .collect())
     }
 

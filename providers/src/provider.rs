@@ -1,6 +1,8 @@
 //! The [`MachineProvider`] trait every cloud implements, and the optional capabilities a
 //! provider may add ([`Relabel`]).
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 
 use crate::retry::{Op, RateLimit};
@@ -17,6 +19,23 @@ pub trait MachineProvider: Send + Sync + 'static {
     /// applies them.
     fn rate_limits(&self) -> Vec<(Op, RateLimit)> {
         Vec::new()
+    }
+
+    /// Whether `handle` has the shape of this provider's machine handles, in this provider's
+    /// own app, cluster or project. Handles from outside (a session id) are checked with it
+    /// before any call: a handle that fails it must never reach the provider.
+    fn is_handle(&self, handle: &str) -> bool;
+
+    /// Whether a session env of these sizes fits what one launch of `template` may carry
+    /// (Cloud Run: 32,768 bytes per env value; ECS: 8,192 characters of overrides). Checked
+    /// before anything is created; `Err` says which limit, in the provider's words.
+    fn fits(
+        &self,
+        template: &MachineTemplate,
+        session_env: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        let _ = (template, session_env);
+        Ok(())
     }
 
     /// Creates and boots a machine of `template` for `session`. Returns once the provider has

@@ -121,6 +121,18 @@ impl MachineProvider for Resilient {
         Vec::new()
     }
 
+    fn is_handle(&self, handle: &str) -> bool {
+        self.inner.is_handle(handle)
+    }
+
+    fn fits(
+        &self,
+        template: &MachineTemplate,
+        session_env: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        self.inner.fits(template, session_env)
+    }
+
     async fn launch(
         &self,
         template: &MachineTemplate,

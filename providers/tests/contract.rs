@@ -174,3 +174,89 @@ async fn local_refuses_a_program_that_does_not_exist() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn local_bots_get_only_path_home_and_their_contract() {
+    // The dispatcher's own environment (JWT secret, Daily key, cloud credentials) must not
+    // reach a bot.
+    std::env::set_var("BOTDISPATCH_TEST_CANARY", "dispatcher-secret");
+    let out = std::env::temp_dir().join(format!(
+        "botdispatch-env-{}-{}.txt",
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    ));
+    let provider = LocalProvider::new(LocalConfig::default());
+    struct EnvDump;
+    #[async_trait]
+    impl ContractPeer for EnvDump {
+        fn provider(&self) -> Arc<dyn MachineProvider> {
+            unreachable!()
+        }
+        fn workload(&self) -> Workload {
+            Workload::Program("sh".into())
+        }
+        fn cmd(&self) -> Option<Vec<String>> {
+            Some(vec!["sh".into(), "-c".into(), "env > \"$ENV_OUT\"".into()])
+        }
+        fn supports(&self, _: Scenario) -> bool {
+            false
+        }
+        async fn refuse_next_launch(&self) {}
+        async fn set_never_start(&self, _: bool) {}
+        async fn throttle_next_launch(&self) {}
+        async fn exit_bot(&self, _: &str) {}
+        async fn create_foreign_machine(&self) {}
+    }
+    let mut spec = providers::testkit::contract::spec_for(&EnvDump, "env");
+    spec.template
+        .env
+        .insert("ENV_OUT".into(), out.display().to_string());
+    let launched = spec.launch(&provider).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while provider
+        .status(&launched.handle)
+        .await
+        .unwrap()
+        .is_some_and(|s| !s.state.is_terminal())
+    {
+        assert!(std::time::Instant::now() < deadline, "the bot never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dumped = std::fs::read_to_string(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    let names: Vec<&str> = dumped
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    assert!(!dumped.contains("BOTDISPATCH_TEST_CANARY"), "{dumped}");
+    for expected in [
+        "PATH",
+        "DAILY_ROOM_URL",
+        "DAILY_ROOM_TOKEN",
+        "BOTDISPATCH_SESSION_ID",
+        "BOTDISPATCH_BODY",
+        "ENV_OUT",
+    ] {
+        assert!(names.contains(&expected), "{expected} missing: {names:?}");
+    }
+    // Besides PATH, HOME and the contract only what `sh` itself sets.
+    let allowed = [
+        "PATH",
+        "HOME",
+        "DAILY_ROOM_URL",
+        "DAILY_ROOM_TOKEN",
+        "BOTDISPATCH_SESSION_ID",
+        "BOTDISPATCH_BODY",
+        "ENV_OUT",
+        "PWD",
+        "SHLVL",
+        "_",
+        "OLDPWD",
+    ];
+    for name in names {
+        assert!(
+            allowed.contains(&name),
+            "the bot inherited {name}: {dumped}"
+        );
+    }
+}

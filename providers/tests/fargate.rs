@@ -1047,6 +1047,9 @@ impl MachineProvider for MotoTimestamps {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
+    fn is_handle(&self, handle: &str) -> bool {
+        self.inner.is_handle(handle)
+    }
     async fn launch(
         &self,
         template: &MachineTemplate,

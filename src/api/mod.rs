@@ -10,7 +10,10 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use axum::Extension;
 use axum::Router;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -18,7 +21,6 @@ use std::time::Duration;
 
 use axum::extract::MatchedPath;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tower_http::LatencyUnit;
 use tracing::{Level, Span};
@@ -27,6 +29,8 @@ use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::sessions::MAX_BODY_BYTES;
+
+const X_REQUEST_ID: &str = "x-request-id";
 
 /// Whole request bodies may exceed the bot `body` limit by this much (the other fields).
 const REQUEST_OVERHEAD_BYTES: usize = 16 * 1024;
@@ -53,11 +57,13 @@ pub fn build_router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(
             MAX_BODY_BYTES + REQUEST_OVERHEAD_BYTES,
         ))
-        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
+        .layer(Extension(BodyDeadline(Duration::from_secs(
             state.config.body_read_timeout_secs,
-        )))
-        // Outermost last: a request id is set (or kept from the client), the request span
-        // carries it, and the response echoes it in `x-request-id`.
+        ))))
+        .layer(middleware::from_fn(errors_name_their_request))
+        // Outermost last: a client's request id is kept only when it is safe to log and echo,
+        // a request id is set, the request span carries it, and the response echoes it in
+        // `x-request-id`.
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             TraceLayer::new_for_http()
@@ -72,8 +78,46 @@ pub fn build_router(state: AppState) -> Router {
                 .on_failure(()),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(middleware::from_fn(drop_unsafe_request_ids))
         .with_state(state)
 }
+
+/// A client's `x-request-id` is kept (logged, echoed) only when it is 1 to 64 characters of
+/// `[A-Za-z0-9._-]`; anything else is dropped and a fresh id generated.
+async fn drop_unsafe_request_ids(mut req: Request, next: Next) -> Response {
+    let safe = |v: &[u8]| {
+        (1..=64).contains(&v.len())
+            && v.iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    if req
+        .headers()
+        .get(X_REQUEST_ID)
+        .is_some_and(|v| !safe(v.as_bytes()))
+    {
+        req.headers_mut().remove(X_REQUEST_ID);
+    }
+    next.run(req).await
+}
+
+/// Errors whose specifics stay in the log answer with the request id, so that an operator can
+/// find them.
+async fn errors_name_their_request(req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut resp = next.run(req).await;
+    match (resp.extensions_mut().remove::<ApiError>(), request_id) {
+        (Some(error), Some(id)) => error.for_request(&id).into_response(),
+        _ => resp,
+    }
+}
+
+/// How long a client may take to send its whole request body.
+#[derive(Debug, Clone, Copy)]
+struct BodyDeadline(Duration);
 
 /// One span per request: method, route template (never the raw path: it holds session ids),
 /// and the request id.
@@ -121,8 +165,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 ));
             }
         }
-        let bytes = Bytes::from_request(req, state)
+        // One deadline for the whole body, however slowly it trickles in (a timeout reset by
+        // every frame would let one byte every few seconds hold the request for ever).
+        let deadline = req
+            .extensions()
+            .get::<BodyDeadline>()
+            .map_or(Duration::from_secs(10), |d| d.0);
+        let body_timeout = || {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive in time",
+            )
+        };
+        let bytes = tokio::time::timeout(deadline, Bytes::from_request(req, state))
             .await
+            .map_err(|_| body_timeout())?
             .map_err(|e: BytesRejection| {
                 if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::new(
@@ -132,12 +190,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                             "request body is larger than {} bytes",
                             MAX_BODY_BYTES + REQUEST_OVERHEAD_BYTES
                         ),
-                    )
-                } else if is_timeout(&e) {
-                    ApiError::new(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "request_timeout",
-                        "the request body did not arrive in time",
                     )
                 } else {
                     ApiError::bad_request(format!("cannot read the request body: {e}"))
@@ -152,17 +204,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             .map(ApiJson)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
     }
-}
-
-fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(e);
-    while let Some(err) = source {
-        if err.is::<tower_http::timeout::TimeoutError>() || err.to_string().contains("timed out") {
-            return true;
-        }
-        source = err.source();
-    }
-    false
 }
 
 /// Path extractor whose rejections use the project's error shape.

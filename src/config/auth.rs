@@ -42,6 +42,10 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
     /// Clock skew allowed on `exp`/`nbf`, seconds. Default 30.
     pub leeway_secs: Option<u64>,
+    /// Production requires an `audience`, so that tokens minted for another service are not
+    /// accepted here; set this to accept tokens without one anyway.
+    /// `BOTDISPATCH_JWT_ALLOW_NO_AUDIENCE`, default false.
+    pub allow_no_audience: bool,
 }
 
 impl AuthConfig {
@@ -53,7 +57,11 @@ impl AuthConfig {
         )?;
         env.apply("BOTDISPATCH_JWT_ALGORITHM", &mut self.jwt_algorithm)?;
         env.apply("BOTDISPATCH_JWT_AUDIENCE", &mut self.audience)?;
-        env.apply("BOTDISPATCH_JWT_ISSUER", &mut self.issuer)
+        env.apply("BOTDISPATCH_JWT_ISSUER", &mut self.issuer)?;
+        env.apply(
+            "BOTDISPATCH_JWT_ALLOW_NO_AUDIENCE",
+            &mut self.allow_no_audience,
+        )
     }
 
     pub(super) fn validate(&self, production: bool) -> Result<(), ConfigError> {
@@ -81,5 +89,13 @@ impl AuthConfig {
             ),
             _ => Ok(()),
         }
+    }
+
+    /// Production requires an audience unless the operator opted out.
+    pub(super) fn validate_audience(&self, production: bool) -> Result<(), ConfigError> {
+        if production && self.audience.is_none() && !self.allow_no_audience {
+            return Err(ConfigError::new("auth.audience (BOTDISPATCH_JWT_AUDIENCE) is required when APP_ENV=production, so that tokens minted for other services are refused; set auth.allow_no_audience (BOTDISPATCH_JWT_ALLOW_NO_AUDIENCE=true) to accept tokens without one"));
+        }
+        Ok(())
     }
 }

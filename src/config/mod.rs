@@ -53,9 +53,17 @@ pub struct Config {
     /// Region hints a client may ask for; empty means clients may not choose a region.
     /// `BOTDISPATCH_ALLOWED_REGIONS` (comma separated).
     pub allowed_regions: Vec<String>,
-    /// Key that signs session ids; must be the same on every replica. `BOTDISPATCH_SESSION_SECRET`;
-    /// derived from the JWT secret when unset and the JWT secret is shared.
-    pub session_secret: Option<Secret>,
+    /// This deployment's name: 1 to 20 lowercase letters, digits and dashes. Every machine and
+    /// room it creates carries it; its reaper, capacity count and listings touch only its own,
+    /// so staging and production (or two regions) can share a Fly app, an ECS cluster, a Cloud
+    /// Run region or a Daily domain. `BOTDISPATCH_DEPLOYMENT`, default `default`.
+    pub deployment: String,
+    /// Keys that sign session ids, each at least 32 bytes, the same on every replica: the first
+    /// signs, all verify (rotate by prepending a new one, retire the old one later). A string
+    /// or a list; `BOTDISPATCH_SESSION_SECRET` (comma separated). Required in production and
+    /// never the JWT secret; in development a random key is used when unset (one replica).
+    #[serde(deserialize_with = "string_or_list")]
+    pub session_secret: Vec<Secret>,
     /// Timeout of each call to Daily or a provider (not the wait for a machine to start).
     /// `BOTDISPATCH_REQUEST_TIMEOUT_SECS`, default 15.
     pub request_timeout_secs: u64,
@@ -109,7 +117,8 @@ impl Default for Config {
             max_session_secs: 3600,
             default_agent: "default".to_owned(),
             allowed_regions: Vec::new(),
-            session_secret: None,
+            deployment: "default".to_owned(),
+            session_secret: Vec::new(),
             request_timeout_secs: 15,
             max_starts_in_flight: 32,
             starts_per_minute_per_caller: 30,
@@ -211,6 +220,7 @@ impl Config {
         )?;
         env.apply("BOTDISPATCH_DEFAULT_AGENT", &mut self.default_agent)?;
         env.apply("BOTDISPATCH_ALLOWED_REGIONS", &mut self.allowed_regions)?;
+        env.apply("BOTDISPATCH_DEPLOYMENT", &mut self.deployment)?;
         env.apply("BOTDISPATCH_SESSION_SECRET", &mut self.session_secret)?;
         env.apply("BOTDISPATCH_METRICS_TOKEN", &mut self.metrics_token)?;
         env.apply("APP_ENV", &mut self.app_env)?;
@@ -298,6 +308,27 @@ impl Config {
         })
     }
 
+    fn validate_session_secrets(&self, production: bool) -> Result<(), ConfigError> {
+        let key = "session_secret (BOTDISPATCH_SESSION_SECRET)";
+        if self.session_secret.is_empty() && production {
+            return Err(ConfigError::new(format!(
+                "{key} is required when APP_ENV=production: 32 bytes or more of its own, the same on every replica (e.g. `openssl rand -hex 32`)"
+            )));
+        }
+        if self.session_secret.iter().any(|s| s.expose().len() < 32) {
+            return Err(ConfigError::new(format!(
+                "{key}: every secret must be at least 32 bytes"
+            )));
+        }
+        let jwt = self.auth.jwt_secret.as_ref().map(Secret::expose);
+        if self.session_secret.iter().any(|s| Some(s.expose()) == jwt) {
+            return Err(ConfigError::new(format!(
+                "{key} must not be the JWT secret (BOTDISPATCH_JWT_SECRET): whoever mints tokens must not be able to sign session ids"
+            )));
+        }
+        Ok(())
+    }
+
     /// Every agent's machine template on the configured provider.
     pub fn templates(&self) -> Result<BTreeMap<String, MachineTemplate>, ConfigError> {
         self.agents
@@ -356,20 +387,18 @@ impl Config {
                 self.app_env
             )));
         }
+        if !is_deployment_name(&self.deployment) {
+            return Err(ConfigError::new(format!(
+                "deployment (BOTDISPATCH_DEPLOYMENT) = {:?} must be 1 to 20 lowercase letters, digits and dashes, beginning and ending with a letter or digit",
+                self.deployment
+            )));
+        }
         let production = self.is_production();
         self.auth.validate(production)?;
-        if production && self.auth.jwt_public_key_file.is_some() && self.session_secret.is_none() {
-            return err("session_secret (BOTDISPATCH_SESSION_SECRET) is required with public-key JWTs in production: every replica must sign session ids alike");
-        }
-        if self
-            .session_secret
-            .as_ref()
-            .is_some_and(|s| s.expose().len() < 32)
-        {
-            return err("session_secret (BOTDISPATCH_SESSION_SECRET) must be at least 32 bytes");
-        }
         self.provider.settings().validate(production)?;
         rooms::validate(self.rooms_kind(), &self.daily, production)?;
+        self.validate_session_secrets(production)?;
+        self.auth.validate_audience(production)?;
         if !self.agents.contains_key(&self.default_agent) {
             return Err(ConfigError::new(format!(
                 "default_agent (BOTDISPATCH_DEFAULT_AGENT) = {:?} is not configured under [agents] (set BOTDISPATCH_BOT_IMAGE or add [agents.{}])",
@@ -378,6 +407,31 @@ impl Config {
         }
         self.templates().map(drop)
     }
+}
+
+/// A deployment name: 1 to 20 of `[a-z0-9-]`, beginning and ending with a letter or digit.
+fn is_deployment_name(name: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    (1..=20).contains(&name.len())
+        && alnum(name.chars().next())
+        && alnum(name.chars().last())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// A string or a list of strings, as secrets.
+fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Secret),
+        Many(Vec<Secret>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 #[cfg(test)]

@@ -101,13 +101,103 @@ fn production_refuses_local_backends_and_generated_secrets() {
     let with_secret = [&fly[..], &[("BOTDISPATCH_JWT_SECRET", secret)]].concat();
     let m = message(load("", &with_secret));
     assert!(m.contains("rooms"), "{m}");
-    load("", &[&with_secret[..], &[("DAILY_API_KEY", "k")]].concat()).unwrap();
+    let with_daily = [&with_secret[..], &[("DAILY_API_KEY", "k")]].concat();
+    // Session ids need their own secret in production, never the JWT secret.
+    let m = message(load("", &with_daily));
+    assert!(m.contains("BOTDISPATCH_SESSION_SECRET"), "{m}");
+    let m = message(load(
+        "",
+        &[&with_daily[..], &[("BOTDISPATCH_SESSION_SECRET", secret)]].concat(),
+    ));
+    assert!(
+        m.contains("BOTDISPATCH_SESSION_SECRET") && m.contains("JWT"),
+        "{m}"
+    );
+    let session = (
+        "BOTDISPATCH_SESSION_SECRET",
+        "fedcba9876543210fedcba9876543210",
+    );
+    // Tokens must name this service, unless the operator says they need not.
+    let with_session = [&with_daily[..], &[session]].concat();
+    let m = message(load("", &with_session));
+    assert!(m.contains("BOTDISPATCH_JWT_AUDIENCE"), "{m}");
+    load(
+        "",
+        &[
+            &with_session[..],
+            &[("BOTDISPATCH_JWT_AUDIENCE", "botdispatch")],
+        ]
+        .concat(),
+    )
+    .unwrap();
+    load(
+        "",
+        &[
+            &with_session[..],
+            &[("BOTDISPATCH_JWT_ALLOW_NO_AUDIENCE", "true")],
+        ]
+        .concat(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn session_secrets_are_a_rotation_list() {
+    let c = load(
+        "",
+        &[(
+            "BOTDISPATCH_SESSION_SECRET",
+            "new-0123456789abcdef0123456789abcdef, old-0123456789abcdef0123456789abcdef",
+        )],
+    )
+    .unwrap();
+    assert_eq!(c.session_secret.len(), 2);
+    assert_eq!(
+        c.session_secret[0].expose(),
+        "new-0123456789abcdef0123456789abcdef"
+    );
+    let m = message(load(
+        "",
+        &[(
+            "BOTDISPATCH_SESSION_SECRET",
+            "new-0123456789abcdef0123456789abcdef,short",
+        )],
+    ));
+    assert!(m.contains("32 bytes"), "{m}");
+    let c = load(
+        "session_secret = [\"0123456789abcdef0123456789abcdef\"]",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.session_secret.len(), 1);
+}
+
+#[test]
+fn the_deployment_names_machines_and_rooms() {
+    assert_eq!(load("", &[]).unwrap().deployment, "default");
+    assert_eq!(
+        load("", &[("BOTDISPATCH_DEPLOYMENT", "staging-eu")])
+            .unwrap()
+            .deployment,
+        "staging-eu"
+    );
+    for bad in ["Prod", "a_b", "-x", "x-", "", "thisnameiswaytoolong-x"] {
+        let m = message(load(&format!("deployment = {bad:?}"), &[]));
+        assert!(
+            m.contains("deployment (BOTDISPATCH_DEPLOYMENT)"),
+            "{bad}: {m}"
+        );
+    }
 }
 
 #[test]
 fn example_configs_are_valid() {
     let secrets = [
         ("BOTDISPATCH_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+        (
+            "BOTDISPATCH_SESSION_SECRET",
+            "fedcba9876543210fedcba9876543210",
+        ),
         ("DAILY_API_KEY", "k"),
         ("FLY_API_TOKEN", "t"),
     ];

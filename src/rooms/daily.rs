@@ -7,14 +7,20 @@ use jsonwebtoken::{EncodingKey, Header};
 use providers::http::{self, CallFailure, ErrorShape, FailureClass, ParsedError};
 use providers::retry::RateLimit;
 use providers::Secret;
+
+use crate::config::DailyConfig;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    ListedRoom, Room, RoomError, RoomOp, RoomRequest, RoomService, TokenClaims, TokenRequest,
-    ROOM_PREFIX,
+    ListedRoom, Room, RoomError, RoomListing, RoomOp, RoomRequest, RoomService, TokenClaims,
+    TokenRequest,
 };
+use crate::session_id::session_key_of;
+
+/// `GET /rooms` pages of 100 are followed this far; a listing that needs more is incomplete.
+const MAX_LIST_PAGES: usize = 100;
 
 /// Daily's error body: `{"error": "<type>", "info": "<text>"}`.
 const DAILY_ERRORS: ErrorShape = ErrorShape {
@@ -89,6 +95,8 @@ pub struct DailyRooms {
     api_url: String,
     api_key: Secret,
     signing_key: EncodingKey,
+    /// Only this deployment's rooms are listed.
+    deployment: String,
     domain_id: String,
     domain_name: String,
     timeout: Duration,
@@ -98,20 +106,22 @@ impl DailyRooms {
     /// Connects: reads the domain id and name once from `GET {api_url}/` unless both are given.
     pub async fn connect(
         http: reqwest::Client,
-        api_url: &str,
-        api_key: Secret,
-        domain: Option<(String, String)>,
+        config: &DailyConfig,
+        deployment: &str,
         timeout: Duration,
     ) -> Result<Self, RoomError> {
+        let api_key = config.api_key.clone().unwrap_or_default();
         let mut rooms = Self {
             http,
-            api_url: api_url.trim_end_matches('/').to_owned(),
+            api_url: config.api_url.trim_end_matches('/').to_owned(),
             signing_key: EncodingKey::from_secret(api_key.expose().as_bytes()),
             api_key,
+            deployment: deployment.to_owned(),
             domain_id: String::new(),
             domain_name: String::new(),
             timeout,
         };
+        let domain = config.domain_id.clone().zip(config.domain_name.clone());
         let (id, name) = match domain {
             Some(d) => d,
             None => {
@@ -247,11 +257,11 @@ impl RoomService for DailyRooms {
         self.on_room(Method::GET, name, RoomOp::Get).await
     }
 
-    async fn list_managed(&self) -> Result<Vec<ListedRoom>, RoomError> {
+    async fn list_managed(&self) -> Result<RoomListing, RoomError> {
         // `GET /rooms` pages newest first, 100 at a time, continued with `ending_before`.
         let mut rooms = Vec::new();
         let mut ending_before: Option<String> = None;
-        for _ in 0..100 {
+        for _ in 0..MAX_LIST_PAGES {
             let mut req = self
                 .request(Method::GET, "/rooms")
                 .query(&[("limit", "100")]);
@@ -264,7 +274,7 @@ impl RoomService for DailyRooms {
             rooms.extend(
                 page.data
                     .into_iter()
-                    .filter(|r| r.name.starts_with(ROOM_PREFIX))
+                    .filter(|r| session_key_of(&self.deployment, &r.name).is_some())
                     .map(|r| ListedRoom {
                         name: r.name,
                         created_at: r
@@ -276,10 +286,22 @@ impl RoomService for DailyRooms {
             );
             match (full, last) {
                 (true, Some(id)) => ending_before = Some(id),
-                _ => break,
+                _ => {
+                    return Ok(RoomListing {
+                        rooms,
+                        complete: true,
+                    })
+                }
             }
         }
-        Ok(rooms)
+        tracing::warn!(
+            pages = MAX_LIST_PAGES,
+            "the Daily room listing has more pages than are read; the reaper skips its room-gone rule"
+        );
+        Ok(RoomListing {
+            rooms,
+            complete: false,
+        })
     }
 
     fn mint_token(&self, req: &TokenRequest<'_>) -> Result<String, RoomError> {

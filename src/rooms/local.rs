@@ -13,8 +13,9 @@ use jsonwebtoken::{EncodingKey, Header};
 use rand::RngCore;
 
 use super::{
-    ListedRoom, Room, RoomError, RoomRequest, RoomService, TokenClaims, TokenRequest, ROOM_PREFIX,
+    ListedRoom, Room, RoomError, RoomListing, RoomRequest, RoomService, TokenClaims, TokenRequest,
 };
+use crate::session_id::session_key_of;
 
 struct LocalRoom {
     created_at: DateTime<Utc>,
@@ -23,15 +24,18 @@ struct LocalRoom {
 
 pub struct LocalRooms {
     key: EncodingKey,
+    deployment: String,
     rooms: Mutex<HashMap<String, LocalRoom>>,
 }
 
-impl Default for LocalRooms {
-    fn default() -> Self {
+impl LocalRooms {
+    /// Rooms of `deployment`, tokens signed by a random key.
+    pub fn new(deployment: &str) -> Self {
         let mut secret = [0u8; 32];
         rand::rng().fill_bytes(&mut secret);
         Self {
             key: EncodingKey::from_secret(&secret),
+            deployment: deployment.to_owned(),
             rooms: Mutex::default(),
         }
     }
@@ -85,16 +89,20 @@ impl RoomService for LocalRooms {
         Ok(self.live().contains_key(name))
     }
 
-    async fn list_managed(&self) -> Result<Vec<ListedRoom>, RoomError> {
-        Ok(self
+    async fn list_managed(&self) -> Result<RoomListing, RoomError> {
+        let rooms = self
             .live()
             .iter()
-            .filter(|(name, _)| name.starts_with(ROOM_PREFIX))
+            .filter(|(name, _)| session_key_of(&self.deployment, name).is_some())
             .map(|(name, room)| ListedRoom {
                 name: name.clone(),
                 created_at: Some(room.created_at),
             })
-            .collect())
+            .collect();
+        Ok(RoomListing {
+            rooms,
+            complete: true,
+        })
     }
 
     fn mint_token(&self, req: &TokenRequest<'_>) -> Result<String, RoomError> {
@@ -126,25 +134,32 @@ mod tests {
 
     #[tokio::test]
     async fn answers_for_the_rooms_it_created() {
-        let rooms = LocalRooms::default();
+        use crate::session_id::{new_session_key, resource_name};
+        let rooms = LocalRooms::new("default");
         let later = Utc::now() + chrono::Duration::minutes(5);
-        assert!(!rooms.exists("bd-a").await.unwrap());
-        rooms.create(&request("bd-a", later)).await.unwrap();
-        assert!(rooms.exists("bd-a").await.unwrap());
+        let (a, old) = (
+            resource_name("default", &new_session_key()),
+            resource_name("default", &new_session_key()),
+        );
+        assert!(!rooms.exists(&a).await.unwrap());
+        rooms.create(&request(&a, later)).await.unwrap();
+        assert!(rooms.exists(&a).await.unwrap());
         assert!(matches!(
-            rooms.create(&request("bd-a", later)).await,
+            rooms.create(&request(&a, later)).await,
             Err(RoomError::AlreadyExists(_))
         ));
-        rooms
-            .create(&request(
-                "bd-old",
-                Utc::now() - chrono::Duration::seconds(1),
-            ))
-            .await
-            .unwrap();
+        let earlier = Utc::now() - chrono::Duration::seconds(1);
+        rooms.create(&request(&old, earlier)).await.unwrap();
+        let other = resource_name("staging", &new_session_key());
+        rooms.create(&request(&other, later)).await.unwrap();
         let listed = rooms.list_managed().await.unwrap();
-        assert_eq!(listed.len(), 1, "expired rooms are gone: {listed:?}");
-        rooms.delete("bd-a").await.unwrap();
-        assert!(!rooms.exists("bd-a").await.unwrap());
+        assert!(listed.complete);
+        assert_eq!(
+            listed.rooms.iter().map(|r| &r.name).collect::<Vec<_>>(),
+            [&a],
+            "expired rooms are gone, other deployments' are not ours"
+        );
+        rooms.delete(&a).await.unwrap();
+        assert!(!rooms.exists(&a).await.unwrap());
     }
 }

@@ -134,15 +134,21 @@ pub struct RoomRequest {
     pub deadline: Option<tokio::time::Instant>,
 }
 
-/// A room botdispatch created (its name starts with [`ROOM_PREFIX`]), as listed by the reaper.
+/// A room of this deployment, as listed by the reaper.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListedRoom {
     pub name: String,
     pub created_at: Option<DateTime<Utc>>,
 }
 
-/// Every room (and machine) botdispatch creates is named `bd-<session key>`.
-pub const ROOM_PREFIX: &str = "bd-";
+/// This deployment's rooms, as far as the listing got.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomListing {
+    pub rooms: Vec<ListedRoom>,
+    /// Whether every room was listed. An incomplete listing (it stopped at its page limit)
+    /// cannot show that a room is gone.
+    pub complete: bool,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Room {
@@ -212,8 +218,9 @@ pub trait RoomService: Send + Sync + 'static {
     async fn delete(&self, name: &str) -> Result<(), RoomError>;
     /// Whether the room still exists (and has not expired).
     async fn exists(&self, name: &str) -> Result<bool, RoomError>;
-    /// Every existing room botdispatch created (for the reaper).
-    async fn list_managed(&self) -> Result<Vec<ListedRoom>, RoomError>;
+    /// Every existing room of this deployment (named by
+    /// [`resource_name`](crate::session_id::resource_name) for it), for the reaper.
+    async fn list_managed(&self) -> Result<RoomListing, RoomError>;
     fn mint_token(&self, req: &TokenRequest<'_>) -> Result<String, RoomError>;
     /// One cheap read proving the API key works.
     async fn check(&self) -> Result<(), RoomError>;

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use providers::retry::{Guard, GuardHooks, RetryPolicy};
 use tokio::time::Instant;
 
-use super::{ListedRoom, Room, RoomError, RoomOp, RoomRequest, RoomService, TokenRequest};
+use super::{Room, RoomError, RoomListing, RoomOp, RoomRequest, RoomService, TokenRequest};
 
 pub struct ResilientRooms {
     inner: Arc<dyn RoomService>,
@@ -94,7 +94,7 @@ impl RoomService for ResilientRooms {
             .await
     }
 
-    async fn list_managed(&self) -> Result<Vec<ListedRoom>, RoomError> {
+    async fn list_managed(&self) -> Result<RoomListing, RoomError> {
         self.run(RoomOp::List, self.guard.budget(), || {
             self.inner.list_managed()
         })

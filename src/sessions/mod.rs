@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use providers::{MachineProvider, MachineTemplate};
+use providers::{MachineProvider, MachineStatus, MachineTemplate};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, instrument};
@@ -42,6 +42,8 @@ pub struct SessionSettings {
     pub max_session: Duration,
     pub default_agent: String,
     pub allowed_regions: Vec<String>,
+    /// This deployment's name: in room and machine names and labels.
+    pub deployment: String,
 }
 
 impl From<&Config> for SessionSettings {
@@ -52,6 +54,7 @@ impl From<&Config> for SessionSettings {
             max_session: c.max_session(),
             default_agent: c.default_agent.clone(),
             allowed_regions: c.allowed_regions.clone(),
+            deployment: c.deployment.clone(),
         }
     }
 }
@@ -106,21 +109,55 @@ impl Sessions {
         &self.rooms
     }
 
-    /// Verifies an id and its owner. Another caller's session reads as not found.
-    fn resolve(&self, caller: &Caller, id: &str) -> Result<SessionRef, SessionError> {
+    /// The room (and machine) name of session `key`.
+    fn resource_name(&self, key: &str) -> String {
+        resource_name(&self.settings.deployment, key)
+    }
+
+    /// Verifies an id, its handle's shape and the caller's right to it. Another caller's
+    /// session, or anything forged, reads as not found: its existence is not revealed.
+    fn resolve(&self, caller: &Caller, id: &str, right: Right) -> Result<SessionRef, SessionError> {
         let session = self.ids.decode(id).ok_or(SessionError::NotFound)?;
-        if !(caller.is_admin() || self.ids.is_owner(&session, &caller.sub)) {
+        let any = match right {
+            Right::Read => caller.may_read_any(),
+            Right::Stop => caller.may_stop_any(),
+        };
+        if !(any || self.ids.is_owner(&session, &caller.sub)) {
+            return Err(SessionError::NotFound);
+        }
+        // A handle that is not one of the provider's never reaches it.
+        if !self.provider.is_handle(&session.handle) {
+            tracing::warn!("a verified session id carries an invalid handle");
             return Err(SessionError::NotFound);
         }
         tracing::Span::current().record("session.key", session.key.as_str());
         Ok(session)
     }
 
+    /// The session's machine, if the provider still knows it; `NotFound` unless it is
+    /// botdispatch's, this deployment's and this session's. A machine that is over may have
+    /// lost its labels (ECS deletes a stopped task's tags): it reads as ended, and nothing is
+    /// ever done to it.
+    async fn machine(&self, session: &SessionRef) -> Result<Option<MachineStatus>, SessionError> {
+        let machine = self.provider.status(&session.handle).await.inspect_err(
+            |e| tracing::warn!(machine.id = %session.handle, error = %e, "cannot read the machine"),
+        )?;
+        let Some(m) = machine else { return Ok(None) };
+        match &m.labels {
+            Some(labels) if labels.session_key == session.key => Ok(Some(m)),
+            None if m.state.is_terminal() => Ok(Some(m)),
+            _ => {
+                tracing::warn!(machine.id = %session.handle, "a verified session id names a machine of another session");
+                Err(SessionError::NotFound)
+            }
+        }
+    }
+
     /// The session's state, read from the provider (works on any replica).
     #[instrument(name = "status", skip_all, fields(session.key = tracing::field::Empty))]
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<SessionView, SessionError> {
-        let session = self.resolve(caller, id)?;
-        let machine = self.provider.status(&session.handle).await?;
+        let session = self.resolve(caller, id, Right::Read)?;
+        let machine = self.machine(&session).await?;
         Ok(SessionView::new(
             id,
             self.provider.name(),
@@ -129,18 +166,30 @@ impl Sessions {
         ))
     }
 
-    /// Stops the machine and deletes the room. Idempotent.
+    /// Stops the machine and deletes the room. Idempotent: a machine that is gone leaves only
+    /// the room to delete.
     #[instrument(name = "stop", skip_all, fields(session.key = tracing::field::Empty))]
     pub async fn stop(&self, caller: &Caller, id: &str) -> Result<(), SessionError> {
-        let session = self.resolve(caller, id)?;
-        let room = resource_name(&session.key);
-        let (machine, room) = tokio::join!(
-            self.provider.terminate(&session.handle),
-            self.rooms.delete(&room)
-        );
-        machine?;
-        room?;
+        let session = self.resolve(caller, id, Right::Stop)?;
+        let machine = self.machine(&session).await?;
+        let room = self.resource_name(&session.key);
+        let terminate = async {
+            match machine {
+                Some(m) if !m.state.is_terminal() => self.provider.terminate(&session.handle).await,
+                _ => Ok(()),
+            }
+        };
+        let (machine, room) = tokio::join!(terminate, self.rooms.delete(&room));
+        machine.inspect_err(|e| tracing::warn!(error = %e, "cannot stop the machine"))?;
+        room.inspect_err(|e| tracing::warn!(error = %e, "cannot delete the room"))?;
         info!("session stopped");
         Ok(())
     }
+}
+
+/// What a caller wants to do with a session by id.
+#[derive(Debug, Clone, Copy)]
+enum Right {
+    Read,
+    Stop,
 }

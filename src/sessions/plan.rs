@@ -12,8 +12,12 @@ use crate::auth::Caller;
 use crate::rooms::validate_client_properties;
 use crate::session_id::new_session_key;
 
-/// Most bytes the `body` passed to the bot may take, serialized.
+/// Most bytes the `body` passed to the bot may take, serialized (providers may allow less).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A bound on the length of a bot's meeting token (a self-signed JWT with fixed claims is
+/// about 250 characters), for checking provider limits before the token exists.
+const TOKEN_LENGTH_BOUND: usize = 512;
 
 /// `POST /start` request. Every field is optional; unknown fields are refused.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -105,6 +109,7 @@ impl Sessions {
                 ..MachineTemplate::clone(template)
             }),
         };
+        self.check_fits(&template, &key, create_room, &body_json)?;
         Ok(StartPlan {
             idempotent: idempotency_key.is_some(),
             key,
@@ -116,6 +121,29 @@ impl Sessions {
             room_properties,
             token_properties,
             wait: req.wait.unwrap_or(true),
+        })
+    }
+
+    /// Whether the provider can carry this start's contract: its limits are checked here,
+    /// before anything exists, with a room URL and token as long as real ones get.
+    fn check_fits(
+        &self,
+        template: &MachineTemplate,
+        key: &str,
+        create_room: bool,
+        body_json: &str,
+    ) -> Result<(), SessionError> {
+        let name = self.resource_name(key);
+        let url = self.rooms.room_url(&name);
+        let token = "t".repeat(TOKEN_LENGTH_BOUND);
+        let room = create_room.then_some((url.as_str(), token.as_str()));
+        let env = super::start::contract_env(key, room, body_json);
+        self.provider.fits(template, &env).map_err(|limit| {
+            SessionError::TooLarge(format!(
+                "body is {} bytes serialized; the {} provider cannot carry it: {limit}",
+                body_json.len(),
+                self.provider.name()
+            ))
         })
     }
 

@@ -18,7 +18,6 @@ use super::{SessionError, Sessions, Started};
 use crate::auth::Caller;
 use crate::metrics;
 use crate::rooms::{RoomError, RoomRequest, TokenRequest};
-use crate::session_id::resource_name;
 
 /// A start's deadlines. Labels, room `exp` and token `exp` carry whole unix seconds.
 struct Deadlines {
@@ -66,7 +65,10 @@ impl Sessions {
             .await
             .inspect_err(|e| metrics::admission_refused(e.reason()))?;
         let cancel = self.shutdown.child_token();
-        let client_gone = cancel.clone().drop_guard();
+        // A client that goes away cancels its start, unless it sent an Idempotency-Key: then it
+        // will retry with the key, and the start runs to its end so that the retry finds it
+        // (the provisional deadline still reaps it if nobody comes back).
+        let client_gone = (!plan.idempotent).then(|| cancel.clone().drop_guard());
         let this = Arc::clone(self);
         // The task keeps the request's span (and so its request id) as the parent of its own.
         let task = self.tasks.spawn(
@@ -78,7 +80,7 @@ impl Sessions {
             .in_current_span(),
         );
         let result = task.await;
-        client_gone.disarm();
+        client_gone.map(|guard| guard.disarm());
         result.unwrap_or_else(|e| {
             tracing::error!(error = %e, "start task panicked");
             Err(SessionError::Internal)
@@ -196,7 +198,7 @@ impl Sessions {
         if !plan.create_room {
             return Ok(None);
         }
-        let name = resource_name(&plan.key);
+        let name = self.resource_name(&plan.key);
         let token = |owner: bool, properties| {
             self.rooms.mint_token(&TokenRequest {
                 room: &name,
@@ -219,14 +221,9 @@ impl Sessions {
         tokens: Option<&Tokens>,
         deadlines: &Deadlines,
     ) -> SessionBinding {
-        let name = resource_name(&plan.key);
-        let mut env = BTreeMap::new();
-        if let Some(tokens) = tokens {
-            env.insert("DAILY_ROOM_URL".into(), tokens.room_url.clone());
-            env.insert("DAILY_ROOM_TOKEN".into(), tokens.bot.clone());
-        }
-        env.insert("BOTDISPATCH_SESSION_ID".into(), plan.key.clone());
-        env.insert("BOTDISPATCH_BODY".into(), plan.body_json.clone());
+        let name = self.resource_name(&plan.key);
+        let room = tokens.map(|t| (t.room_url.as_str(), t.bot.as_str()));
+        let env = contract_env(&plan.key, room, &plan.body_json);
         SessionBinding {
             labels: SessionLabels {
                 session_key: plan.key.clone(),
@@ -237,6 +234,7 @@ impl Sessions {
                     String::new()
                 },
                 agent: plan.agent.clone(),
+                deployment: self.settings.deployment.clone(),
                 deadline: deadlines.provisional,
             },
             name,
@@ -369,12 +367,15 @@ impl Sessions {
 
     /// Gives the machine its real deadline, in the background (off the critical path).
     fn confirm_deadline(&self, handle: &str, deadlines: &Deadlines) {
-        if deadlines.provisional >= deadlines.session_end {
-            return;
+        if deadlines.provisional < deadlines.session_end {
+            self.extend_deadline(handle, deadlines.session_end);
         }
+    }
+
+    /// Moves the machine's deadline label to `session_end`, in the background.
+    fn extend_deadline(&self, handle: &str, session_end: Deadline) {
         let provider = Arc::clone(&self.provider);
         let handle = handle.to_owned();
-        let session_end = deadlines.session_end;
         self.tasks.spawn(
             async move {
                 let Some(relabel) = provider.relabel() else { return };
@@ -397,7 +398,7 @@ impl Sessions {
     ) -> Result<Option<Started>, SessionError> {
         let Some(machine) = self.provider.find(&plan.key).await? else {
             // No machine, but its room: this key's session ran and is over.
-            if plan.create_room && self.rooms.exists(&resource_name(&plan.key)).await? {
+            if plan.create_room && self.rooms.exists(&self.resource_name(&plan.key)).await? {
                 return Err(SessionError::IdempotencyKeyUsed);
             }
             return Ok(None);
@@ -411,6 +412,21 @@ impl Sessions {
                 .await?;
             ready = true;
         }
+        // The start that launched it may have died before giving it its real deadline.
+        if let Some(created) = machine.created_at {
+            let end =
+                created + chrono::Duration::from_std(self.settings.max_session).unwrap_or_default();
+            let session_end = Deadline::from_unix_secs(end.timestamp())
+                .unwrap_or(deadlines.session_end)
+                .min(deadlines.session_end);
+            if machine
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.deadline < session_end)
+            {
+                self.extend_deadline(&machine.handle, session_end);
+            }
+        }
         info!(machine.id = %machine.handle, "idempotent retry answered with the existing session");
         Ok(Some(Started {
             session_id: self.ids.encode(&plan.key, &machine.handle, &plan.owner),
@@ -419,4 +435,21 @@ impl Sessions {
             ready,
         }))
     }
+}
+
+/// The bot contract's env: the room and its owner token (when the start has a room), the plain
+/// session key and the client's body.
+pub(super) fn contract_env(
+    key: &str,
+    room: Option<(&str, &str)>,
+    body_json: &str,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    if let Some((url, token)) = room {
+        env.insert("DAILY_ROOM_URL".into(), url.to_owned());
+        env.insert("DAILY_ROOM_TOKEN".into(), token.to_owned());
+    }
+    env.insert("BOTDISPATCH_SESSION_ID".into(), key.to_owned());
+    env.insert("BOTDISPATCH_BODY".into(), body_json.to_owned());
+    env
 }

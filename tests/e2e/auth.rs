@@ -29,7 +29,12 @@ async fn assert_401(env: &TestEnv, header: Option<&str>, why: &str) {
         headers.push(("authorization", h));
     }
     let (status, resp_headers, body) = env
-        .oneshot("POST", "/start", &headers, start_body().to_string().into_bytes())
+        .oneshot(
+            "POST",
+            "/start",
+            &headers,
+            start_body().to_string().into_bytes(),
+        )
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{why}");
     assert_eq!(resp_headers["www-authenticate"], "Bearer", "{why}");
@@ -227,4 +232,151 @@ async fn es256_public_key() {
     let url = resp["statusUrl"].as_str().unwrap();
     let (status, _) = env.call("GET", url, Some(&es), None).await;
     assert_eq!(status, StatusCode::OK);
+}
+
+/// A raw JWT with a header of our choosing, HS256-signed with the tests' secret.
+fn with_header(header: Value, claims: Value) -> String {
+    use hmac::{Hmac, Mac};
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(JWT_SECRET.as_bytes()).unwrap();
+    mac.update(signing_input.as_bytes());
+    let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{signing_input}.{signature}")
+}
+
+#[tokio::test]
+async fn reading_and_stopping_every_session_are_separate_scopes() {
+    let env = TestEnv::start().await;
+    let (_, resp) = env.post_start("bob", start_body()).await;
+    let url = resp["statusUrl"].as_str().unwrap().to_owned();
+    let token = |scope: &str| {
+        hs256(
+            json!({"sub": "ops", "exp": now() + 600, "scope": scope}),
+            JWT_SECRET,
+        )
+    };
+    // `admin` is no master key any more.
+    let admin = token("admin");
+    assert_eq!(
+        env.call("GET", &url, Some(&admin), None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        env.call("DELETE", &url, Some(&admin), None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    // Reading every session does not allow stopping them.
+    let reader = token("sessions:read_any");
+    assert_eq!(
+        env.call("GET", &url, Some(&reader), None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        env.call("DELETE", &url, Some(&reader), None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(env.fly.live_machines().len(), 1);
+    let stopper = token("sessions:stop_any");
+    assert_eq!(
+        env.call("GET", &url, Some(&stopper), None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        env.call("DELETE", &url, Some(&stopper), None).await.0,
+        StatusCode::OK
+    );
+    env.assert_nothing_left_within(std::time::Duration::from_secs(5))
+        .await;
+
+    // A token's agent limit applies to starts, whatever other scopes it carries.
+    for claims in [
+        json!({"sub": "ops", "exp": now() + 600, "scope": "admin sessions:read_any sessions:stop_any", "agents": ["support"]}),
+        json!({"sub": "ops", "exp": now() + 600, "scope": "admin agent:support"}),
+    ] {
+        let (status, err) = env
+            .call(
+                "POST",
+                "/start",
+                Some(&hs256(claims, JWT_SECRET)),
+                Some(start_body()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{err}");
+    }
+}
+
+#[tokio::test]
+async fn aud_and_scope_may_be_strings_or_arrays() {
+    let mut opts = Options::default();
+    opts.env
+        .push(("BOTDISPATCH_JWT_AUDIENCE", "botdispatch".into()));
+    let env = TestEnv::with(opts).await;
+    let exp = now() + 600;
+    for claims in [
+        json!({"sub": "a", "exp": exp, "aud": ["other", "botdispatch"]}),
+        json!({"sub": "a", "exp": exp, "aud": "botdispatch", "scope": ["agent:default"]}),
+        json!({"sub": "a", "exp": exp, "aud": ["botdispatch"], "scope": "agent:default"}),
+    ] {
+        let (status, resp) = env
+            .call(
+                "POST",
+                "/start",
+                Some(&hs256(claims.clone(), JWT_SECRET)),
+                Some(start_body()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{claims}: {resp}");
+    }
+    let (status, _) = env
+        .call(
+            "POST",
+            "/start",
+            Some(&hs256(
+                json!({"sub": "a", "exp": exp, "aud": ["botdispatch"], "scope": ["agent:support"]}),
+                JWT_SECRET,
+            )),
+            Some(start_body()),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "an array scope limits agents too"
+    );
+    assert_401(
+        &env,
+        Some(&format!(
+            "Bearer {}",
+            hs256(
+                json!({"sub": "a", "exp": exp, "aud": ["other"]}),
+                JWT_SECRET
+            )
+        )),
+        "no matching aud in the array",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn tokens_with_critical_header_extensions_are_refused() {
+    let env = TestEnv::start().await;
+    let claims = json!({"sub": "a", "exp": now() + 600});
+    let plain = with_header(json!({"alg": "HS256", "typ": "JWT"}), claims.clone());
+    let (status, _) = env
+        .call("POST", "/start", Some(&plain), Some(start_body()))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the hand-built token is valid without crit"
+    );
+    let critical = with_header(
+        json!({"alg": "HS256", "typ": "JWT", "crit": ["exp"]}),
+        claims,
+    );
+    assert_401(&env, Some(&format!("Bearer {critical}")), "crit header").await;
 }

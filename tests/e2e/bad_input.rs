@@ -209,14 +209,3 @@ async fn unknown_routes_and_methods_use_the_error_shape() {
     assert_eq!(status, StatusCode::OK, "{ready}");
     assert_eq!(ready["provider"], "fly");
 }
-
-#[tokio::test]
-async fn readyz_reports_bad_provider_credentials() {
-    let mut opts = Options::default();
-    opts.env.push(("FLY_API_TOKEN", "wrong-token".into()));
-    let env = TestEnv::with(opts).await;
-    let (status, err) = env.call("GET", "/readyz", None, None).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{err}");
-    assert_eq!(err["error"], "not_ready");
-    assert!(err["detail"].as_str().unwrap().contains("401"), "{err}");
-}

@@ -16,6 +16,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 pub const JWT_SECRET: &str = "test-secret-0123456789abcdef0123456789";
+/// Every test dispatcher's session secret (as production requires: never the JWT secret).
+pub const SESSION_SECRET: &str = "test-session-secret-0123456789abcdef0123";
 pub const FLY_TOKEN: &str = "fly-test-token";
 pub const FLY_APP: &str = "bots";
 pub const DAILY_KEY: &str = "daily-test-key";
@@ -90,6 +92,7 @@ impl TestEnv {
             ("BOTDISPATCH_PROVIDER", "fly".to_owned()),
             ("BOTDISPATCH_ROOMS", "daily".to_owned()),
             ("BOTDISPATCH_JWT_SECRET", JWT_SECRET.to_owned()),
+            ("BOTDISPATCH_SESSION_SECRET", SESSION_SECRET.to_owned()),
             ("BOTDISPATCH_BOT_IMAGE", BOT_IMAGE.to_owned()),
             ("BOTDISPATCH_START_TIMEOUT_SECS", "10".to_owned()),
             ("BOTDISPATCH_LISTEN", "127.0.0.1:0".to_owned()),
@@ -142,10 +145,11 @@ impl TestEnv {
             .unwrap()
     }
 
-    pub fn admin_token(&self) -> String {
+    /// A token that may read every session (`sessions:read_any`).
+    pub fn reader_token(&self) -> String {
         self.app
             .auth
-            .mint("ops", Duration::from_secs(600), Some("admin"))
+            .mint("ops", Duration::from_secs(600), Some("sessions:read_any"))
             .unwrap()
     }
 
@@ -308,6 +312,18 @@ pub fn session_key(session_id: &str) -> &str {
     session_id.split('.').next().unwrap()
 }
 
+/// The machine handle a session id carries.
+pub fn session_handle(session_id: &str) -> String {
+    use base64::Engine;
+    let encoded = session_id.split('.').nth(1).unwrap();
+    String::from_utf8(
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(encoded)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 pub fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
@@ -453,6 +469,7 @@ pub fn process_env(fly: &FakeFly, daily: &FakeDaily) -> Vec<(&'static str, Strin
         ("BOTDISPATCH_PROVIDER", "fly".to_owned()),
         ("BOTDISPATCH_ROOMS", "daily".to_owned()),
         ("BOTDISPATCH_JWT_SECRET", JWT_SECRET.to_owned()),
+        ("BOTDISPATCH_SESSION_SECRET", SESSION_SECRET.to_owned()),
         ("BOTDISPATCH_BOT_IMAGE", BOT_IMAGE.to_owned()),
         ("FLY_API_TOKEN", FLY_TOKEN.to_owned()),
         ("FLY_APP_NAME", FLY_APP.to_owned()),

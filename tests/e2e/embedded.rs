@@ -34,7 +34,7 @@ async fn embedded_default_runs_a_real_local_bot_and_stops_it() {
 
     // The bot is a real process that got the contract through its environment.
     d.wait_for(
-        &format!("[local-bot {key}] started: DAILY_ROOM_URL=https://local-rooms.invalid/bd-{key}"),
+        &format!("[local-bot {key}] started: DAILY_ROOM_URL=https://local-rooms.invalid/bd-default-{key}"),
         Duration::from_secs(10),
     );
     d.wait_for(

@@ -142,6 +142,7 @@ fn tight_limits() -> Options {
     opts.limits = ServerLimits {
         header_read_timeout: Duration::from_millis(500),
         max_header_bytes: 16 * 1024,
+        ..ServerLimits::default()
     };
     opts.env
         .push(("BOTDISPATCH_BODY_READ_TIMEOUT_SECS", "1".into()));
@@ -207,4 +208,77 @@ async fn oversized_headers_are_refused() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     assert!(env.fly.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_body_dripped_byte_by_byte_is_cut_off_at_the_overall_deadline() {
+    // One byte every 400 ms never lets a per-frame timeout (1 s) fire; the overall deadline
+    // for the body (1 s) does.
+    let env = TestEnv::with(tight_limits()).await;
+    let mut stream = TcpStream::connect(env.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n",
+        env.token("drip")
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let (mut reader, mut writer) = stream.into_split();
+    let drip = tokio::spawn(async move {
+        for _ in 0..39 {
+            if writer.write_all(b" ").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+    });
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), reader.read(&mut buf))
+        .await
+        .expect("answered while the client was still dripping")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "cut off near the 1 s body deadline, not after the 16 s drip: {:?}",
+        t0.elapsed()
+    );
+    drip.abort();
+    assert!(env.fly.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_cannot_hold_a_shutdown() {
+    let mut d = Dispatcher::spawn(&[
+        ("BOTDISPATCH_JWT_SECRET", JWT_SECRET),
+        ("BOTDISPATCH_SHUTDOWN_GRACE_SECS", "1"),
+        ("BOTDISPATCH_BODY_READ_TIMEOUT_SECS", "60"),
+    ]);
+    let base = d.wait_ready();
+    let mut stream = TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
+        hs_token("slow")
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.signal("TERM");
+    let t0 = std::time::Instant::now();
+    let (status, output) = tokio::task::spawn_blocking(move || {
+        let status = d.wait_exit(Duration::from_secs(30));
+        (status, d.output())
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{output}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "the drain is bounded (grace 1 s): exited after {:?}\n{output}",
+        t0.elapsed()
+    );
+    drop(stream);
 }

@@ -21,7 +21,7 @@ async fn injected_parts_run_the_whole_flow_in_process() {
     })
     .unwrap();
     let provider = Arc::new(LocalProvider::new(LocalConfig::default()));
-    let rooms = Arc::new(LocalRooms::default());
+    let rooms = Arc::new(LocalRooms::new("default"));
     let app = Arc::new(App::with_parts(config, provider.clone(), rooms.clone()).unwrap());
     let router = || build_router(AppState(app.clone()));
     let bearer = format!("Bearer {}", hs_token("alice"));
@@ -34,13 +34,16 @@ async fn injected_parts_run_the_whole_flow_in_process() {
     assert_eq!(status, StatusCode::OK, "{started}");
     let status_url = started["statusUrl"].as_str().unwrap();
     let key = session_key(started["sessionId"].as_str().unwrap()).to_owned();
-    let room = format!("bd-{key}");
+    let room = format!("bd-default-{key}");
     assert!(rooms.exists(&room).await.unwrap(), "the room was created");
     let machine = provider.find(&key).await.unwrap().expect("the bot runs");
     assert_eq!(machine.state, MachineState::Started);
 
     let (status, _, view) = oneshot(router(), "GET", status_url, &auth, Vec::new()).await;
-    assert_eq!((status, view["status"].as_str()), (StatusCode::OK, Some("ready")));
+    assert_eq!(
+        (status, view["status"].as_str()),
+        (StatusCode::OK, Some("ready"))
+    );
 
     let (status, _, stopped) = oneshot(router(), "DELETE", status_url, &auth, Vec::new()).await;
     assert_eq!(status, StatusCode::OK, "{stopped}");

@@ -9,13 +9,15 @@ use serde_json::Value;
 use crate::common::*;
 
 /// The value of one sample line of a Prometheus exposition (first match of all `parts`).
+/// The sum of every sample whose line contains all of `parts` (other tests in this process
+/// add series with other label values).
 fn sample(text: &str, parts: &[&str]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .find(|l| parts.iter().all(|p| l.contains(p)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next())
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test]

@@ -147,3 +147,86 @@ async fn cloudrun_by_configuration() {
         run.spec_violations()
     );
 }
+
+/// Starts a dispatcher process for `provider` with `env`; its base URL.
+fn dispatcher(provider: &str, mut env: Vec<(&'static str, String)>) -> (Dispatcher, String) {
+    env.push(("BOTDISPATCH_LISTEN", "127.0.0.1:0".into()));
+    env.push(("BOTDISPATCH_PROVIDER", provider.into()));
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut d = Dispatcher::spawn(&refs);
+    let base = tokio::task::block_in_place(|| d.wait_ready());
+    (d, base)
+}
+
+/// A start whose `body` fits botdispatch's own 64 KiB limit but not `provider`'s: 413 at plan
+/// time, naming the limit, with nothing created.
+async fn too_large_for(
+    provider: &str,
+    env: Vec<(&'static str, String)>,
+    body_bytes: usize,
+    limit: &str,
+) {
+    let (mut d, base) = dispatcher(provider, env);
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/start"))
+        .bearer_auth(hs_token("alice"))
+        .json(&json!({"body": {"transcript": "x".repeat(body_bytes)}}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{provider}: {err}\n{}",
+        d.output()
+    );
+    assert_eq!(err["error"], "payload_too_large");
+    assert!(
+        err["detail"].as_str().unwrap().contains(limit),
+        "{provider}: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cloud_run_cannot_carry_is_refused_before_anything_exists() {
+    let run = FakeCloudRun::start(FakeCloudRunConfig::default()).await;
+    let (_, daily) = start_fakes(&Options::default().fly).await;
+    let mut env = base_env(&daily);
+    env.extend([
+        (
+            "BOTDISPATCH_CLOUDRUN_PROJECT",
+            "botdispatch-test".to_owned(),
+        ),
+        ("BOTDISPATCH_CLOUDRUN_REGION", "europe-west1".to_owned()),
+        ("BOTDISPATCH_CLOUDRUN_JOB", "bots".to_owned()),
+        ("CLOUD_RUN_API_URL", run.api_url()),
+        ("GCE_METADATA_HOST", run.metadata_host()),
+    ]);
+    // A Cloud Run env value holds at most 32,768 bytes.
+    too_large_for("cloudrun", env, 40 * 1024, "32768").await;
+    assert!(run.executions().is_empty());
+    assert!(daily.rooms().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_fargate_cannot_carry_is_refused_before_anything_exists() {
+    let ecs = FakeEcs::start(FakeEcsConfig::default()).await;
+    let (_, daily) = start_fakes(&Options::default().fly).await;
+    let mut env = base_env(&daily);
+    env.extend([
+        ("BOTDISPATCH_FARGATE_CLUSTER", "bots".to_owned()),
+        ("BOTDISPATCH_FARGATE_TASK_DEFINITION", "bot:1".to_owned()),
+        ("BOTDISPATCH_FARGATE_SUBNETS", "subnet-0a1b2c3d".to_owned()),
+        ("AWS_ACCESS_KEY_ID", ecs.config().access_key_id.clone()),
+        ("AWS_SECRET_ACCESS_KEY", "fake-secret".to_owned()),
+        ("AWS_REGION", ecs.config().region.clone()),
+        ("AWS_ENDPOINT_URL_ECS", ecs.endpoint_url()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+    ]);
+    // RunTask's overrides hold at most 8,192 characters.
+    too_large_for("fargate", env, 10 * 1024, "8192").await;
+    assert!(ecs.tasks().is_empty());
+    assert!(daily.rooms().is_empty());
+}

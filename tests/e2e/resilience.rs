@@ -14,6 +14,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
+use botdispatch::session_id::{new_session_key, resource_name};
+
 use crate::common::*;
 
 async fn start_with_key(env: &TestEnv, sub: &str, key: &str, body: Value) -> (StatusCode, Value) {
@@ -195,7 +197,7 @@ async fn orphan_machine(env: &TestEnv, key: &str, deadline: i64, room: &str) -> 
         .post(format!("{}/apps/{FLY_APP}/machines", env.fly.base_url()))
         .bearer_auth(FLY_TOKEN)
         .json(&json!({
-            "name": format!("bd-{key}"),
+            "name": resource_name("default", key),
             "config": {
                 "image": BOT_IMAGE,
                 "auto_destroy": true,
@@ -206,6 +208,7 @@ async fn orphan_machine(env: &TestEnv, key: &str, deadline: i64, room: &str) -> 
                     "botdispatch_owner": "ghost",
                     "botdispatch_room": room,
                     "botdispatch_agent": "default",
+                    "botdispatch_deployment": "default",
                     "botdispatch_deadline": deadline.to_string(),
                 },
             },
@@ -243,13 +246,19 @@ async fn reaper_removes_what_no_session_needs_and_nothing_else() {
     assert_eq!(status, StatusCode::OK, "{live}");
     // Debris: a machine past its deadline, one stuck starting, one whose room is gone, and a
     // room whose machine is gone.
+    let key = |_| new_session_key();
+    let (past_key, stuck_key, roomless_key, lonely_key) = (key(1), key(2), key(3), key(4));
+    let room_of = |k: &str| resource_name("default", k);
     env.fly.set_never_start(true);
-    let past = orphan_machine(&env, "past", now() - 10, "bd-past").await;
-    let stuck = orphan_machine(&env, "stuck", now() + 3600, "").await;
+    let past = orphan_machine(&env, &past_key, now() - 10, &room_of(&past_key)).await;
+    let stuck = orphan_machine(&env, &stuck_key, now() + 3600, "").await;
     env.fly.set_never_start(false);
-    orphan_room(&env, "bd-past").await;
-    let roomless = orphan_machine(&env, "roomless", now() + 3600, "bd-roomless").await;
-    orphan_room(&env, "bd-lonely").await;
+    orphan_room(&env, &room_of(&past_key)).await;
+    let roomless = orphan_machine(&env, &roomless_key, now() + 3600, &room_of(&roomless_key)).await;
+    orphan_room(&env, &room_of(&lonely_key)).await;
+    // Another deployment's room (sharing the Daily domain) is not this reaper's to delete.
+    let staging_room = resource_name("staging", &new_session_key());
+    orphan_room(&env, &staging_room).await;
     // Someone else's machine in the same app is never touched.
     let foreign: Value = env
         .http
@@ -290,14 +299,14 @@ async fn reaper_removes_what_no_session_needs_and_nothing_else() {
         "the live session and the foreign machine remain"
     );
     assert!(live_ids.contains(&foreign["id"].as_str().unwrap().to_owned()));
-    let rooms: Vec<String> = env.daily.rooms().iter().map(|r| r.name.clone()).collect();
-    assert_eq!(
-        rooms,
-        vec![format!(
-            "bd-{}",
-            session_key(live["sessionId"].as_str().unwrap())
-        )]
-    );
+    let mut rooms: Vec<String> = env.daily.rooms().iter().map(|r| r.name.clone()).collect();
+    rooms.sort();
+    let mut expected = vec![
+        resource_name("default", session_key(live["sessionId"].as_str().unwrap())),
+        staging_room,
+    ];
+    expected.sort();
+    assert_eq!(rooms, expected);
 
     // A second pass (or another replica's) finds nothing more to do.
     let again = env.app.reaper.pass().await;
@@ -624,4 +633,110 @@ async fn soak_with_five_percent_faults_leaks_nothing() {
         "one machine per session: no duplicates"
     );
     env.assert_spec_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_start_survives_the_client_timing_out() {
+    let mut opts = Options::default();
+    opts.fly.boot_delay = Duration::from_millis(1500);
+    let env = TestEnv::with(opts).await;
+    let key = "order-4711";
+    // The client gives up mid-boot...
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let first = impatient
+        .post(format!("{}/start", env.base))
+        .bearer_auth(env.token("alice"))
+        .header("idempotency-key", key)
+        .json(&start_body())
+        .send()
+        .await;
+    assert!(first.is_err_and(|e| e.is_timeout()));
+    // ...and retries with the same key: the same start, run to its end, answers.
+    let (status, resp) = start_with_key(&env, "alice", key, start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    let (status, again) = start_with_key(&env, "alice", key, start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["sessionId"], resp["sessionId"]);
+    assert_eq!(env.fly.machines().len(), 1, "one machine, ever");
+    assert_eq!(env.leftovers(), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumed_after_a_crash_keeps_running_past_its_provisional_deadline() {
+    let mut fly = Options::default().fly;
+    fly.boot_delay = Duration::from_millis(1500);
+    let (fly, daily) = start_fakes(&fly).await;
+    let mut env = process_env(&fly, &daily);
+    env.push(("BOTDISPATCH_START_TIMEOUT_SECS", "3".into()));
+    env.push(("BOTDISPATCH_REAPER_GRACE_SECS", "1".into()));
+    env.push(("BOTDISPATCH_REAPER_INTERVAL_SECS", "1".into()));
+    env.push(("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0".into()));
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let http = reqwest::Client::new();
+    let start = |base: String| {
+        http.post(format!("{base}/start"))
+            .bearer_auth(hs_token("alice"))
+            .header("idempotency-key", "call-42")
+            .json(&start_body())
+            .send()
+    };
+
+    let mut first = Dispatcher::spawn(&env_refs);
+    let base = first.wait_ready();
+    tokio::spawn(start(base));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fly.machines().is_empty() {
+        assert!(Instant::now() < deadline, "the start did not begin");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.signal("KILL");
+    let started_at = Instant::now();
+    tokio::task::spawn_blocking(move || first.wait_exit(Duration::from_secs(5)))
+        .await
+        .unwrap();
+
+    let mut second = Dispatcher::spawn(&env_refs);
+    let base = second.wait_ready();
+    let resp = start(base.clone()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp: Value = resp.json().await.unwrap();
+    let url = format!("{base}{}", resp["statusUrl"].as_str().unwrap());
+    // Past the provisional deadline (start timeout 3 s + grace 1 s) and a few reaper passes.
+    let past = Duration::from_secs(8).saturating_sub(started_at.elapsed());
+    tokio::time::sleep(past).await;
+    let view = get_json(&http, &url, &hs_token("alice")).await;
+    assert_eq!(view["status"], "ready", "{view}\n{}", second.output());
+    assert_eq!(fly.live_machines().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incomplete_room_listing_condemns_no_machine() {
+    let mut opts = Options::default();
+    opts.env.extend([
+        ("BOTDISPATCH_START_TIMEOUT_SECS", "1".to_owned()),
+        ("BOTDISPATCH_REAPER_GRACE_SECS", "0".to_owned()),
+        ("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0".to_owned()),
+    ]);
+    let env = TestEnv::with(opts).await;
+    let (status, live) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{live}");
+    // Another deployment's 100 full pages of newer rooms: one listing never reaches this
+    // session's room.
+    env.daily
+        .insert_rooms((0..100 * 100).map(|_| resource_name("staging", &new_session_key())));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let report = env.app.reaper.pass().await;
+    assert_eq!(report.room_gone, 0, "{report:?}");
+    assert_eq!(report.rooms_deleted, 0, "{report:?}");
+    assert_eq!(env.fly.live_machines().len(), 1);
+    let (status, view) = env
+        .get_session("alice", live["statusUrl"].as_str().unwrap())
+        .await;
+    assert_eq!(
+        (status, view["status"].as_str()),
+        (StatusCode::OK, Some("ready"))
+    );
 }

@@ -70,6 +70,8 @@ pub const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
 /// [`SessionLabels::to_map`]. Reserved: an agent's env may not set it.
 pub const LABELS_ENV: &str = "BOTDISPATCH_LABELS";
 
+/// Cloud Run refuses env values longer than this many bytes.
+const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
 /// Cloud Run's upper bound for a task timeout (24 h).
 const MAX_TASK_TIMEOUT_SECS: i64 = 24 * 3600;
 /// Executions asked for per list page.
@@ -232,7 +234,9 @@ pub enum CloudRunAuth {
 pub struct CloudRunProvider {
     http: reqwest::Client,
     api_url: String,
+    project: String,
     region: String,
+    deployment: String,
     /// The job `check` reads (the configured default job, if any).
     job: Option<String>,
     request_timeout: Duration,
@@ -261,7 +265,9 @@ impl CloudRunProvider {
             http: ctx.http.clone(),
             api_url: config.api_url.trim_end_matches('/').to_owned(),
             location: format!("projects/{project}/locations/{region}"),
+            project,
             region,
+            deployment: ctx.deployment.clone(),
             job: config.job.clone(),
             request_timeout: ctx.request_timeout,
             tokens,
@@ -304,7 +310,7 @@ impl CloudRunProvider {
     }
 
     async fn get_execution(&self, name: &str) -> Result<Option<Execution>, ProviderError> {
-        check_handle(name)?;
+        self.check_handle(name)?;
         let resp = self
             .call(Method::GET, name, &[], None, "get execution")
             .await?;
@@ -393,12 +399,14 @@ impl CloudRunProvider {
         if let Some(error) = operation.error.as_ref().filter(|_| operation.done) {
             return Err(operation_error(error, "run job"));
         }
-        operation.execution_name().ok_or_else(|| {
-            ProviderError::unavailable(
-                NAME,
-                format!("run job: operation {:?} names no execution", operation.name),
-            )
-        })
+        operation
+            .execution_name(|name| self.check_handle(name).is_ok())
+            .ok_or_else(|| {
+                ProviderError::unavailable(
+                    NAME,
+                    format!("run job: operation {:?} names no execution", operation.name),
+                )
+            })
     }
 
     /// Polls until the execution runs (or can no longer run); no deadline of its own.
@@ -432,7 +440,27 @@ impl CloudRunProvider {
         let region = region_of(&execution.name)
             .unwrap_or(&self.region)
             .to_owned();
-        execution.into_status(region)
+        execution.into_status(region, &self.deployment)
+    }
+
+    /// Refuses anything but `projects/{project}/locations/{region}/jobs/{job}/executions/{e}`
+    /// of this provider's project and region, so that a handle can never make a request leave
+    /// an execution's own path.
+    fn check_handle(&self, handle: &str) -> Result<(), ProviderError> {
+        let segments: Vec<&str> = handle.split('/').collect();
+        let ok = matches!(
+            segments.as_slice(),
+            ["projects", p, "locations", r, "jobs", j, "executions", e]
+                if *p == self.project && *r == self.region && is_job_name(j) && is_execution_id(e)
+        );
+        if ok {
+            Ok(())
+        } else {
+            Err(rejected(format!(
+                "{handle:?} is not a Cloud Run execution of {}",
+                self.location
+            )))
+        }
     }
 }
 
@@ -440,6 +468,30 @@ impl CloudRunProvider {
 impl MachineProvider for CloudRunProvider {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn is_handle(&self, handle: &str) -> bool {
+        self.check_handle(handle).is_ok()
+    }
+
+    /// A Cloud Run env value holds at most 32,768 bytes.
+    fn fits(
+        &self,
+        template: &MachineTemplate,
+        session_env: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        match template
+            .env
+            .iter()
+            .chain(session_env)
+            .find(|(_, value)| value.len() > MAX_ENV_VALUE_BYTES)
+        {
+            Some((name, value)) => Err(format!(
+                "a Cloud Run env value holds at most {MAX_ENV_VALUE_BYTES} bytes; {name} has {}",
+                value.len()
+            )),
+            None => Ok(()),
+        }
     }
 
     async fn launch(
@@ -480,9 +532,12 @@ impl MachineProvider for CloudRunProvider {
         launched: &Launched,
         deadline: Deadline,
     ) -> Result<(), ProviderError> {
-        tokio::time::timeout_at(deadline.instant(), self.poll_until_running(&launched.handle))
-            .await
-            .unwrap_or(Err(ProviderError::Timeout { provider: NAME }))
+        tokio::time::timeout_at(
+            deadline.instant(),
+            self.poll_until_running(&launched.handle),
+        )
+        .await
+        .unwrap_or(Err(ProviderError::Timeout { provider: NAME }))
     }
 
     async fn status(&self, handle: &str) -> Result<Option<MachineStatus>, ProviderError> {
@@ -490,7 +545,7 @@ impl MachineProvider for CloudRunProvider {
     }
 
     async fn terminate(&self, handle: &str) -> Result<(), ProviderError> {
-        check_handle(handle)?;
+        self.check_handle(handle)?;
         let resp = self
             .call(
                 Method::POST,
@@ -519,7 +574,9 @@ impl MachineProvider for CloudRunProvider {
     async fn find(&self, session_key: &str) -> Result<Option<MachineStatus>, ProviderError> {
         let mut found = None;
         self.scan_executions(|e| {
-            if e.labels().is_some_and(|l| l.session_key == session_key) {
+            if e.labels(&self.deployment)
+                .is_some_and(|l| l.session_key == session_key)
+            {
                 found = Some(e);
                 return true;
             }
@@ -532,7 +589,7 @@ impl MachineProvider for CloudRunProvider {
     async fn list_managed(&self) -> Result<Vec<MachineStatus>, ProviderError> {
         let mut live = Vec::new();
         self.scan_executions(|e| {
-            if e.completion_time.is_none() && e.labels().is_some() {
+            if e.completion_time.is_none() && e.labels(&self.deployment).is_some() {
                 live.push(e);
             }
             false
@@ -629,8 +686,8 @@ struct Operation {
 
 impl Operation {
     /// The execution's resource name, from the metadata (an Execution while running) or the
-    /// response (the Execution once done).
-    fn execution_name(&self) -> Option<String> {
+    /// response (the Execution once done); only a name `valid` accepts.
+    fn execution_name(&self, valid: impl Fn(&str) -> bool) -> Option<String> {
         [&self.metadata, &self.response]
             .into_iter()
             .flatten()
@@ -640,7 +697,7 @@ impl Operation {
                     .is_none_or(|t| t == EXECUTION_TYPE)
             })
             .filter_map(|v| v.get("name").and_then(Value::as_str))
-            .find(|name| check_handle(name).is_ok())
+            .find(|name| valid(name))
             .map(str::to_owned)
     }
 }
@@ -765,8 +822,8 @@ impl Execution {
         failed.or(completed).map(|c| c.message.clone())
     }
 
-    /// The session labels stored in the container env, if this is one of ours.
-    fn labels(&self) -> Option<SessionLabels> {
+    /// The session labels stored in the container env, if this is one of `deployment`'s.
+    fn labels(&self, deployment: &str) -> Option<SessionLabels> {
         let raw = self
             .template
             .as_ref()?
@@ -775,12 +832,12 @@ impl Execution {
             .flat_map(|c| &c.env)
             .find(|v| v.name == LABELS_ENV)?;
         let map: BTreeMap<String, String> = serde_json::from_str(&raw.value).ok()?;
-        SessionLabels::from_map(&map)
+        SessionLabels::from_map_of(&map, deployment)
     }
 
-    fn into_status(self, region: String) -> MachineStatus {
+    fn into_status(self, region: String, deployment: &str) -> MachineStatus {
         let phase = self.phase();
-        let labels = self.labels();
+        let labels = self.labels(deployment);
         let detail = self.detail(phase);
         MachineStatus {
             state: phase.state(),
@@ -834,22 +891,12 @@ fn is_segment(segment: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-/// Refuses anything but `projects/{p}/locations/{r}/jobs/{j}/executions/{e}`, so that a handle
-/// can never make a request leave the execution's own path.
-fn check_handle(handle: &str) -> Result<(), ProviderError> {
-    let segments: Vec<&str> = handle.split('/').collect();
-    let ok = matches!(
-        segments.as_slice(),
-        ["projects", p, "locations", r, "jobs", j, "executions", e]
-            if is_segment(p) && is_segment(r) && is_segment(j) && is_segment(e) && !e.contains(':')
-    );
-    if ok {
-        Ok(())
-    } else {
-        Err(rejected(format!(
-            "{handle:?} is not a Cloud Run execution name"
-        )))
-    }
+/// An execution's id: a job name plus a generated suffix (lowercase letters, digits, dashes).
+fn is_execution_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// The region segment of an execution name.
@@ -957,7 +1004,7 @@ mod tests {
     }
 
     fn status(fields: Value) -> MachineStatus {
-        execution(fields).into_status("europe-west1".into())
+        execution(fields).into_status("europe-west1".into(), "default")
     }
 
     #[test]
@@ -1025,13 +1072,13 @@ mod tests {
     fn foreign_or_garbled_labels_are_not_ours() {
         let mut e = execution(json!({}));
         e.template = None;
-        assert!(e.labels().is_none());
+        assert!(e.labels("default").is_none());
         let e = execution(json!({"template": {"containers": [{"env": [
             {"name": LABELS_ENV, "value": "not json"}]}]}}));
-        assert!(e.labels().is_none());
+        assert!(e.labels("default").is_none());
         let e = execution(json!({"template": {"containers": [{"env": [
             {"name": LABELS_ENV, "value": "{\"managed_by\": \"someone\"}"}]}]}}));
-        assert!(e.labels().is_none());
+        assert!(e.labels("default").is_none());
     }
 
     #[test]
@@ -1041,12 +1088,13 @@ mod tests {
             "metadata": {"@type": EXECUTION_TYPE, "name": NAME_OF},
         }))
         .unwrap();
-        assert_eq!(op.execution_name().as_deref(), Some(NAME_OF));
+        assert_eq!(op.execution_name(|_| true).as_deref(), Some(NAME_OF));
+        assert_eq!(op.execution_name(|_| false), None);
         let op: Operation = serde_json::from_value(json!({
             "metadata": {"@type": "type.googleapis.com/other", "name": NAME_OF},
         }))
         .unwrap();
-        assert_eq!(op.execution_name(), None);
+        assert_eq!(op.execution_name(|_| true), None);
     }
 
     #[test]
@@ -1063,14 +1111,28 @@ mod tests {
         ] {
             assert!(!is_job_name(bad), "{bad}");
         }
-        assert!(check_handle(NAME_OF).is_ok());
+        let provider = CloudRunProvider::new(
+            &BuildContext::new(reqwest::Client::new()),
+            &CloudRunConfig {
+                project: Some("p".into()),
+                region: Some("europe-west1".into()),
+                ..CloudRunConfig::default()
+            },
+            CloudRunAuth::StaticToken(Secret::new("t")),
+        )
+        .unwrap();
+        assert!(provider.check_handle(NAME_OF).is_ok() && provider.is_handle(NAME_OF));
         for bad in [
             "bots-x7k2p",
-            "projects/p/locations/r/jobs/j/executions/e:cancel",
-            "projects/p/locations/r/jobs/j/executions/../../x",
-            "projects/p/locations/r/jobs/j/executions/",
+            "projects/p/locations/europe-west1/jobs/bots/executions/e:cancel",
+            "projects/p/locations/europe-west1/jobs/bots/executions/../../x",
+            "projects/p/locations/europe-west1/jobs/../executions/bots-x7k2p",
+            "projects/p/locations/europe-west1/jobs/bots/executions/..",
+            "projects/p/locations/europe-west1/jobs/bots/executions/",
+            "projects/other/locations/europe-west1/jobs/bots/executions/bots-x7k2p",
+            "projects/p/locations/us-east1/jobs/bots/executions/bots-x7k2p",
         ] {
-            assert!(check_handle(bad).is_err(), "{bad}");
+            assert!(provider.check_handle(bad).is_err(), "{bad}");
         }
         assert_eq!(region_of(NAME_OF), Some("europe-west1"));
 

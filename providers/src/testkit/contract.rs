@@ -99,6 +99,7 @@ pub fn spec_for(peer: &dyn ContractPeer, tag: &str) -> LaunchSpec {
                 owner: "contract-owner".to_owned(),
                 room: format!("bd-{key}"),
                 agent: "default".to_owned(),
+                deployment: crate::labels::DEFAULT_DEPLOYMENT.to_owned(),
                 // Whole seconds: labels carry unix seconds.
                 deadline: Deadline::from_unix_secs(Utc::now().timestamp() + 600)
                     .expect("valid time"),
@@ -124,6 +125,8 @@ pub async fn run_contract_suite(peer: &dyn ContractPeer) -> ContractReport {
     report.passed.push("lifecycle");
     unknown_handles(peer).await;
     report.passed.push("unknown handles");
+    other_deployments(peer).await;
+    report.passed.push("other deployments' machines");
     let scenarios: [(&'static str, Scenario); 5] = [
         ("listing only managed machines", Scenario::ForeignMachines),
         ("launch refused", Scenario::LaunchRefused),
@@ -239,6 +242,19 @@ async fn lifecycle(peer: &dyn ContractPeer) {
 
 async fn unknown_handles(peer: &dyn ContractPeer) {
     let provider = peer.provider();
+    for hostile in [
+        "",
+        "..",
+        "../../other-app/machines/x",
+        "a/b",
+        "x?y",
+        "%2e%2e",
+    ] {
+        assert!(
+            !provider.is_handle(hostile),
+            "[unknown] {hostile:?} is not a handle"
+        );
+    }
     let unknown = spec_for(peer, "unknown");
     assert!(
         provider
@@ -248,6 +264,47 @@ async fn unknown_handles(peer: &dyn ContractPeer) {
             .is_none(),
         "[unknown] find of a session that never launched"
     );
+}
+
+/// A machine labelled for another deployment (staging sharing production's app or cluster)
+/// is launched, but never read, found or listed as this deployment's.
+async fn other_deployments(peer: &dyn ContractPeer) {
+    let provider = peer.provider();
+    let mut spec = spec_for(peer, "otherdep");
+    spec.session.labels.deployment = "someone-else".to_owned();
+    let launched = spec
+        .launch(provider.as_ref())
+        .await
+        .expect("[other deployments] launch");
+    assert!(
+        provider.is_handle(&launched.handle),
+        "[other deployments] a launched handle is a handle: {launched:?}"
+    );
+    let status = provider
+        .status(&launched.handle)
+        .await
+        .expect("[other deployments] status");
+    assert!(
+        status.as_ref().is_none_or(|s| s.labels.is_none()),
+        "[other deployments] read as not ours: {status:?}"
+    );
+    let found = provider
+        .find(&spec.session.labels.session_key)
+        .await
+        .expect("[other deployments] find");
+    assert!(found.is_none(), "[other deployments] not found: {found:?}");
+    let listed = provider
+        .list_managed()
+        .await
+        .expect("[other deployments] list");
+    assert!(
+        !listed.iter().any(|m| m.handle == launched.handle),
+        "[other deployments] not listed: {listed:?}"
+    );
+    provider
+        .terminate(&launched.handle)
+        .await
+        .expect("[other deployments] terminate");
 }
 
 async fn only_managed(peer: &dyn ContractPeer) {

@@ -254,6 +254,24 @@ impl FakeDaily {
         state.rooms.clone()
     }
 
+    /// Creates private rooms with these names (and an hour to live) at once, as if created
+    /// through the API one after the other (newest last), e.g. to fill a domain's listing.
+    pub fn insert_rooms(&self, names: impl IntoIterator<Item = String>) {
+        let mut state = self.server.lock();
+        let now = state.now();
+        for name in names {
+            let room = FakeRoom {
+                id: Uuid::new_v4().to_string(),
+                url: format!("https://{}.daily.co/{name}", self.server.config.domain_name),
+                name,
+                privacy: "private".to_owned(),
+                properties: json!({"exp": now.timestamp() + 3600}),
+                created_at: now,
+            };
+            state.rooms.push(room);
+        }
+    }
+
     /// One room by name, if it exists.
     pub fn room(&self, name: &str) -> Option<FakeRoom> {
         self.rooms().into_iter().find(|r| r.name == name)

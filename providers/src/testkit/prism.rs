@@ -76,13 +76,24 @@ impl PrismProxy {
     /// Panics, with Prism's output, if Prism is installed but exits or does not listen in time.
     pub fn spawn(spec_path: &Path, upstream: &str) -> Option<PrismProxy> {
         let binary = Self::binary()?;
-        let port = free_port();
+        // The port is free when chosen but may be taken before Prism binds it: then Prism
+        // exits with EADDRINUSE and another port is tried.
+        for _ in 0..5 {
+            if let Some(proxy) = Self::spawn_on(&binary, spec_path, upstream, free_port()) {
+                return Some(proxy);
+            }
+        }
+        panic!("prism found no free port in five tries");
+    }
+
+    /// One attempt; `None` when the port was taken under Prism's feet.
+    fn spawn_on(binary: &Path, spec_path: &Path, upstream: &str, port: u16) -> Option<PrismProxy> {
         let log_path = std::env::temp_dir().join(format!(
             "botdispatch-prism-{}-{port}.log",
             std::process::id()
         ));
         let log = File::create(&log_path).expect("create the Prism log file");
-        let child = Command::new(&binary)
+        let child = Command::new(binary)
             .arg("proxy")
             .arg(spec_path)
             .arg(upstream)
@@ -104,10 +115,16 @@ impl PrismProxy {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = Instant::now() + STARTUP_DEADLINE;
         loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            // Listening means Prism says so itself: something else may hold the port.
+            if proxy.log().contains("is listening on")
+                && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            {
                 return Some(proxy);
             }
             if let Ok(Some(status)) = proxy.child.try_wait() {
+                if proxy.log().contains("EADDRINUSE") {
+                    return None;
+                }
                 panic!(
                     "prism exited with {status} before listening:\n{}",
                     proxy.log()
