@@ -1,44 +1,69 @@
 """Example Pipecat bot for botdispatch (the image Dockerfile.bot builds).
 
-botdispatch starts one machine per session and hands the bot its session through the
-environment, never argv (README.md, "The bot contract"):
+botdispatch starts one machine per session and hands the bot its session in one of two ways
+(README.md, "The bot contract"); the environment says which:
+
+`env` handoff (DAILY_ROOM_URL is set): the session is in the environment, never argv:
 
     DAILY_ROOM_URL           the private Daily room of this session
     DAILY_ROOM_TOKEN         an owner meeting token for that room (a secret: never logged)
     BOTDISPATCH_SESSION_ID   the plain session key (the room is named after it)
     BOTDISPATCH_BODY         the client's `body` from POST /start, a JSON object
 
-The bot joins the room with Pipecat's DailyTransport, greets the first participant and leaves
-when the last participant has left, when Daily ejects it (the room and the token expire at the
-session deadline), when nobody joins within BOT_JOIN_TIMEOUT_SECS, after BOT_IDLE_TIMEOUT_SECS
-without speech, or on SIGTERM/SIGINT (botdispatch stopping the session). When the process exits,
-Fly destroys the machine (`auto_destroy`).
+`http` handoff (no DAILY_ROOM_URL, BOTDISPATCH_HANDOFF_SECRET set): the machine boots ahead of
+its session (a warm reserve) and serves GET /readyz and POST /bot on PORT (default 8080); the
+session arrives in POST /bot's headers and body (see handoff.py for the status codes):
 
-The greeting is spoken with OpenAI text-to-speech when OPENAI_API_KEY is set (a paid key; the
-only one this bot can use). Without it the bot still joins and leaves correctly and sends the
-greeting as a Daily app message (`{"type": "botdispatch-greeting", "text": ...}`) instead of
-speaking it. Optional settings, all from the environment:
+    BOTDISPATCH_HANDOFF_SECRET   the bearer secret POST /bot must carry (a secret)
+    PORT                         the port to serve on (default 8080)
+    BOT_LISTEN_HOST              the address to serve on (default "::": every interface,
+                                 IPv6 and IPv4; Fly's private network is IPv6)
+
+Either way the bot gets exactly one session and exits when it is over.
+
+The bot joins the room with Pipecat's DailyTransport and greets the first participant: the
+greeting is spoken with OpenAI text-to-speech when OPENAI_API_KEY is set (a paid key; the only
+one this bot can use); without it the bot plays a short two-note chime instead. Either way the
+greeting's text goes to Daily Prebuilt's chat (shown when the room has chat enabled:
+`dailyRoomProperties: {"enable_chat": true}`) and, as a Daily app message
+(`{"type": "botdispatch-greeting", "text": ...}`), to custom clients.
+
+It listens too: a voice activity detector (Silero, shipped inside pipecat-ai: no download)
+runs on the participants' audio, so a user who is talking keeps the session alive. It leaves
+when the last participant has left, when Daily ejects it (the room and the token expire at the
+session deadline), when nobody joined within BOT_JOIN_TIMEOUT_SECS, after BOT_IDLE_TIMEOUT_SECS
+in which nobody spoke (neither the bot nor a participant), or on a stop signal (env handoff:
+SIGTERM or SIGINT end the session; http handoff: SIGTERM lets it finish, SIGINT ends it). When
+the process exits, Fly destroys the machine (`auto_destroy`).
+
+Optional settings, all from the environment:
 
     BOT_NAME                 display name in the call (default "Pipecat bot")
     BOT_GREETING             greeting text; the client may override it with body.greeting
     BOT_JOIN_TIMEOUT_SECS    leave when nobody joined after this long (default 120)
-    BOT_IDLE_TIMEOUT_SECS    leave after this long without speech; 0 disables (default 300)
+    BOT_IDLE_TIMEOUT_SECS    leave after this long with nobody speaking; 0 disables (default 300)
     OPENAI_API_KEY           enables the spoken greeting
     OPENAI_TTS_VOICE         OpenAI voice (default "alloy")
     OPENAI_TTS_MODEL         OpenAI TTS model (default: Pipecat's default for OpenAITTSService)
     LOG_LEVEL                TRACE, DEBUG, INFO (default), WARNING or ERROR
 
+Exit codes: 0 the session ended normally (or, http handoff, SIGTERM before any session);
+1 the bot failed (could not join the room, a crash); 2 the environment is not a usable
+configuration (the message names the variable).
+
 The same file also runs on Pipecat Cloud's base image, which imports this module and calls
 `bot(runner_args)` (see `bot` at the end).
 
-Configuration parsing is pure (`load_config(environ)`), and Pipecat is imported only inside
-`run_bot`, so `python -m py_compile bot/bot.py` and the unit tests in test_bot.py run without
-Pipecat installed.
+Configuration parsing is pure (`load_config(environ)`, `load_handoff_config(environ)`), and
+Pipecat is imported only inside the functions that run a session, so
+`python -m py_compile bot/bot.py` and most unit tests run without Pipecat installed.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import struct
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,6 +77,12 @@ DEFAULT_IDLE_TIMEOUT_SECS = 300.0
 DEFAULT_OPENAI_VOICE = "alloy"
 MAX_GREETING_CHARS = 500
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_PORT = 8080
+DEFAULT_LISTEN_HOST = "::"
+
+# The two ways botdispatch hands a session over (README.md, "The bot contract").
+HANDOFF_ENV = "env"
+HANDOFF_HTTP = "http"
 
 # Exit codes of `main`.
 EXIT_OK = 0
@@ -213,6 +244,72 @@ def load_config(environ: Mapping[str, str]) -> BotConfig:
     return BotConfig(room_url=room_url, token=token, session_id=session_id, body=body, **_settings(environ, body))
 
 
+@dataclass(frozen=True)
+class HandoffConfig:
+    """The http handoff's own settings (the session's come with POST /bot)."""
+
+    secret: str = field(repr=False)
+    port: int = DEFAULT_PORT
+    host: str = DEFAULT_LISTEN_HOST
+    log_level: str = "INFO"
+
+
+def handoff_mode(environ: Mapping[str, str]) -> str:
+    """`env` when the session is in the environment (DAILY_ROOM_URL), `http` when the machine
+    boots ahead of its session (BOTDISPATCH_HANDOFF_SECRET without DAILY_ROOM_URL)."""
+    if _get(environ, "DAILY_ROOM_URL") is not None:
+        return HANDOFF_ENV
+    if _get(environ, "BOTDISPATCH_HANDOFF_SECRET") is not None:
+        return HANDOFF_HTTP
+    raise ConfigError(
+        "DAILY_ROOM_URL is not set (the room, when botdispatch hands the session over in the "
+        "environment) and neither is BOTDISPATCH_HANDOFF_SECRET (when it hands it over with "
+        "POST /bot): this bot runs under botdispatch, one session per machine"
+    )
+
+
+def load_handoff_config(environ: Mapping[str, str]) -> HandoffConfig:
+    """The http handoff's settings, and every optional setting checked now rather than at the
+    first session (pure: no I/O)."""
+    secret = _required(environ, "BOTDISPATCH_HANDOFF_SECRET", "the secret POST /bot must carry")
+    raw_port = _get(environ, "PORT")
+    port = DEFAULT_PORT
+    if raw_port is not None:
+        if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
+            raise ConfigError(f"PORT={raw_port!r} must be a port number (1-65535)")
+        port = int(raw_port)
+    settings = _settings(environ, {})
+    return HandoffConfig(
+        secret=secret,
+        port=port,
+        host=_get(environ, "BOT_LISTEN_HOST") or DEFAULT_LISTEN_HOST,
+        log_level=settings["log_level"],
+    )
+
+
+def config_from_handoff(headers: Mapping[str, str], body: dict[str, Any], environ: Mapping[str, str]) -> BotConfig:
+    """The session POST /bot delivered: the room, token and session id from its headers, the
+    client's body, the optional settings from the environment. Pure, like `load_config`.
+    Raises ConfigError naming the header or field."""
+
+    def header(name: str, what: str) -> str:
+        value = (headers.get(name) or "").strip()
+        if not value:
+            raise ConfigError(f"the {name} header is missing: {what}")
+        return value
+
+    room_url = parse_room_url(header("X-Daily-Room-Url", "the Daily room to join"), "X-Daily-Room-Url")
+    token = header("X-Daily-Room-Token", "the meeting token for the room")
+    session_id = (headers.get("X-Daily-Session-Id") or "").strip() or "unknown"
+    if not isinstance(body, dict):
+        raise ConfigError(f"the body must be a JSON object, got {_json_type(body)}")
+    try:
+        settings = _settings(environ, body)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("BOTDISPATCH_BODY.", "body.")) from None
+    return BotConfig(room_url=room_url, token=token, session_id=session_id, body=body, **settings)
+
+
 def config_from_runner_args(runner_args: Any, environ: Mapping[str, str]) -> BotConfig:
     """The same configuration from Pipecat Cloud's `runner_args` (DailyRunnerArguments): the
     room, token, body and session id come from the runner, the optional settings from the
@@ -280,41 +377,86 @@ def greeting_message(config: BotConfig) -> dict[str, Any]:
     }
 
 
-async def run_bot(config: BotConfig, *, handle_signals: bool = True) -> int:
-    """Joins the room, greets, and returns an exit code when the session is over."""
-    import asyncio
+CHIME_SAMPLE_RATE = 16000
 
-    from loguru import logger
-    from pipecat.frames.frames import OutputTransportMessageUrgentFrame, TTSSpeakFrame
-    from pipecat.pipeline.pipeline import Pipeline
+
+def chime_pcm(sample_rate: int = CHIME_SAMPLE_RATE) -> bytes:
+    """What the bot plays instead of a spoken greeting without OPENAI_API_KEY: two rising notes
+    (E5 then A5, 180 ms each, soft attack and release), 16-bit mono PCM, made here: no file, no
+    network, no key."""
+    notes = (659.25, 880.0)
+    note_secs, fade_secs, gap_secs, peak = 0.18, 0.02, 0.04, 0.3 * 32767
+    samples: list[int] = []
+    for freq in notes:
+        n = int(note_secs * sample_rate)
+        fade = int(fade_secs * sample_rate)
+        for i in range(n):
+            envelope = min(1.0, i / fade, (n - 1 - i) / fade)
+            samples.append(int(peak * envelope * math.sin(2 * math.pi * freq * i / sample_rate)))
+        samples.extend([0] * int(gap_secs * sample_rate))
+    return struct.pack(f"<{len(samples)}h", *samples)
+
+
+class Prepared:
+    """What a session needs that does not depend on the session: Pipecat's modules imported
+    and the voice activity model loaded. The http handoff prepares it before /readyz answers
+    200, so a delivered session starts at once; the env handoff prepares it per session."""
+
+    def __init__(self) -> None:
+        # The heavy imports (numpy, onnxruntime, daily) happen here.
+        from pipecat.audio.vad.silero import SileroVADAnalyzer
+        from pipecat.transports.daily.transport import DailyTransport  # noqa: F401
+
+        self.vad_analyzer = SileroVADAnalyzer()
+
+
+def new_worker(pipeline: Any, idle_timeout_secs: float | None) -> Any:
+    """The session's PipelineWorker. Either side speaking counts as activity (the bot's
+    BotSpeakingFrame, the VAD's UserSpeakingFrame while a participant talks): the call ends
+    after `idle_timeout_secs` in which nobody spoke; None disables that."""
+    from pipecat.frames.frames import BotSpeakingFrame, UserSpeakingFrame
     from pipecat.pipeline.worker import PipelineWorker
-    from pipecat.transports.daily.transport import DailyParams, DailyTransport
-    from pipecat.workers.runner import WorkerRunner
 
-    logger.remove()
-    logger.add(sys.stderr, level=config.log_level)
-    log = logger.bind(session=config.session_id)
-    log.info(
-        "joining {} as {!r} (body keys: {}; spoken greeting: {})",
-        config.room_url,
-        config.bot_name,
-        sorted(config.body),
-        config.tts is not None,
+    return PipelineWorker(
+        pipeline,
+        idle_timeout_frames=(BotSpeakingFrame, UserSpeakingFrame),
+        idle_timeout_secs=idle_timeout_secs,
+        cancel_on_idle_timeout=idle_timeout_secs is not None,
     )
 
+
+def build_session(config: BotConfig, prepared: Prepared) -> Any:
+    """The session's Pipecat objects, built without any I/O (the room is joined when the
+    pipeline starts): the transport, the pipeline and its worker, with their event handlers.
+    Returns a namespace with `transport`, `processors`, `worker`, `outcome` and
+    `join_deadline` (a coroutine function)."""
+    import asyncio
+    import types
+
+    from loguru import logger
+    from pipecat.frames.frames import OutputAudioRawFrame, OutputTransportMessageUrgentFrame, TTSSpeakFrame
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.processors.audio.vad_processor import VADProcessor
+    from pipecat.transports.daily.transport import DailyParams, DailyTransport
+
+    log = logger.bind(session=config.session_id)
     transport = DailyTransport(
         config.room_url,
         config.token,
         config.bot_name,
         DailyParams(
-            # This example only speaks. A conversational bot enables audio input and adds
-            # speech-to-text and an LLM between input and output.
-            audio_in_enabled=False,
+            # Audio in feeds the voice activity detector: a user who talks keeps the session
+            # alive. A conversational bot adds speech-to-text and an LLM after it.
+            audio_in_enabled=True,
             audio_out_enabled=True,
             camera_out_enabled=False,
         ),
     )
-    processors: list[Any] = [transport.input()]
+    processors: list[Any] = [
+        transport.input(),
+        # Pushes UserSpeakingFrame while someone talks, which resets the idle timer.
+        VADProcessor(vad_analyzer=prepared.vad_analyzer),
+    ]
     if config.tts is not None:
         from pipecat.services.openai.tts import OpenAITTSService
 
@@ -326,11 +468,7 @@ async def run_bot(config: BotConfig, *, handle_signals: bool = True) -> int:
         )
     processors.append(transport.output())
 
-    worker = PipelineWorker(
-        Pipeline(processors),
-        idle_timeout_secs=config.idle_timeout_secs,
-        cancel_on_idle_timeout=config.idle_timeout_secs is not None,
-    )
+    worker = new_worker(Pipeline(processors), config.idle_timeout_secs)
     presence = Presence()
     outcome = {"code": EXIT_OK, "joined": False, "greeted": False}
 
@@ -342,7 +480,9 @@ async def run_bot(config: BotConfig, *, handle_signals: bool = True) -> int:
 
     async def join_deadline() -> None:
         await asyncio.sleep(config.join_timeout_secs)
-        if not presence.anyone_joined:
+        if not outcome["joined"]:
+            await finish(f"could not join the room within {config.join_timeout_secs:g} s", code=EXIT_RUNTIME_ERROR)
+        elif not presence.anyone_joined:
             await finish(f"nobody joined within {config.join_timeout_secs:g} s")
 
     async def greet() -> None:
@@ -351,8 +491,12 @@ async def run_bot(config: BotConfig, *, handle_signals: bool = True) -> int:
         outcome["greeted"] = True
         log.info("greeting ({} participant(s) in the call)", len(presence))
         await worker.queue_frame(OutputTransportMessageUrgentFrame(message=greeting_message(config)))
+        # Shown by Daily Prebuilt when the room has chat enabled; ignored by other clients.
+        await transport.send_prebuilt_chat_message(config.greeting, user_name=config.bot_name)
         if config.tts is not None:
             await worker.queue_frame(TTSSpeakFrame(config.greeting))
+        else:
+            await worker.queue_frame(OutputAudioRawFrame(audio=chime_pcm(), sample_rate=CHIME_SAMPLE_RATE, num_channels=1))
 
     @transport.event_handler("on_joined")
     async def on_joined(transport: Any, _data: Any) -> None:
@@ -387,15 +531,47 @@ async def run_bot(config: BotConfig, *, handle_signals: bool = True) -> int:
         if not outcome["joined"]:
             await finish("could not join the room", code=EXIT_RUNTIME_ERROR)
 
+    return types.SimpleNamespace(
+        transport=transport,
+        processors=processors,
+        worker=worker,
+        outcome=outcome,
+        join_deadline=join_deadline,
+    )
+
+
+def setup_logging(level: str) -> None:
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level=level)
+
+
+async def run_bot(config: BotConfig, *, handle_signals: bool = True, prepared: Prepared | None = None) -> int:
+    """Joins the room, greets, and returns an exit code when the session is over."""
+    import asyncio
+
+    from loguru import logger
+    from pipecat.workers.runner import WorkerRunner
+
+    log = logger.bind(session=config.session_id)
+    log.info(
+        "joining {} as {!r} (body keys: {}; spoken greeting: {})",
+        config.room_url,
+        config.bot_name,
+        sorted(config.body),
+        config.tts is not None,
+    )
+    session = build_session(config, prepared or Prepared())
     runner = WorkerRunner(handle_sigint=handle_signals, handle_sigterm=handle_signals)
-    await runner.add_workers(worker)
-    deadline = asyncio.create_task(join_deadline())
+    await runner.add_workers(session.worker)
+    deadline = asyncio.create_task(session.join_deadline())
     try:
         await runner.run()
     finally:
         deadline.cancel()
-    log.info("session over (exit code {})", outcome["code"])
-    return int(outcome["code"])
+    log.info("session over (exit code {})", session.outcome["code"])
+    return int(session.outcome["code"])
 
 
 async def bot(runner_args: Any) -> None:
@@ -409,15 +585,46 @@ async def bot(runner_args: Any) -> None:
     await run_bot(config, handle_signals=False)
 
 
+async def serve_handoff(handoff: HandoffConfig, environ: Mapping[str, str]) -> int:
+    """The http handoff: serve /readyz and /bot until this boot's one session is over."""
+    import handoff as http_handoff
+
+    prepared: list[Prepared] = []
+
+    def parse_session(headers: Mapping[str, str], body: dict[str, Any]) -> BotConfig:
+        try:
+            return config_from_handoff(headers, body, environ)
+        except ConfigError as e:
+            raise http_handoff.SessionRefused(str(e)) from None
+
+    async def run_session(config: BotConfig) -> int:
+        # The http server owns the signals: SIGTERM lets the session finish.
+        return await run_bot(config, handle_signals=False, prepared=prepared[0])
+
+    server = http_handoff.HandoffServer(secret=handoff.secret, parse_session=parse_session, run_session=run_session)
+    return await http_handoff.serve(
+        server,
+        host=handoff.host,
+        port=handoff.port,
+        warm_up=lambda: prepared.append(Prepared()),
+    )
+
+
 def main(environ: Mapping[str, str] | None = None) -> int:
     import asyncio
     import os
 
+    env = os.environ if environ is None else environ
     try:
-        config = load_config(os.environ if environ is None else environ)
+        if handoff_mode(env) == HANDOFF_HTTP:
+            handoff = load_handoff_config(env)
+            setup_logging(handoff.log_level)
+            return asyncio.run(serve_handoff(handoff, env))
+        config = load_config(env)
     except ConfigError as e:
         print(f"bot: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    setup_logging(config.log_level)
     return asyncio.run(run_bot(config))
 
 

@@ -1,4 +1,6 @@
-"""Unit tests of the example bot's configuration parsing; Pipecat is not needed.
+"""Unit tests of the example bot's configuration parsing (both handoffs) and its pure helpers;
+Pipecat is not needed (test_pipeline.py builds the Pipecat objects, test_handoff.py serves
+the http handoff).
 
 Run: python3 -m unittest discover -s bot -p 'test_*.py'
 """
@@ -203,7 +205,119 @@ class PresenceTest(unittest.TestCase):
         )
 
 
+HANDOFF_SECRET = "handoff-secret-0123456789abcdef"
+
+
+class HandoffModeTest(unittest.TestCase):
+    def test_the_environment_says_which_handoff(self):
+        self.assertEqual(bot.handoff_mode(env()), bot.HANDOFF_ENV)
+        self.assertEqual(bot.handoff_mode({"BOTDISPATCH_HANDOFF_SECRET": HANDOFF_SECRET}), bot.HANDOFF_HTTP)
+        # A session in the environment wins: the machine was launched for it.
+        self.assertEqual(bot.handoff_mode(env(BOTDISPATCH_HANDOFF_SECRET=HANDOFF_SECRET)), bot.HANDOFF_ENV)
+
+    def test_neither_is_an_error_naming_both(self):
+        for environ in ({}, {"DAILY_ROOM_URL": " ", "BOTDISPATCH_HANDOFF_SECRET": ""}):
+            with self.assertRaises(ConfigError) as caught:
+                bot.handoff_mode(environ)
+            self.assertIn("DAILY_ROOM_URL", str(caught.exception))
+            self.assertIn("BOTDISPATCH_HANDOFF_SECRET", str(caught.exception))
+
+    def test_http_settings(self):
+        config = bot.load_handoff_config({"BOTDISPATCH_HANDOFF_SECRET": HANDOFF_SECRET})
+        self.assertEqual((config.port, config.host, config.log_level), (8080, "::", "INFO"))
+        self.assertNotIn(HANDOFF_SECRET, repr(config))
+        config = bot.load_handoff_config(
+            {"BOTDISPATCH_HANDOFF_SECRET": HANDOFF_SECRET, "PORT": "9000", "BOT_LISTEN_HOST": "127.0.0.1"}
+        )
+        self.assertEqual((config.port, config.host), (9000, "127.0.0.1"))
+        for bad in ("0", "65536", "http", "-1"):
+            with self.subTest(port=bad), self.assertRaisesRegex(ConfigError, "PORT"):
+                bot.load_handoff_config({"BOTDISPATCH_HANDOFF_SECRET": HANDOFF_SECRET, "PORT": bad})
+
+    def test_optional_settings_are_checked_at_boot_not_at_the_first_session(self):
+        with self.assertRaisesRegex(ConfigError, "BOT_IDLE_TIMEOUT_SECS"):
+            bot.load_handoff_config({"BOTDISPATCH_HANDOFF_SECRET": HANDOFF_SECRET, "BOT_IDLE_TIMEOUT_SECS": "-1"})
+
+
+DELIVERY = {
+    "X-Daily-Room-Url": "https://example.daily.co/bd-01k0warm",
+    "X-Daily-Room-Token": TOKEN,
+    "X-Daily-Session-Id": "01k0warm",
+}
+
+
+class HandoffSessionTest(unittest.TestCase):
+    def test_the_delivery_is_the_session(self):
+        config = bot.config_from_handoff(DELIVERY, {"greeting": "Hi there"}, {"BOT_NAME": "Ada"})
+        self.assertEqual(config.room_url, "https://example.daily.co/bd-01k0warm")
+        self.assertEqual(config.token, TOKEN)
+        self.assertEqual(config.session_id, "01k0warm")
+        self.assertEqual(config.body, {"greeting": "Hi there"})
+        self.assertEqual((config.greeting, config.bot_name), ("Hi there", "Ada"))
+
+    def test_missing_headers_are_named(self):
+        for name in ("X-Daily-Room-Url", "X-Daily-Room-Token"):
+            headers = {k: v for k, v in DELIVERY.items() if k != name}
+            with self.subTest(header=name), self.assertRaisesRegex(ConfigError, name):
+                bot.config_from_handoff(headers, {}, {})
+        without_id = {k: v for k, v in DELIVERY.items() if k != "X-Daily-Session-Id"}
+        self.assertEqual(bot.config_from_handoff(without_id, {}, {}).session_id, "unknown")
+
+    def test_bad_values_are_named_as_the_client_sent_them(self):
+        with self.assertRaisesRegex(ConfigError, "X-Daily-Room-Url must be an http"):
+            bot.config_from_handoff({**DELIVERY, "X-Daily-Room-Url": "room"}, {}, {})
+        with self.assertRaisesRegex(ConfigError, "^body.greeting must be a string"):
+            bot.config_from_handoff(DELIVERY, {"greeting": 5}, {})
+        with self.assertRaisesRegex(ConfigError, "must be a JSON object"):
+            bot.config_from_handoff(DELIVERY, ["x"], {})
+
+    def test_secrets_stay_out_of_errors(self):
+        try:
+            bot.config_from_handoff({**DELIVERY, "X-Daily-Room-Url": "nope"}, {}, {"OPENAI_API_KEY": KEY})
+        except ConfigError as e:
+            self.assertNotIn(TOKEN, str(e))
+            self.assertNotIn(KEY, str(e))
+
+
+class ChimeTest(unittest.TestCase):
+    def test_the_chime_is_two_soft_notes(self):
+        import array
+
+        pcm = array.array("h")
+        pcm.frombytes(bot.chime_pcm())
+        if sys.byteorder == "big":
+            pcm.byteswap()
+        rate = bot.CHIME_SAMPLE_RATE
+        self.assertAlmostEqual(len(pcm) / rate, 2 * (0.18 + 0.04), places=2)
+        self.assertLessEqual(max(abs(x) for x in pcm), int(0.3 * 32767))
+        self.assertGreater(max(abs(x) for x in pcm), 5000, "audible")
+        # Soft attack and release: no click at either end of a note.
+        self.assertLess(abs(pcm[0]), 200)
+        self.assertEqual(pcm[-1], 0)
+
+
 class MainTest(unittest.TestCase):
+    def test_no_session_and_no_secret_exits_with_a_message(self):
+        import contextlib
+        import io
+
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            code = bot.main({})
+        self.assertEqual(code, bot.EXIT_CONFIG_ERROR)
+        self.assertIn("BOTDISPATCH_HANDOFF_SECRET", stderr.getvalue())
+
+    def test_a_bad_http_handoff_setting_exits_before_serving(self):
+        import contextlib
+        import io
+
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            code = bot.main({"BOTDISPATCH_HANDOFF_SECRET": HANDOFF_SECRET, "PORT": "eighty"})
+        self.assertEqual(code, bot.EXIT_CONFIG_ERROR)
+        self.assertIn("PORT", stderr.getvalue())
+        self.assertNotIn(HANDOFF_SECRET, stderr.getvalue())
+
     def test_a_bad_environment_exits_with_a_message_naming_the_variable(self):
         import contextlib
         import io

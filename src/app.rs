@@ -17,13 +17,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::config::{Config, RoomsKind};
+use crate::handoff::{Handoff, HandoffClient, HandoffSecrets};
 use crate::reaper::Reaper;
 use crate::rooms::daily::DailyRooms;
 use crate::rooms::local::LocalRooms;
 use crate::rooms::resilient::ResilientRooms;
 use crate::rooms::RoomService;
 use crate::session_id::SessionIds;
-use crate::sessions::Sessions;
+use crate::sessions::{Parts, Sessions};
 
 /// How long a readiness answer is reused, so probes never hammer the providers.
 const READY_TTL: Duration = Duration::from_secs(10);
@@ -108,23 +109,35 @@ impl App {
             policy,
             config.outbound_rate_scale,
         ));
-        let ids = SessionIds::new(session_keys(&config), provider.name(), &config.deployment);
+        let keys = session_keys(&config);
+        let ids = SessionIds::new(keys.clone(), provider.name(), &config.deployment);
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
+        let handoff = Handoff {
+            client: HandoffClient::new(http_client()?),
+            secrets: Arc::new(HandoffSecrets::new(&keys[0])),
+        };
+        let parts = Parts {
+            provider: Arc::clone(&provider),
+            rooms: Arc::clone(&rooms),
+            ids,
+            handoff,
+        };
         let sessions = Arc::new(Sessions::new(
             &config,
-            Arc::clone(&provider),
-            Arc::clone(&rooms),
-            ids,
+            parts,
             tasks.clone(),
             shutdown.clone(),
         )?);
-        let reaper = Arc::new(Reaper::new(
-            provider,
-            rooms,
-            config.start_timeout(),
-            Duration::from_secs(config.reaper_grace_secs),
-        ));
+        let reaper = Arc::new(
+            Reaper::new(
+                provider,
+                rooms,
+                config.start_timeout(),
+                Duration::from_secs(config.reaper_grace_secs),
+            )
+            .with_reserves(sessions.reserves().cloned(), config.max_session()),
+        );
         Ok(Self {
             config,
             auth,
@@ -137,8 +150,18 @@ impl App {
         })
     }
 
-    /// Starts the background loops (the reaper) on the tracker; they stop with `shutdown`.
+    /// Starts the background loops (the reaper, the reserves' replenishment) on the tracker;
+    /// they stop with `shutdown`.
     pub fn spawn_background(&self) {
+        if let Some(reserves) = self
+            .sessions
+            .reserves()
+            .filter(|_| self.config.reserve_interval_ms > 0)
+        {
+            let interval = Duration::from_millis(self.config.reserve_interval_ms);
+            self.tasks
+                .spawn(Arc::clone(reserves).run(interval, self.shutdown.clone()));
+        }
         if self.config.reaper_interval_secs > 0 {
             let interval = Duration::from_secs(self.config.reaper_interval_secs);
             self.tasks

@@ -217,6 +217,17 @@ impl From<SessionError> for ApiError {
                 Self::new(StatusCode::CONFLICT, "idempotency_key_used", detail)
             }
             SessionError::Capacity(e) => e.into(),
+            SessionError::Handoff(crate::handoff::HandoffError::NotReady(_)) => Self::upstream(
+                StatusCode::GATEWAY_TIMEOUT,
+                "start_timeout",
+                "the bot was not ready in time",
+            )
+            .retry_after(DEFAULT_RETRY_AFTER_SECS),
+            SessionError::Handoff(_) => Self::upstream(
+                StatusCode::BAD_GATEWAY,
+                "bot_start_failed",
+                "the bot did not take the session",
+            ),
             SessionError::Provider(e) => e.into(),
             SessionError::Room(e) => e.into(),
             SessionError::Internal => {

@@ -53,8 +53,24 @@ enum Command {
     /// Check the configuration and each credential (Daily, provider) with one read-only call;
     /// prints a PASS/FAIL table and exits non-zero if anything fails.
     Check,
+    /// Run the example bot (what the embedded default's agent runs): the session from its
+    /// environment, or, with PORT set, over HTTP (GET /readyz, POST /bot).
+    ExampleBot,
     /// Print this API's OpenAPI 3.1 document (the source of docs/openapi.json).
     Openapi,
+    /// Probe the running server's GET /healthz (or /readyz) on its listen address; exit 0 when
+    /// it answers 2xx, 1 otherwise. For container HEALTHCHECKs: the image has no curl.
+    Healthcheck {
+        /// Probe /readyz (provider and Daily credentials usable) instead of /healthz.
+        #[arg(long)]
+        ready: bool,
+        /// Probe this URL instead of the configured listen address.
+        #[arg(long)]
+        url: Option<String>,
+        /// Give up after this long, e.g. 2s.
+        #[arg(long, default_value = "3s")]
+        timeout: humantime::Duration,
+    },
 }
 
 fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
@@ -94,10 +110,18 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::ExampleBot => botdispatch::example_bot::run().await,
         Command::Openapi => {
             print!("{}", botdispatch::api::openapi::document());
             Ok(())
         }
+        Command::Healthcheck {
+            ready,
+            url,
+            timeout,
+        } => std::process::exit(
+            botdispatch::healthcheck::run(cli.config.as_deref(), ready, url, timeout.into()).await,
+        ),
     }
 }
 

@@ -27,6 +27,12 @@ pub const RETRIES: &str = "botdispatch_retries_total";
 pub const THROTTLED: &str = "botdispatch_throttled_total";
 pub const REAPER_ACTIONS: &str = "botdispatch_reaper_actions_total";
 pub const ADMISSION_REFUSED: &str = "botdispatch_admission_refused_total";
+pub const RESERVE_MACHINES: &str = "botdispatch_reserve_machines";
+pub const RESERVE_CLAIMS: &str = "botdispatch_reserve_claims_total";
+pub const RESERVE_CLAIM_DURATION: &str = "botdispatch_reserve_claim_duration_seconds";
+pub const RESERVE_REPLENISH_DURATION: &str = "botdispatch_reserve_replenish_duration_seconds";
+pub const HANDOFF_FAILURES: &str = "botdispatch_handoff_failures_total";
+pub const POOLED_ROOMS: &str = "botdispatch_pooled_rooms";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -84,12 +90,71 @@ fn describe() {
         ADMISSION_REFUSED,
         "Starts refused before anything was created, by reason"
     );
+    describe_gauge!(
+        RESERVE_MACHINES,
+        "Unclaimed reserve machines by agent, tier and state (ready, preparing), as last listed"
+    );
+    describe_counter!(
+        RESERVE_CLAIMS,
+        "Reserve claims by agent and result (hit, miss, lease_conflict, error)"
+    );
+    describe_histogram!(
+        RESERVE_CLAIM_DURATION,
+        Unit::Seconds,
+        "Time to take a reserve machine (lease and labels), by agent"
+    );
+    describe_histogram!(
+        RESERVE_REPLENISH_DURATION,
+        Unit::Seconds,
+        "Time from creating a reserve machine to its being ready, by agent and tier"
+    );
+    describe_counter!(
+        HANDOFF_FAILURES,
+        "Sessions a bot did not take over HTTP, by phase (before or after delivery) and reason"
+    );
+    describe_gauge!(
+        POOLED_ROOMS,
+        "Rooms created ahead in this replica's pools, by agent"
+    );
 }
 
-pub fn start_finished(agent: &str, provider: &'static str, outcome: &'static str, total: Duration) {
+pub fn reserve_machines(agent: &str, tier: &'static str, state: &'static str, count: usize) {
+    gauge!(RESERVE_MACHINES, "agent" => agent.to_owned(), "tier" => tier, "state" => state)
+        .set(count as f64);
+}
+
+pub fn reserve_claim(agent: &str, result: &'static str) {
+    counter!(RESERVE_CLAIMS, "agent" => agent.to_owned(), "result" => result).increment(1);
+}
+
+pub fn reserve_claim_duration(agent: &str, took: Duration) {
+    histogram!(RESERVE_CLAIM_DURATION, "agent" => agent.to_owned()).record(took.as_secs_f64());
+}
+
+pub fn reserve_replenished(agent: &str, tier: &'static str, took: Duration) {
+    histogram!(RESERVE_REPLENISH_DURATION, "agent" => agent.to_owned(), "tier" => tier)
+        .record(took.as_secs_f64());
+}
+
+pub fn handoff_failure(phase: &'static str, reason: &'static str) {
+    counter!(HANDOFF_FAILURES, "phase" => phase, "reason" => reason).increment(1);
+}
+
+pub fn pooled_rooms(agent: &str, count: usize) {
+    gauge!(POOLED_ROOMS, "agent" => agent.to_owned()).set(count as f64);
+}
+
+pub fn start_finished(
+    agent: &str,
+    provider: &'static str,
+    start_type: &'static str,
+    outcome: &'static str,
+    total: Duration,
+) {
     let labels = [
         ("agent", agent.to_owned()),
         ("provider", provider.to_owned()),
+        ("start_type", start_type.to_owned()),
         ("outcome", outcome.to_owned()),
     ];
     histogram!(START_DURATION, &labels).record(total.as_secs_f64());

@@ -11,17 +11,27 @@
 //!
 //! and deletes `bd-*` rooms whose machine is gone (Daily's delete limit is applied by the rooms
 //! client). Every action is logged and counted.
+//!
+//! With reserves (DESIGN §10) a pass also retires unclaimed reserve machines that are stale,
+//! broken or surplus (under the provider's claim lease: a machine claimed since the listing is
+//! left alone), and deletes pool rooms once their session's machine is gone, or once too old to
+//! be handed out (a dead replica's pool). A warm-started machine's age is that of its claim, not
+//! of its creation: until its start answered (its provisional deadline), only the deadline rule
+//! applies to it.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::rooms::RoomService;
-use providers::{MachineProvider, MachineState, MachineStatus, SessionLabels};
+use crate::reserve::{Reserves, RoomPool};
+use crate::rooms::{ListedRoom, RoomService};
+use providers::{
+    MachineProvider, MachineState, MachineStatus, ProviderError, SessionLabels, StartType,
+};
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -31,6 +41,8 @@ pub struct PassReport {
     pub stuck_starting: usize,
     pub room_gone: usize,
     pub rooms_deleted: usize,
+    /// Unclaimed reserve machines retired (stale, broken, surplus).
+    pub reserve_retired: usize,
     pub errors: usize,
 }
 
@@ -40,6 +52,11 @@ pub struct Reaper {
     start_timeout: Duration,
     /// Margin beyond the start timeout before anything young is considered debris.
     grace: Duration,
+    reserves: Option<Arc<Reserves>>,
+    /// Pool rooms seen in a live session's labels: once that machine is gone, the room goes.
+    pooled_in_use: Mutex<HashSet<String>>,
+    /// How old a pool room may get before it is debris even if never handed out.
+    pooled_max_age: Duration,
 }
 
 impl Reaper {
@@ -54,7 +71,18 @@ impl Reaper {
             rooms,
             start_timeout,
             grace,
+            reserves: None,
+            pooled_in_use: Mutex::default(),
+            pooled_max_age: Duration::MAX,
         }
+    }
+
+    /// Also looks after the reserves and their room pools (`max_session` bounds a pool room's
+    /// useful life).
+    pub fn with_reserves(mut self, reserves: Option<Arc<Reserves>>, max_session: Duration) -> Self {
+        self.reserves = reserves;
+        self.pooled_max_age = RoomPool::max_age(max_session) + self.grace;
+        self
     }
 
     /// Runs passes every `interval` (± 20 % jitter, so replicas spread out) until `stop`.
@@ -121,12 +149,84 @@ impl Reaper {
                 }
             }
         }
-        for room in rooms.iter().flat_map(|listing| &listing.rooms) {
-            if !live_rooms.contains(room.name.as_str()) && self.old_enough(room.created_at, now) {
-                self.delete_room(&room.name, &mut report).await;
+        let listed = rooms.iter().flat_map(|listing| &listing.rooms);
+        let debris: Vec<&ListedRoom> = self.debris_rooms(listed, &live_rooms, now);
+        for room in debris {
+            self.delete_room(&room.name, &mut report).await;
+        }
+        self.retire_reserve(now, &mut report).await;
+        report
+    }
+
+    /// The listed rooms no session needs: a session room whose machine is gone (once past the
+    /// start timeout: its start may be in flight), a pool room whose session's machine is gone
+    /// (seen in use by an earlier pass) or that is too old to be handed out any more.
+    fn debris_rooms<'a>(
+        &self,
+        listed: impl Iterator<Item = &'a ListedRoom>,
+        live: &HashSet<&str>,
+        now: DateTime<Utc>,
+    ) -> Vec<&'a ListedRoom> {
+        let mut in_use = self.pooled_in_use.lock().unwrap_or_else(|e| e.into_inner());
+        let mut debris = Vec::new();
+        let mut still_in_use = HashSet::new();
+        for room in listed {
+            let name = room.name.as_str();
+            if live.contains(name) {
+                if room.pooled {
+                    still_in_use.insert(name.to_owned());
+                }
+                continue;
+            }
+            let gone = if room.pooled {
+                let age = room
+                    .created_at
+                    .map_or(Duration::MAX, |c| (now - c).to_std().unwrap_or_default());
+                in_use.contains(name) || age > self.pooled_max_age
+            } else {
+                self.old_enough(room.created_at, now)
+            };
+            if gone {
+                debris.push(room);
             }
         }
-        report
+        *in_use = still_in_use;
+        debris
+    }
+
+    /// Retires the reserve machines that must go, each only if still unclaimed.
+    async fn retire_reserve(&self, now: DateTime<Utc>, report: &mut PassReport) {
+        let Some(reserves) = &self.reserves else {
+            return;
+        };
+        let Some(reserve) = self.provider.reserve() else {
+            return;
+        };
+        let machines = match reserves.machines().await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "reaper cannot list the reserve; will retry next pass");
+                report.errors += 1;
+                return;
+            }
+        };
+        let grace = self.start_timeout + self.grace;
+        for (handle, reason) in reserves.doomed(&machines, now, grace) {
+            match reserve.retire(&handle).await {
+                Ok(()) => {
+                    report.reserve_retired += 1;
+                    crate::metrics::reaper_action("retire_reserve");
+                    info!(machine.id = %handle, reason, "reaper retired a reserve machine");
+                }
+                // Claimed (or being claimed) since the listing: a session's now.
+                Err(ProviderError::Conflict { .. }) => {}
+                Err(e) => {
+                    report.errors += 1;
+                    crate::metrics::reaper_action("error");
+                    warn!(machine.id = %handle, error = %e, "reaper cannot retire a reserve machine");
+                }
+            }
+        }
     }
 
     /// Whether something created at `created` is past the start timeout plus the grace (and
@@ -149,6 +249,10 @@ impl Reaper {
         if labels.deadline.wall() < now {
             report.past_deadline += 1;
             Some(("past its deadline", "destroy_past_deadline"))
+        } else if labels.start != StartType::Cold && !self.answered(labels, now) {
+            // Claimed from the reserve and its start still in flight (or its dispatcher dead,
+            // which the provisional deadline covers): its creation time says nothing.
+            None
         } else if m.state == MachineState::Starting && self.old_enough(m.created_at, now) {
             report.stuck_starting += 1;
             Some(("stuck starting beyond the start timeout", "destroy_stuck"))
@@ -161,6 +265,13 @@ impl Reaper {
         } else {
             None
         }
+    }
+
+    /// Whether a machine's start has answered its client: its deadline is no longer the
+    /// provisional one (at most the start timeout plus the grace away).
+    fn answered(&self, labels: &SessionLabels, now: DateTime<Utc>) -> bool {
+        let left = (labels.deadline.wall() - now).to_std().unwrap_or_default();
+        left > self.start_timeout + self.grace + Duration::from_secs(1)
     }
 
     async fn destroy(

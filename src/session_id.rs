@@ -184,6 +184,38 @@ pub fn session_key_of<'a>(deployment: &str, name: &'a str) -> Option<&'a str> {
     is_session_key(key).then_some(key)
 }
 
+/// The name of a room created ahead for a replica's room pool: `bd-<deployment>-p<key>`.
+pub fn pool_room_name(deployment: &str) -> String {
+    format!("bd-{deployment}-p{}", new_session_key())
+}
+
+/// The kinds of room a deployment creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomKind {
+    /// Named after its session ([`resource_name`]).
+    Session,
+    /// Created ahead for a room pool ([`pool_room_name`]), then given to some session.
+    Pooled,
+}
+
+/// Which of `deployment`'s rooms `name` is; `None` for any other room.
+pub fn room_kind(deployment: &str, name: &str) -> Option<RoomKind> {
+    if session_key_of(deployment, name).is_some() {
+        return Some(RoomKind::Session);
+    }
+    let key = name
+        .strip_prefix("bd-")?
+        .strip_prefix(deployment)?
+        .strip_prefix("-p")?;
+    is_session_key(key).then_some(RoomKind::Pooled)
+}
+
+/// The name of the reserve machine of `deployment` in `slot`, for `fingerprint`, made in time
+/// window `window`: replicas filling the same slot in the same window pick the same name.
+pub fn reserve_machine_name(deployment: &str, slot: u32, fingerprint: &str, window: u64) -> String {
+    format!("bd-{deployment}-r{slot}-{fingerprint}-{window}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +272,16 @@ mod tests {
         assert_eq!(session_key_of("prod", &eu), None, "a prefix is not a match");
         assert_eq!(session_key_of("prod", &format!("bd-{key}")), None);
         assert!(name.len() <= 50 && resource_name(&"x".repeat(20), &key).len() == 50);
+        assert_eq!(room_kind("prod", &name), Some(RoomKind::Session));
+        let pooled = pool_room_name("prod");
+        assert_eq!(room_kind("prod", &pooled), Some(RoomKind::Pooled));
+        assert_eq!(room_kind("prod-eu", &pooled), None);
+        assert_eq!(room_kind("prod", &eu), None);
+        let reserve = reserve_machine_name(&"x".repeat(20), 999, "0123456789", 999_999_999);
+        assert!(reserve.len() <= 63, "{reserve}");
+        assert_eq!(
+            room_kind("prod", &reserve_machine_name("prod", 1, "ab", 2)),
+            None
+        );
     }
 }

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use crate::env::Env;
-use crate::{MachineProvider, ProviderError, Workload};
+use crate::{MachineProvider, ProviderError, Tier, Workload};
 
 /// A configuration that cannot be used; the message names the key and, where there is one,
 /// its environment variable.
@@ -81,6 +81,17 @@ pub trait ProviderSettings: Send + Sync {
 
     /// Builds the provider (start-up I/O such as loading credentials happens here).
     async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn MachineProvider>, ProviderError>;
+
+    /// Whether the provider's machines can take their session over HTTP (the `http`
+    /// handoff): the dispatcher must reach them on a private network.
+    fn http_handoff(&self) -> bool {
+        false
+    }
+
+    /// The reserve tiers the provider can keep (none: no reserve).
+    fn reserve_tiers(&self) -> &'static [Tier] {
+        &[]
+    }
 }
 
 /// The provider this deployment uses, with its settings.
@@ -92,6 +103,8 @@ pub enum ProviderConfig {
     Fargate(crate::fargate::FargateConfig),
     #[cfg(feature = "cloudrun")]
     CloudRun(crate::cloudrun::CloudRunConfig),
+    #[cfg(feature = "kubernetes")]
+    Kubernetes(crate::kubernetes::KubernetesConfig),
 }
 
 impl Default for ProviderConfig {
@@ -118,14 +131,19 @@ pub struct ProviderFile {
     pub cloudrun: Option<crate::cloudrun::CloudRunConfig>,
     #[cfg(not(feature = "cloudrun"))]
     pub cloudrun: Option<serde::de::IgnoredAny>,
+    #[cfg(feature = "kubernetes")]
+    pub kubernetes: Option<crate::kubernetes::KubernetesConfig>,
+    #[cfg(not(feature = "kubernetes"))]
+    pub kubernetes: Option<serde::de::IgnoredAny>,
 }
 
 /// Every provider name, with the cargo feature that builds it (`None`: always built).
-const PROVIDERS: [(&str, Option<&str>); 4] = [
+const PROVIDERS: [(&str, Option<&str>); 5] = [
     ("local", None),
     ("fly", None),
     ("fargate", Some("fargate")),
     ("cloudrun", Some("cloudrun")),
+    ("kubernetes", Some("kubernetes")),
 ];
 
 /// Why `name` (spelled `key` in the configuration) cannot be used: a provider this build
@@ -144,7 +162,14 @@ fn unavailable(name: &str, key: &str) -> ConfigError {
 
 impl ProviderFile {
     /// The top-level keys of a configuration file that belong to the provider part.
-    pub const KEYS: [&'static str; 5] = ["provider", "local", "fly", "fargate", "cloudrun"];
+    pub const KEYS: [&'static str; 6] = [
+        "provider",
+        "local",
+        "fly",
+        "fargate",
+        "cloudrun",
+        "kubernetes",
+    ];
 }
 
 impl ProviderConfig {
@@ -174,6 +199,8 @@ impl ProviderConfig {
             "fargate" => Self::Fargate(chosen(file.fargate, env)?),
             #[cfg(feature = "cloudrun")]
             "cloudrun" => Self::CloudRun(chosen(file.cloudrun, env)?),
+            #[cfg(feature = "kubernetes")]
+            "kubernetes" => Self::Kubernetes(chosen(file.kubernetes, env)?),
             other => {
                 let key = if from_env {
                     format!("BOTDISPATCH_PROVIDER={other:?}")
@@ -198,6 +225,8 @@ impl ProviderConfig {
             Self::Fargate(c) => c,
             #[cfg(feature = "cloudrun")]
             Self::CloudRun(c) => c,
+            #[cfg(feature = "kubernetes")]
+            Self::Kubernetes(c) => c,
         }
     }
 }
@@ -244,7 +273,7 @@ mod tests {
         assert!(m.contains("`fargate` cargo feature"), "{m}");
         let m = unavailable("mainframe", "provider = \"mainframe\"").to_string();
         assert!(
-            m.contains("not a provider (expected local, fly, fargate, cloudrun)"),
+            m.contains("not a provider (expected local, fly, fargate, cloudrun, kubernetes)"),
             "{m}"
         );
         // Every provider the table names is either built or named with its feature.

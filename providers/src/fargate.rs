@@ -52,7 +52,6 @@ use tokio::time::Instant;
 use crate::config::{check_url, required, BuildContext, ConfigError, ProviderSettings};
 use crate::env::Env;
 use crate::http::{error_chain, parse_retry_after, truncate};
-use crate::labels::key;
 use crate::retry::{poll_delays, Op, RateLimit};
 use crate::{
     Deadline, LabelCodec, Launched, MachineProvider, MachineState, MachineStatus, MachineTemplate,
@@ -585,6 +584,7 @@ impl MachineProvider for FargateProvider {
                 handle: handle.to_owned(),
                 region: Some(self.region.clone()),
                 version: None,
+                address: None,
             });
         }
         let failures: Vec<String> = out.failures().iter().map(describe_failure).collect();
@@ -718,16 +718,16 @@ impl MachineProvider for FargateProvider {
 
 #[async_trait]
 impl Relabel for FargateProvider {
-    /// Overwrites the task's deadline tag (`TagResource` keeps the other tags).
-    async fn set_deadline(&self, handle: &str, deadline: Deadline) -> Result<(), ProviderError> {
-        let tag = Tag::builder()
-            .key(key::DEADLINE)
-            .value(deadline.unix_secs().to_string())
-            .build();
+    /// Overwrites these tags in one `TagResource` (the other tags are kept).
+    async fn set_labels(
+        &self,
+        handle: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError> {
         self.client
             .tag_resource()
             .resource_arn(handle)
-            .tags(tag)
+            .set_tags(Some(encode_tags(labels)?))
             .send()
             .await
             .map_err(|e| map_sdk_error(e, "tag task"))?;
@@ -806,7 +806,10 @@ fn task_status(task: &Task, container_name: &str, region: &str, deployment: &str
         started_at,
         ended_at,
         labels: SessionLabels::from_map_of(&tags, deployment),
+        reserve: None,
+        address: None,
         detail,
+        failure: None,
     }
 }
 

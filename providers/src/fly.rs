@@ -18,18 +18,25 @@ use serde_json::{json, Value};
 use crate::config::{check_url, is_slug, required, BuildContext, ConfigError, ProviderSettings};
 use crate::env::Env;
 use crate::http::{self, CallFailure, ErrorShape};
-use crate::labels::{key, MANAGED_BY};
+use crate::labels::{key, MANAGED_BY, ROLE_RESERVE, ROLE_SESSION};
 use crate::retry::{Op, RateLimit};
 use crate::{
-    Deadline, Launched, MachineProvider, MachineState, MachineStatus, MachineTemplate,
-    ProviderError, Relabel, Secret, SessionBinding, SessionLabels, Workload,
+    Deadline, HttpHandoff, Launched, MachineProvider, MachineState, MachineStatus, MachineTemplate,
+    ProviderError, Relabel, Reserve, ReserveLabels, Secret, SessionBinding, SessionLabels, Tier,
+    Workload,
 };
 
 const NAME: &str = "fly";
+/// The header that proves a call holds a machine's lease.
+const LEASE_NONCE: &str = "fly-machine-lease-nonce";
 /// Fly's `/wait` refuses to wait longer than this per call; longer waits loop.
 const MAX_WAIT_SECS: u64 = 60;
 /// Default base URL of the Machines API (`FLY_API_URL`).
 pub const DEFAULT_API_URL: &str = "https://api.machines.dev/v1";
+/// Default address of a machine's bot server on Fly's private network (6PN).
+pub const DEFAULT_MACHINE_URL: &str = "http://{machine_id}.vm.{app}.internal:{port}";
+/// How long a claim holds a machine's lease (it releases it at once when done).
+const CLAIM_LEASE_SECS: u64 = 30;
 
 /// Settings of the `fly` provider: the `[fly]` section of the configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -45,6 +52,12 @@ pub struct FlyConfig {
     /// Region used when a start names none; unset lets Fly choose.
     /// `BOTDISPATCH_FLY_REGION`, else `FLY_REGION`.
     pub default_region: Option<String>,
+    /// Where a machine's bot server is reached for the `http` handoff: a URL template with
+    /// `{machine_id}`, `{app}`, `{region}`, `{private_ip}` and `{port}`; `/readyz` and `/bot`
+    /// are appended to its path. `BOTDISPATCH_FLY_MACHINE_URL`, default
+    /// `http://{machine_id}.vm.{app}.internal:{port}` (the dispatcher must run in the same Fly
+    /// organization).
+    pub machine_url: String,
 }
 
 impl Default for FlyConfig {
@@ -54,6 +67,7 @@ impl Default for FlyConfig {
             app_name: None,
             api_url: DEFAULT_API_URL.to_owned(),
             default_region: None,
+            machine_url: DEFAULT_MACHINE_URL.to_owned(),
         }
     }
 }
@@ -74,7 +88,8 @@ impl ProviderSettings for FlyConfig {
         // with these, which win.
         env.apply("BOTDISPATCH_FLY_APP", &mut self.app_name)?;
         env.apply("BOTDISPATCH_FLY_API_URL", &mut self.api_url)?;
-        env.apply("BOTDISPATCH_FLY_REGION", &mut self.default_region)
+        env.apply("BOTDISPATCH_FLY_REGION", &mut self.default_region)?;
+        env.apply("BOTDISPATCH_FLY_MACHINE_URL", &mut self.machine_url)
     }
 
     fn validate(&self, _production: bool) -> Result<(), ConfigError> {
@@ -94,6 +109,15 @@ impl ProviderSettings for FlyConfig {
             )));
         }
         check_url("fly.api_url (FLY_API_URL)", &self.api_url)?;
+        let example = expand_machine_url(
+            &self.machine_url,
+            "148ed193b95089",
+            app,
+            "iad",
+            "fdaa::1",
+            8080,
+        );
+        check_url("fly.machine_url (BOTDISPATCH_FLY_MACHINE_URL)", &example)?;
         if let Some(region) = &self.default_region {
             if !is_slug(region, 32) {
                 return Err(ConfigError::new(format!(
@@ -116,6 +140,14 @@ impl ProviderSettings for FlyConfig {
                 "agents.{agent}.image is required (or BOTDISPATCH_BOT_IMAGE for the default agent)"
             ))),
         }
+    }
+
+    fn http_handoff(&self) -> bool {
+        true
+    }
+
+    fn reserve_tiers(&self) -> &'static [Tier] {
+        &[Tier::Hot, Tier::Suspended, Tier::Stopped]
     }
 
     async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn MachineProvider>, ProviderError> {
@@ -143,8 +175,32 @@ pub struct FlyProvider {
     api_token: Secret,
     app_name: String,
     default_region: Option<String>,
+    machine_url: String,
     request_timeout: Duration,
     deployment: String,
+}
+
+/// Fills a machine URL template's placeholders.
+fn expand_machine_url(
+    template: &str,
+    machine_id: &str,
+    app: &str,
+    region: &str,
+    private_ip: &str,
+    port: u16,
+) -> String {
+    // An IPv6 address goes in brackets in a URL's host.
+    let ip = if private_ip.contains(':') {
+        format!("[{private_ip}]")
+    } else {
+        private_ip.to_owned()
+    };
+    template
+        .replace("{machine_id}", machine_id)
+        .replace("{app}", app)
+        .replace("{region}", region)
+        .replace("{private_ip}", &ip)
+        .replace("{port}", &port.to_string())
 }
 
 /// A Fly machine id: lowercase hex today (14 characters); letters and digits, 8 to 32, are
@@ -168,6 +224,7 @@ impl FlyProvider {
             api_token: config.api_token.unwrap_or_default(),
             app_name: config.app_name.unwrap_or_default(),
             default_region: config.default_region,
+            machine_url: config.machine_url,
             request_timeout: ctx.request_timeout,
             deployment: ctx.deployment.clone(),
         })
@@ -245,10 +302,14 @@ impl FlyProvider {
         .await
     }
 
+    /// The create request of a machine named `name` from `template`, with its whole `env`
+    /// and `metadata`.
     fn create_body(
         &self,
         template: &MachineTemplate,
-        session: &SessionBinding,
+        name: &str,
+        env: BTreeMap<&str, &str>,
+        metadata: BTreeMap<String, String>,
     ) -> Result<Value, ProviderError> {
         let Workload::Image(image) = &template.workload else {
             return Err(ProviderError::rejected(
@@ -256,10 +317,9 @@ impl FlyProvider {
                 format!("fly runs container images, not {:?}", template.workload),
             ));
         };
-        let metadata: BTreeMap<String, String> = session.labels.to_map();
         let mut config = json!({
             "image": image,
-            "env": session.machine_env(template),
+            "env": env,
             "guest": {
                 "cpus": template.guest.cpus,
                 "memory_mb": template.guest.memory_mb,
@@ -272,11 +332,137 @@ impl FlyProvider {
         if let Some(cmd) = &template.cmd {
             config["init"] = json!({ "cmd": cmd });
         }
-        let mut body = json!({ "name": session.name, "config": config });
+        let mut body = json!({ "name": name, "config": config });
         if let Some(region) = template.region.as_ref().or(self.default_region.as_ref()) {
             body["region"] = json!(region);
         }
         Ok(body)
+    }
+
+    /// Creates a machine; a taken name is a [`ProviderError::Conflict`].
+    async fn create(&self, body: Value, name: &str) -> Result<Launched, ProviderError> {
+        let what = "create machine";
+        let resp = self
+            .send(self.request(Method::POST, "/machines").json(&body), what)
+            .await?;
+        if resp.status() == StatusCode::CONFLICT {
+            return Err(ProviderError::Conflict {
+                provider: NAME,
+                name: name.to_owned(),
+            });
+        }
+        let machine: FlyMachine = http::read_json(resp, FLY_ERRORS)
+            .await
+            .map_err(|f| fail(what, f))?;
+        Ok(Launched {
+            handle: machine.id,
+            region: machine.region,
+            version: machine.instance_id,
+            address: machine.private_ip,
+        })
+    }
+
+    /// `POST` to a machine action (`/start`, `/suspend`, `/signal`), with a lease's nonce when
+    /// the caller holds one.
+    async fn act(
+        &self,
+        handle: &str,
+        action: &str,
+        body: Option<Value>,
+        nonce: Option<&str>,
+        what: &str,
+    ) -> Result<Response, ProviderError> {
+        let mut req = self.request(Method::POST, &self.machine_path(handle, action)?);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        if let Some(nonce) = nonce {
+            req = req.header(LEASE_NONCE, nonce);
+        }
+        let resp = self.send(req, what).await?;
+        if nonce.is_none() && resp.status() == StatusCode::CONFLICT {
+            return Err(leased_elsewhere(what));
+        }
+        http::expect_success(resp, FLY_ERRORS)
+            .await
+            .map_err(|f| fail(what, f))
+    }
+
+    /// Sets metadata keys in one call (`PATCH .../metadata`), under a lease when given.
+    async fn patch_metadata(
+        &self,
+        handle: &str,
+        labels: &BTreeMap<String, String>,
+        nonce: Option<&str>,
+    ) -> Result<(), ProviderError> {
+        let what = "update machine metadata";
+        let mut req = self
+            .request(Method::PATCH, &self.machine_path(handle, "/metadata")?)
+            .json(&json!({ "metadata": labels }));
+        if let Some(nonce) = nonce {
+            req = req.header(LEASE_NONCE, nonce);
+        }
+        let resp = self.send(req, what).await?;
+        if nonce.is_none() && resp.status() == StatusCode::CONFLICT {
+            return Err(leased_elsewhere(what));
+        }
+        http::expect_success(resp, FLY_ERRORS)
+            .await
+            .map(drop)
+            .map_err(|f| fail(what, f))
+    }
+
+    /// Takes the machine's lease; `Conflict` when someone holds it.
+    async fn lease(&self, handle: &str) -> Result<String, ProviderError> {
+        let what = "acquire lease";
+        let req = self
+            .request(Method::POST, &self.machine_path(handle, "/lease")?)
+            .json(&json!({ "ttl": CLAIM_LEASE_SECS, "description": "botdispatch claim" }));
+        let resp = self.send(req, what).await?;
+        if resp.status() == StatusCode::CONFLICT {
+            return Err(ProviderError::Conflict {
+                provider: NAME,
+                name: handle.to_owned(),
+            });
+        }
+        // The spec documents a flat `Lease`; Fly answers it wrapped in `{"status", "data"}`
+        // (fly-go's `MachineLease`). Either is read.
+        #[derive(Deserialize)]
+        struct Lease {
+            nonce: Option<String>,
+            data: Option<LeaseData>,
+        }
+        #[derive(Deserialize)]
+        struct LeaseData {
+            nonce: Option<String>,
+        }
+        let lease: Lease = http::read_json(resp, FLY_ERRORS)
+            .await
+            .map_err(|f| fail(what, f))?;
+        lease
+            .data
+            .and_then(|d| d.nonce)
+            .or(lease.nonce)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ProviderError::Unavailable {
+                provider: NAME,
+                message: "acquire lease: the answer carries no nonce".into(),
+                source: None,
+            })
+    }
+
+    /// Releases a lease (its TTL would end it anyway).
+    async fn release_lease(&self, handle: &str, nonce: &str) {
+        let what = "release lease";
+        let Ok(path) = self.machine_path(handle, "/lease") else {
+            return;
+        };
+        let req = self
+            .request(Method::DELETE, &path)
+            .header(LEASE_NONCE, nonce);
+        if let Err(e) = self.send(req, what).await {
+            tracing::debug!(machine.id = handle, error = %e, "cannot release a lease; its TTL ends it");
+        }
     }
 
     /// After a wait that Fly ended early (400/404/412): reads the machine to say why.
@@ -294,6 +480,17 @@ impl FlyProvider {
             },
             _ => wait_error,
         }
+    }
+}
+
+/// A write refused because another caller holds the machine's lease: another replica
+/// checking a machine it saw in an older listing of the reserve holds it for a moment, so the
+/// call is worth repeating.
+fn leased_elsewhere(what: &str) -> ProviderError {
+    ProviderError::Unavailable {
+        provider: NAME,
+        message: format!("{what}: the machine is leased by another caller"),
+        source: None,
     }
 }
 
@@ -318,6 +515,10 @@ impl MachineProvider for FlyProvider {
             (Op::Terminate, RateLimit::machine(1.0, 3)),
             (Op::Status, RateLimit::machine(5.0, 10)),
             (Op::Label, RateLimit::machine(1.0, 3)),
+            (Op::Start, RateLimit::machine(1.0, 3)),
+            (Op::Suspend, RateLimit::machine(1.0, 3)),
+            (Op::Signal, RateLimit::machine(1.0, 3)),
+            (Op::Claim, RateLimit::machine(1.0, 3)),
         ]
     }
 
@@ -326,25 +527,13 @@ impl MachineProvider for FlyProvider {
         template: &MachineTemplate,
         session: &SessionBinding,
     ) -> Result<Launched, ProviderError> {
-        let what = "create machine";
-        let body = self.create_body(template, session)?;
-        let resp = self
-            .send(self.request(Method::POST, "/machines").json(&body), what)
-            .await?;
-        if resp.status() == StatusCode::CONFLICT {
-            return Err(ProviderError::Conflict {
-                provider: NAME,
-                name: session.name.clone(),
-            });
-        }
-        let machine: FlyMachine = http::read_json(resp, FLY_ERRORS)
-            .await
-            .map_err(|f| fail(what, f))?;
-        Ok(Launched {
-            handle: machine.id,
-            region: machine.region,
-            version: machine.instance_id,
-        })
+        let body = self.create_body(
+            template,
+            &session.name,
+            session.machine_env(template),
+            session.labels.to_map(),
+        )?;
+        self.create(body, &session.name).await
     }
 
     fn is_handle(&self, handle: &str) -> bool {
@@ -437,8 +626,10 @@ impl MachineProvider for FlyProvider {
                 what,
             )
             .await?;
-        if resp.status() == StatusCode::NOT_FOUND {
-            return Ok(());
+        match resp.status() {
+            StatusCode::NOT_FOUND => return Ok(()),
+            StatusCode::CONFLICT => return Err(leased_elsewhere(what)),
+            _ => {}
         }
         http::expect_success(resp, FLY_ERRORS)
             .await
@@ -506,24 +697,241 @@ impl MachineProvider for FlyProvider {
     fn relabel(&self) -> Option<&dyn Relabel> {
         Some(self)
     }
+
+    fn handoff(&self) -> Option<&dyn HttpHandoff> {
+        Some(self)
+    }
+
+    fn reserve(&self) -> Option<&dyn Reserve> {
+        Some(self)
+    }
 }
 
 #[async_trait]
 impl Relabel for FlyProvider {
-    /// One metadata key, set without restarting the machine.
-    async fn set_deadline(&self, handle: &str, deadline: Deadline) -> Result<(), ProviderError> {
-        let what = "update machine metadata";
-        let req = self
-            .request(
-                Method::POST,
-                &self.machine_path(handle, &format!("/metadata/{}", key::DEADLINE))?,
+    /// Metadata keys, set in one call without restarting the machine.
+    async fn set_labels(
+        &self,
+        handle: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError> {
+        self.patch_metadata(handle, labels, None).await
+    }
+}
+
+#[async_trait]
+impl HttpHandoff for FlyProvider {
+    fn bot_url(&self, machine: &Launched, port: u16) -> Result<url::Url, ProviderError> {
+        if !is_machine_id(&machine.handle) {
+            return Err(ProviderError::rejected(
+                NAME,
+                format!("{:?} is not a Fly machine id", machine.handle),
+            ));
+        }
+        let region = machine
+            .region
+            .as_deref()
+            .or(self.default_region.as_deref())
+            .unwrap_or_default();
+        let private_ip = machine.address.as_deref().unwrap_or_default();
+        let url = expand_machine_url(
+            &self.machine_url,
+            &machine.handle,
+            &self.app_name,
+            region,
+            private_ip,
+            port,
+        );
+        url::Url::parse(&url).map_err(|e| ProviderError::Config {
+            provider: NAME,
+            message: format!("fly.machine_url gives {url:?}, not a URL"),
+            source: Some(Box::new(e)),
+        })
+    }
+
+    async fn end_after_session(
+        &self,
+        handle: &str,
+        lease: Option<&str>,
+    ) -> Result<(), ProviderError> {
+        let body = json!({ "signal": "SIGTERM" });
+        self.act(handle, "/signal", Some(body), lease, "signal machine")
+            .await
+            .map(drop)
+    }
+}
+
+#[async_trait]
+impl Reserve for FlyProvider {
+    fn tiers(&self) -> &'static [Tier] {
+        &[Tier::Hot, Tier::Suspended, Tier::Stopped]
+    }
+
+    async fn prepare(
+        &self,
+        template: &MachineTemplate,
+        name: &str,
+        labels: &ReserveLabels,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Launched, ProviderError> {
+        let machine_env = template
+            .env
+            .iter()
+            .chain(env)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let mut body =
+            self.create_body(template, name, machine_env, labels.to_map(&self.deployment))?;
+        if labels.tier == Tier::Stopped {
+            body["skip_launch"] = json!(true);
+        }
+        self.create(body, name).await
+    }
+
+    async fn list_reserve(&self) -> Result<Vec<MachineStatus>, ProviderError> {
+        let machines = self
+            .list(
+                &[
+                    (key::MANAGED_BY, MANAGED_BY),
+                    (key::DEPLOYMENT, &self.deployment),
+                    (key::ROLE, ROLE_RESERVE),
+                ],
+                false,
             )
-            .json(&json!({ "value": deadline.unix_secs().to_string() }));
+            .await?;
+        Ok(machines
+            .into_iter()
+            .map(|m| self.status_of(m))
+            .filter(|m| m.reserve.is_some() && m.provider_state != "destroyed")
+            .collect())
+    }
+
+    async fn mark_ready(&self, handle: &str) -> Result<(), ProviderError> {
+        let labels = BTreeMap::from([(key::READY.to_owned(), "1".to_owned())]);
+        self.patch_metadata(handle, &labels, None).await
+    }
+
+    /// Suspends, then waits until the snapshot is taken (`suspended`): only then can a claim
+    /// start it again.
+    async fn suspend(&self, handle: &str) -> Result<(), ProviderError> {
+        self.act(handle, "/suspend", None, None, "suspend machine")
+            .await?;
+        let what = "wait for suspended";
+        let req = self
+            .request(Method::GET, &self.machine_path(handle, "/wait")?)
+            .query(&[("state", "suspended"), ("timeout", "30")])
+            .timeout(Duration::from_secs(30) + self.request_timeout);
         let resp = self.send(req, what).await?;
         http::expect_success(resp, FLY_ERRORS)
             .await
             .map(drop)
             .map_err(|f| fail(what, f))
+    }
+
+    /// Lease, check it is still an unclaimed reserve machine, write the session's labels in
+    /// one call under the lease; the lease stays held for the handoff. Another replica's claim
+    /// holds the lease (409) or has already relabelled the machine: both are a `Conflict`.
+    async fn claim(
+        &self,
+        handle: &str,
+        session: &SessionLabels,
+    ) -> Result<Option<String>, ProviderError> {
+        let nonce = self.lease(handle).await?;
+        let result = async {
+            let still_reserve = self
+                .get_machine(handle)
+                .await?
+                .map(|m| self.status_of(m))
+                .is_some_and(|m| m.reserve.is_some());
+            if !still_reserve {
+                return Err(ProviderError::Conflict {
+                    provider: NAME,
+                    name: handle.to_owned(),
+                });
+            }
+            let mut labels = session.to_map();
+            labels.insert(key::ROLE.to_owned(), ROLE_SESSION.to_owned());
+            self.patch_metadata(handle, &labels, Some(&nonce)).await
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(Some(nonce)),
+            Err(e) => {
+                self.release_lease(handle, &nonce).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn release(
+        &self,
+        handle: &str,
+        lease: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError> {
+        let written = match labels.is_empty() {
+            true => Ok(()),
+            false => self.patch_metadata(handle, labels, Some(lease)).await,
+        };
+        self.release_lease(handle, lease).await;
+        written
+    }
+
+    /// Lease, check it is still an unclaimed reserve machine, destroy it under the lease
+    /// (a destroyed machine's lease goes with it).
+    async fn retire(&self, handle: &str) -> Result<(), ProviderError> {
+        let nonce = match self.lease(handle).await {
+            // Gone already.
+            Err(ProviderError::Rejected { status: 404, .. }) => return Ok(()),
+            other => other?,
+        };
+        let still_reserve = match self.get_machine(handle).await {
+            Ok(m) => m
+                .map(|m| self.status_of(m))
+                .is_some_and(|m| m.reserve.is_some()),
+            Err(e) => {
+                self.release_lease(handle, &nonce).await;
+                return Err(e);
+            }
+        };
+        if !still_reserve {
+            self.release_lease(handle, &nonce).await;
+            return Err(ProviderError::Conflict {
+                provider: NAME,
+                name: handle.to_owned(),
+            });
+        }
+        let what = "destroy machine";
+        let req = self
+            .request(Method::DELETE, &self.machine_path(handle, "")?)
+            .query(&[("force", "true")])
+            .header(LEASE_NONCE, nonce.as_str());
+        let resp = self.send(req, what).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        http::expect_success(resp, FLY_ERRORS)
+            .await
+            .map(drop)
+            .map_err(|f| fail(what, f))
+    }
+
+    async fn start(&self, handle: &str, lease: Option<&str>) -> Result<Launched, ProviderError> {
+        self.act(handle, "/start", None, lease, "start machine")
+            .await?;
+        let machine =
+            self.get_machine(handle)
+                .await?
+                .ok_or_else(|| ProviderError::StartFailed {
+                    provider: NAME,
+                    message: "machine disappeared while starting".into(),
+                })?;
+        Ok(Launched {
+            handle: machine.id,
+            region: machine.region,
+            version: machine.instance_id,
+            address: machine.private_ip,
+        })
     }
 }
 
@@ -535,6 +943,8 @@ struct FlyMachine {
     instance_id: Option<String>,
     #[serde(default)]
     region: Option<String>,
+    #[serde(default)]
+    private_ip: Option<String>,
     #[serde(default)]
     state: String,
     #[serde(default)]
@@ -615,10 +1025,9 @@ impl FlyMachine {
             (s, Some(code)) if s.is_terminal() => Some(format!("bot exited with code {code}")),
             _ => None,
         };
-        let labels = self
-            .config
-            .as_ref()
-            .and_then(|c| SessionLabels::from_map_of(&c.metadata, deployment));
+        let metadata = self.config.as_ref().map(|c| &c.metadata);
+        let labels = metadata.and_then(|m| SessionLabels::from_map_of(m, deployment));
+        let reserve = metadata.and_then(|m| ReserveLabels::from_map_of(m, deployment));
         MachineStatus {
             handle: self.id,
             state,
@@ -632,7 +1041,10 @@ impl FlyMachine {
             started_at,
             ended_at,
             labels,
+            reserve,
+            address: self.private_ip,
             detail,
+            failure: metadata.and_then(crate::labels::failure_of),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use data_encoding::Encoding;
 
-use crate::Deadline;
+use crate::{Deadline, ReserveLabels, StartType, Tier};
 
 /// Value of the `managed-by` label on every machine botdispatch launches; the reaper only ever
 /// touches machines that carry it.
@@ -22,7 +22,28 @@ pub mod key {
     pub const DEADLINE: &str = "botdispatch_deadline";
     pub const AGENT: &str = "botdispatch_agent";
     pub const DEPLOYMENT: &str = "botdispatch_deployment";
+    /// `hot`, `suspended`, `stopped` (a reserve tier's machine) or `cold`.
+    pub const START: &str = "botdispatch_start";
+    /// `reserve` while a reserve machine waits; `session` once claimed.
+    pub const ROLE: &str = "botdispatch_role";
+    /// A reserve machine's template fingerprint.
+    pub const FINGERPRINT: &str = "botdispatch_fingerprint";
+    /// A reserve machine's tier.
+    pub const TIER: &str = "botdispatch_tier";
+    /// `1` once a reserve machine's bot answered `/readyz` (and it was suspended, for that tier).
+    pub const READY: &str = "botdispatch_ready";
+    /// A reserve machine's name.
+    pub const NAME: &str = "botdispatch_name";
+    /// A reserve machine's slot.
+    pub const SLOT: &str = "botdispatch_slot";
+    /// Why a session failed after its machine started (its bot refused the session later).
+    pub const FAILURE: &str = "botdispatch_failure";
 }
+
+/// [`key::ROLE`] of a reserve machine that waits for a session.
+pub const ROLE_RESERVE: &str = "reserve";
+/// [`key::ROLE`] of a claimed reserve machine.
+pub const ROLE_SESSION: &str = "session";
 
 /// The deployment of machines launched before deployments had names.
 pub const DEFAULT_DEPLOYMENT: &str = "default";
@@ -40,6 +61,8 @@ pub struct SessionLabels {
     pub agent: String,
     /// The deployment that launched it: only that deployment's dispatchers touch it.
     pub deployment: String,
+    /// How the machine came to the session.
+    pub start: StartType,
     /// When the session must be over, whatever the bot does (whole seconds).
     pub deadline: Deadline,
 }
@@ -54,6 +77,7 @@ impl SessionLabels {
             (key::ROOM.to_owned(), self.room.clone()),
             (key::AGENT.to_owned(), self.agent.clone()),
             (key::DEPLOYMENT.to_owned(), self.deployment.clone()),
+            (key::START.to_owned(), self.start.as_str().to_owned()),
             (
                 key::DEADLINE.to_owned(),
                 self.deadline.unix_secs().to_string(),
@@ -83,7 +107,55 @@ impl SessionLabels {
                 .get(key::DEPLOYMENT)
                 .cloned()
                 .unwrap_or_else(|| DEFAULT_DEPLOYMENT.to_owned()),
+            start: map
+                .get(key::START)
+                .map_or(StartType::Cold, |s| StartType::parse(s)),
             deadline: Deadline::from_unix_secs(deadline)?,
+        })
+    }
+}
+
+/// The failure the dispatcher recorded on a session's machine ([`key::FAILURE`]), if any.
+pub fn failure_of(map: &BTreeMap<String, String>) -> Option<String> {
+    map.get(key::FAILURE).filter(|f| !f.is_empty()).cloned()
+}
+
+impl ReserveLabels {
+    /// The labels of a reserve machine of `deployment`, including the `managed-by` marker.
+    pub fn to_map(&self, deployment: &str) -> BTreeMap<String, String> {
+        let mut map = BTreeMap::from([
+            (key::MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+            (key::DEPLOYMENT.to_owned(), deployment.to_owned()),
+            (key::ROLE.to_owned(), ROLE_RESERVE.to_owned()),
+            (key::NAME.to_owned(), self.name.clone()),
+            (key::SLOT.to_owned(), self.slot.to_string()),
+            (key::AGENT.to_owned(), self.agent.clone()),
+            (key::FINGERPRINT.to_owned(), self.fingerprint.clone()),
+            (key::TIER.to_owned(), self.tier.as_str().to_owned()),
+        ]);
+        if self.ready {
+            map.insert(key::READY.to_owned(), "1".to_owned());
+        }
+        map
+    }
+
+    /// Reads a reserve machine's labels back; `None` unless it is one of `deployment`'s and
+    /// still waits for a session.
+    pub fn from_map_of(map: &BTreeMap<String, String>, deployment: &str) -> Option<Self> {
+        let is = |k: &str, v: &str| map.get(k).map(String::as_str) == Some(v);
+        if !(is(key::MANAGED_BY, MANAGED_BY)
+            && is(key::DEPLOYMENT, deployment)
+            && is(key::ROLE, ROLE_RESERVE))
+        {
+            return None;
+        }
+        Some(Self {
+            name: map.get(key::NAME)?.clone(),
+            slot: map.get(key::SLOT)?.parse().ok()?,
+            agent: map.get(key::AGENT)?.clone(),
+            fingerprint: map.get(key::FINGERPRINT)?.clone(),
+            tier: Tier::parse(map.get(key::TIER)?)?,
+            ready: is(key::READY, "1"),
         })
     }
 }
@@ -178,6 +250,7 @@ mod tests {
             room: "bd-01k0abc".into(),
             agent: "default".into(),
             deployment: "staging".into(),
+            start: StartType::Warm(Tier::Suspended),
             deadline: Deadline::from_unix_secs(1_800_000_000).unwrap(),
         };
         let map = labels.to_map();
@@ -187,6 +260,19 @@ mod tests {
         let mut foreign = map.clone();
         foreign.insert(key::MANAGED_BY.into(), "someone-else".into());
         assert_eq!(SessionLabels::from_map(&foreign), None);
+
+        let reserve = ReserveLabels {
+            name: "bd-staging-r0-0123456789-1".into(),
+            slot: 0,
+            agent: "default".into(),
+            fingerprint: "0123456789".into(),
+            tier: Tier::Stopped,
+            ready: true,
+        };
+        let map = reserve.to_map("staging");
+        assert_eq!(ReserveLabels::from_map_of(&map, "staging"), Some(reserve));
+        assert_eq!(ReserveLabels::from_map_of(&map, "production"), None);
+        assert_eq!(SessionLabels::from_map(&map), None, "no session's yet");
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub mod cloudrun;
 #[cfg(feature = "fargate")]
 pub mod fargate;
 pub mod fly;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod local;
 
 #[cfg(feature = "testkit")]
@@ -42,10 +44,10 @@ pub use deadline::Deadline;
 pub use error::{BoxError, ProviderError};
 pub use labels::{LabelCodec, SessionLabels, MANAGED_BY};
 pub use machine::{
-    Guest, Launched, MachineState, MachineStatus, MachineTemplate, SessionBinding, Workload,
-    RESERVED_ENV,
+    Guest, Launched, MachineState, MachineStatus, MachineTemplate, ReserveLabels, SessionBinding,
+    StartType, Tier, Workload, HANDOFF_SECRET_ENV, RESERVED_ENV,
 };
-pub use provider::{MachineProvider, Relabel};
+pub use provider::{HttpHandoff, MachineProvider, Relabel, Reserve};
 
 /// A value that must never be printed: `Debug` and `Display` show `[redacted]`.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]

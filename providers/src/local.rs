@@ -1,11 +1,16 @@
 //! The `local` provider: one child process per session, for development and the embedded default.
 //!
-//! The child gets the same environment contract as a cloud machine (never argv), runs in its own
-//! process group so a stop reaches everything it spawned, and is reaped as soon as it exits. The
-//! process table lives in this process only, which is fine for a provider that cannot outlive it;
-//! `APP_ENV=production` refuses this provider.
+//! The child gets the same environment contract as a cloud machine (never argv, never the
+//! dispatcher's own environment), runs in its own process group so a stop reaches everything it
+//! spawned, and is reaped as soon as it exits. The process table lives in this process only,
+//! which is fine for a provider that cannot outlive it; `APP_ENV=production` refuses it.
+//!
+//! For the `http` handoff a machine listens on a free loopback port the provider picks and
+//! passes as `PORT`. The reserve keeps all three tiers: hot (a running process), suspended (a
+//! process stopped with SIGSTOP once ready; a claim continues it with SIGCONT) and stopped (a
+//! command not spawned until claimed).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,9 +26,10 @@ use serde::Deserialize;
 
 use crate::config::{BuildContext, ConfigError, ProviderSettings};
 use crate::env::Env;
+use crate::labels::{key, ROLE_SESSION};
 use crate::{
-    Deadline, Launched, MachineProvider, MachineState, MachineStatus, MachineTemplate,
-    ProviderError, Relabel, SessionBinding, SessionLabels, Workload,
+    Deadline, HttpHandoff, Launched, MachineProvider, MachineState, MachineStatus, MachineTemplate,
+    ProviderError, Relabel, Reserve, ReserveLabels, SessionBinding, SessionLabels, Tier, Workload,
 };
 
 const NAME: &str = "local";
@@ -80,6 +86,14 @@ impl ProviderSettings for LocalConfig {
         }
     }
 
+    fn http_handoff(&self) -> bool {
+        true
+    }
+
+    fn reserve_tiers(&self) -> &'static [Tier] {
+        &[Tier::Hot, Tier::Suspended, Tier::Stopped]
+    }
+
     async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn MachineProvider>, ProviderError> {
         Ok(Arc::new(
             LocalProvider::new(self.clone()).with_deployment(&ctx.deployment),
@@ -87,11 +101,33 @@ impl ProviderSettings for LocalConfig {
     }
 }
 
+/// What to run for a machine: kept so that a stopped reserve machine can be spawned later.
+#[derive(Debug, Clone)]
+struct Command0 {
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+}
+
+/// Where a process is, in the words `provider_state` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// A stopped-tier reserve machine: its command is not spawned yet.
+    NotSpawned,
+    Running,
+    /// Stopped with SIGSTOP (a suspended-tier reserve machine).
+    Suspended,
+    Exited,
+}
+
 #[derive(Debug)]
 struct Entry {
     pid: Option<u32>,
     state: MachineState,
-    labels: SessionLabels,
+    phase: Phase,
+    labels: BTreeMap<String, String>,
+    command: Command0,
+    /// The loopback port of its bot server, for the `http` handoff.
+    port: Option<u16>,
     created_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
     ended_at: Option<DateTime<Utc>>,
@@ -105,6 +141,7 @@ impl Entry {
     /// is still a normal end.
     fn exited(&mut self, result: std::io::Result<std::process::ExitStatus>) {
         self.ended_at = Some(Utc::now());
+        self.phase = Phase::Exited;
         let (state, detail) = match result {
             Ok(status) if status.success() => {
                 (MachineState::Ended, "bot exited with code 0".to_owned())
@@ -124,23 +161,31 @@ impl Entry {
         self.detail = Some(detail);
     }
 
-    fn status(&self, handle: &str) -> MachineStatus {
+    fn deployment(&self) -> Option<&str> {
+        self.labels.get(key::DEPLOYMENT).map(String::as_str)
+    }
+
+    fn status(&self, handle: &str, deployment: &str) -> MachineStatus {
         MachineStatus {
             handle: handle.to_owned(),
             state: self.state,
-            provider_state: match self.state {
-                MachineState::Starting => "spawning",
-                MachineState::Started => "running",
-                MachineState::Ended => "exited",
-                MachineState::Failed => "failed",
+            provider_state: match self.phase {
+                Phase::NotSpawned => "stopped",
+                Phase::Running => "running",
+                Phase::Suspended => "suspended",
+                Phase::Exited if self.state == MachineState::Failed => "failed",
+                Phase::Exited => "exited",
             }
             .to_owned(),
             region: Some("local".to_owned()),
             created_at: Some(self.created_at),
             started_at: self.started_at,
             ended_at: self.ended_at,
-            labels: Some(self.labels.clone()),
+            labels: SessionLabels::from_map_of(&self.labels, deployment),
+            reserve: ReserveLabels::from_map_of(&self.labels, deployment),
+            address: self.port.map(|p| format!("127.0.0.1:{p}")),
             detail: self.detail.clone(),
+            failure: crate::labels::failure_of(&self.labels),
         }
     }
 }
@@ -171,14 +216,6 @@ impl LocalProvider {
         self
     }
 
-    /// An entry's status as this deployment sees it: another deployment's process reads as
-    /// not ours (no labels).
-    fn status_of(&self, handle: &str, entry: &Entry) -> MachineStatus {
-        let mut status = entry.status(handle);
-        status.labels = status.labels.filter(|l| l.deployment == self.deployment);
-        status
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         // A poisoned table only means a panic elsewhere; the data is still consistent per entry.
         self.table.lock().unwrap_or_else(|e| e.into_inner())
@@ -186,6 +223,10 @@ impl LocalProvider {
 
     fn state_of(&self, handle: &str) -> Option<MachineState> {
         self.lock().get(handle).map(|e| e.state)
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
     }
 
     /// Waits until `handle` satisfies `done`, or `timeout` passes. Returns the last state seen.
@@ -213,16 +254,125 @@ impl LocalProvider {
         }
     }
 
-    fn signal(&self, handle: &str, signal: Signal) {
+    /// Signals the process group of `handle`; `stopping` marks an exit as asked for.
+    fn signal(&self, handle: &str, signal: Signal, stopping: bool) {
         let mut table = self.lock();
         if let Some(entry) = table.get_mut(handle) {
-            entry.stopping = true;
+            entry.stopping |= stopping;
             if let (Some(pid), false) = (entry.pid, entry.state.is_terminal()) {
                 // The child leads its own process group: signal the group so the bot's own
-                // children stop too. ESRCH (already gone) is fine.
+                // children get it too. ESRCH (already gone) is fine.
                 let _ = killpg(Pid::from_raw(pid as i32), signal);
             }
         }
+    }
+
+    /// The command of a machine of `template` with `env` (its contract or handoff secret),
+    /// listening on `port` for the `http` handoff.
+    fn command(
+        template: &MachineTemplate,
+        env: BTreeMap<&str, &str>,
+        port: Option<u16>,
+    ) -> Result<Command0, ProviderError> {
+        let argv: Vec<String> = match (&template.cmd, &template.workload) {
+            (Some(cmd), _) if !cmd.is_empty() => cmd.clone(),
+            (_, Workload::Program(program)) => vec![program.clone()],
+            (_, other) => {
+                return Err(ProviderError::rejected(
+                    NAME,
+                    format!("local runs programs, not {other:?}"),
+                ))
+            }
+        };
+        let mut env: BTreeMap<String, String> = env
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        if let Some(port) = port {
+            env.insert("PORT".to_owned(), port.to_string());
+        }
+        Ok(Command0 { argv, env })
+    }
+
+    /// Spawns `command`. Like a fresh VM: nothing of the dispatcher's own environment (its
+    /// secrets, cloud credentials) reaches the bot; only PATH and HOME, to find programs.
+    fn spawn(command: &Command0) -> Result<tokio::process::Child, ProviderError> {
+        let mut process = Command::new(&command.argv[0]);
+        process.args(&command.argv[1..]).env_clear();
+        for inherited in ["PATH", "HOME"] {
+            if let Some(value) = std::env::var_os(inherited) {
+                process.env(inherited, value);
+            }
+        }
+        process
+            .envs(&command.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .kill_on_drop(true);
+        process.spawn().map_err(|e| ProviderError::Rejected {
+            provider: NAME,
+            status: 0,
+            message: format!("cannot run {:?}: {e}", command.argv[0]),
+        })
+    }
+
+    /// Adds a machine named `handle` (spawned unless `spawn` is false); `Conflict` if a live
+    /// one has the name.
+    fn add(
+        &self,
+        handle: &str,
+        command: Command0,
+        port: Option<u16>,
+        labels: BTreeMap<String, String>,
+        spawn: bool,
+    ) -> Result<Launched, ProviderError> {
+        self.prune();
+        let mut table = self.lock();
+        if table.get(handle).is_some_and(|e| !e.state.is_terminal()) {
+            return Err(ProviderError::Conflict {
+                provider: NAME,
+                name: handle.to_owned(),
+            });
+        }
+        let child = spawn.then(|| Self::spawn(&command)).transpose()?;
+        let now = Utc::now();
+        table.insert(
+            handle.to_owned(),
+            Entry {
+                pid: child.as_ref().and_then(|c| c.id()),
+                state: if spawn {
+                    MachineState::Started
+                } else {
+                    MachineState::Starting
+                },
+                phase: if spawn {
+                    Phase::Running
+                } else {
+                    Phase::NotSpawned
+                },
+                labels,
+                command,
+                port,
+                created_at: now,
+                started_at: spawn.then_some(now),
+                ended_at: None,
+                detail: None,
+                stopping: false,
+            },
+        );
+        drop(table);
+        self.notify();
+        if let Some(child) = child {
+            self.reap_on_exit(handle.to_owned(), child);
+        }
+        Ok(Launched {
+            handle: handle.to_owned(),
+            region: Some("local".to_owned()),
+            version: None,
+            address: port.map(|p| format!("127.0.0.1:{p}")),
+        })
     }
 
     /// Reaps the child as soon as it exits and records how it ended.
@@ -245,6 +395,28 @@ impl LocalProvider {
         self.lock()
             .retain(|_, e| !e.state.is_terminal() || e.ended_at.is_none_or(|t| t > cutoff));
     }
+
+    /// Statuses of this deployment's live machines that `keep` accepts.
+    fn statuses(&self, keep: impl Fn(&MachineStatus) -> bool) -> Vec<MachineStatus> {
+        self.lock()
+            .iter()
+            .filter(|(_, e)| !e.state.is_terminal() && e.deployment() == Some(&self.deployment))
+            .map(|(h, e)| e.status(h, &self.deployment))
+            .filter(|m| keep(m))
+            .collect()
+    }
+}
+
+/// A free loopback port (bound, then released for the bot to take).
+fn free_port() -> Result<u16, ProviderError> {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| ProviderError::Unavailable {
+            provider: NAME,
+            message: "no free loopback port for the bot".into(),
+            source: Some(Box::new(e)),
+        })
 }
 
 #[async_trait]
@@ -258,71 +430,9 @@ impl MachineProvider for LocalProvider {
         template: &MachineTemplate,
         session: &SessionBinding,
     ) -> Result<Launched, ProviderError> {
-        self.prune();
-        let argv: Vec<String> = match (&template.cmd, &template.workload) {
-            (Some(cmd), _) if !cmd.is_empty() => cmd.clone(),
-            (_, Workload::Program(program)) => vec![program.clone()],
-            (_, other) => {
-                return Err(ProviderError::rejected(
-                    NAME,
-                    format!("local runs programs, not {other:?}"),
-                ))
-            }
-        };
-        let handle = session.name.clone();
-        {
-            let table = self.lock();
-            if table.get(&handle).is_some_and(|e| !e.state.is_terminal()) {
-                return Err(ProviderError::Conflict {
-                    provider: NAME,
-                    name: handle,
-                });
-            }
-        }
-        // Like a fresh VM: nothing of the dispatcher's own environment (its secrets, cloud
-        // credentials) reaches the bot; only PATH and HOME, to find programs, and the contract.
-        let mut command = Command::new(&argv[0]);
-        command.args(&argv[1..]).env_clear();
-        for inherited in ["PATH", "HOME"] {
-            if let Some(value) = std::env::var_os(inherited) {
-                command.env(inherited, value);
-            }
-        }
-        command
-            .envs(session.machine_env(template))
-            .stdin(Stdio::null())
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            .process_group(0)
-            .kill_on_drop(true);
-        let child = command.spawn().map_err(|e| ProviderError::Rejected {
-            provider: NAME,
-            status: 0,
-            message: format!("cannot run {:?}: {e}", argv[0]),
-        })?;
-        let pid = child.id();
-        let now = Utc::now();
-        self.lock().insert(
-            handle.clone(),
-            Entry {
-                pid,
-                state: MachineState::Started,
-                labels: session.labels.clone(),
-                created_at: now,
-                started_at: Some(now),
-                ended_at: None,
-                detail: None,
-                stopping: false,
-            },
-        );
-        self.changed.send_modify(|v| *v += 1);
-
-        self.reap_on_exit(handle.clone(), child);
-        Ok(Launched {
-            handle,
-            region: Some("local".to_owned()),
-            version: None,
-        })
+        let port = template.handoff_port.map(|_| free_port()).transpose()?;
+        let command = Self::command(template, session.machine_env(template), port)?;
+        self.add(&session.name, command, port, session.labels.to_map(), true)
     }
 
     async fn wait_started(
@@ -360,21 +470,40 @@ impl MachineProvider for LocalProvider {
     }
 
     async fn status(&self, handle: &str) -> Result<Option<MachineStatus>, ProviderError> {
-        Ok(self.lock().get(handle).map(|e| self.status_of(handle, e)))
+        Ok(self
+            .lock()
+            .get(handle)
+            .map(|e| e.status(handle, &self.deployment)))
     }
 
     async fn terminate(&self, handle: &str) -> Result<(), ProviderError> {
+        let not_spawned = {
+            let mut table = self.lock();
+            match table.get_mut(handle) {
+                Some(e) if e.phase == Phase::NotSpawned => {
+                    e.exited(Ok(std::process::ExitStatus::default()));
+                    true
+                }
+                _ => false,
+            }
+        };
+        if not_spawned {
+            self.notify();
+            return Ok(());
+        }
         if self.state_of(handle).is_none_or(MachineState::is_terminal) {
             return Ok(());
         }
-        self.signal(handle, Signal::SIGTERM);
+        // A suspended process must run again to see its SIGTERM.
+        self.signal(handle, Signal::SIGTERM, true);
+        self.signal(handle, Signal::SIGCONT, true);
         let ended = |s: Option<MachineState>| s.is_none_or(MachineState::is_terminal);
         let grace = Duration::from_secs(self.config.stop_grace_secs);
         if ended(self.wait_for(handle, grace, ended).await) {
             return Ok(());
         }
         tracing::warn!(handle, "bot ignored SIGTERM; sending SIGKILL");
-        self.signal(handle, Signal::SIGKILL);
+        self.signal(handle, Signal::SIGKILL, true);
         self.wait_for(handle, Duration::from_secs(5), ended).await;
         Ok(())
     }
@@ -383,19 +512,16 @@ impl MachineProvider for LocalProvider {
         Ok(self
             .lock()
             .iter()
-            .find(|(_, e)| {
-                e.labels.session_key == session_key && e.labels.deployment == self.deployment
-            })
-            .map(|(h, e)| self.status_of(h, e)))
+            .map(|(h, e)| e.status(h, &self.deployment))
+            .find(|m| {
+                m.labels
+                    .as_ref()
+                    .is_some_and(|l| l.session_key == session_key)
+            }))
     }
 
     async fn list_managed(&self) -> Result<Vec<MachineStatus>, ProviderError> {
-        Ok(self
-            .lock()
-            .iter()
-            .filter(|(_, e)| !e.state.is_terminal() && e.labels.deployment == self.deployment)
-            .map(|(h, e)| self.status_of(h, e))
-            .collect())
+        Ok(self.statuses(|m| m.labels.is_some()))
     }
 
     async fn check(&self) -> Result<(), ProviderError> {
@@ -403,6 +529,14 @@ impl MachineProvider for LocalProvider {
     }
 
     fn relabel(&self) -> Option<&dyn Relabel> {
+        Some(self)
+    }
+
+    fn handoff(&self) -> Option<&dyn HttpHandoff> {
+        Some(self)
+    }
+
+    fn reserve(&self) -> Option<&dyn Reserve> {
         Some(self)
     }
 
@@ -419,10 +553,169 @@ impl MachineProvider for LocalProvider {
 
 #[async_trait]
 impl Relabel for LocalProvider {
-    async fn set_deadline(&self, handle: &str, deadline: Deadline) -> Result<(), ProviderError> {
+    async fn set_labels(
+        &self,
+        handle: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError> {
         if let Some(entry) = self.lock().get_mut(handle) {
-            entry.labels.deadline = deadline;
+            entry.labels.extend(labels.clone());
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl HttpHandoff for LocalProvider {
+    fn bot_url(&self, machine: &Launched, _port: u16) -> Result<url::Url, ProviderError> {
+        let port = self.lock().get(&machine.handle).and_then(|e| e.port);
+        let port = port.ok_or_else(|| {
+            ProviderError::rejected(NAME, format!("{} listens on no port", machine.handle))
+        })?;
+        url::Url::parse(&format!("http://127.0.0.1:{port}"))
+            .map_err(|e| ProviderError::rejected(NAME, e.to_string()))
+    }
+
+    async fn end_after_session(
+        &self,
+        handle: &str,
+        _lease: Option<&str>,
+    ) -> Result<(), ProviderError> {
+        self.signal(handle, Signal::SIGTERM, false);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Reserve for LocalProvider {
+    fn tiers(&self) -> &'static [Tier] {
+        &[Tier::Hot, Tier::Suspended, Tier::Stopped]
+    }
+
+    async fn prepare(
+        &self,
+        template: &MachineTemplate,
+        name: &str,
+        labels: &ReserveLabels,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Launched, ProviderError> {
+        let port = Some(free_port()?);
+        let machine_env = template
+            .env
+            .iter()
+            .chain(env)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let command = Self::command(template, machine_env, port)?;
+        let spawn = labels.tier != Tier::Stopped;
+        self.add(name, command, port, labels.to_map(&self.deployment), spawn)
+    }
+
+    async fn list_reserve(&self) -> Result<Vec<MachineStatus>, ProviderError> {
+        Ok(self.statuses(|m| m.reserve.is_some()))
+    }
+
+    async fn mark_ready(&self, handle: &str) -> Result<(), ProviderError> {
+        let labels = BTreeMap::from([(key::READY.to_owned(), "1".to_owned())]);
+        self.set_labels(handle, &labels).await
+    }
+
+    async fn suspend(&self, handle: &str) -> Result<(), ProviderError> {
+        self.signal(handle, Signal::SIGSTOP, false);
+        if let Some(entry) = self.lock().get_mut(handle) {
+            entry.phase = Phase::Suspended;
+        }
+        Ok(())
+    }
+
+    /// Atomic under the table's lock: one claim wins, any other sees no reserve machine.
+    async fn claim(
+        &self,
+        handle: &str,
+        session: &SessionLabels,
+    ) -> Result<Option<String>, ProviderError> {
+        let mut table = self.lock();
+        let deployment = &self.deployment;
+        match table.get_mut(handle) {
+            Some(e) if ReserveLabels::from_map_of(&e.labels, deployment).is_some() => {
+                e.labels.extend(session.to_map());
+                e.labels
+                    .insert(key::ROLE.to_owned(), ROLE_SESSION.to_owned());
+                Ok(None)
+            }
+            _ => Err(ProviderError::Conflict {
+                provider: NAME,
+                name: handle.to_owned(),
+            }),
+        }
+    }
+
+    /// Relabelled as a session under the table's lock first, so no claim can take it.
+    async fn retire(&self, handle: &str) -> Result<(), ProviderError> {
+        {
+            let mut table = self.lock();
+            match table.get_mut(handle) {
+                Some(e) if ReserveLabels::from_map_of(&e.labels, &self.deployment).is_some() => {
+                    e.labels.insert(key::ROLE.to_owned(), "retired".to_owned());
+                }
+                Some(_) => {
+                    return Err(ProviderError::Conflict {
+                        provider: NAME,
+                        name: handle.to_owned(),
+                    })
+                }
+                None => return Ok(()),
+            }
+        }
+        self.terminate(handle).await
+    }
+
+    /// No leases here: claims are atomic under the table's lock.
+    async fn release(
+        &self,
+        handle: &str,
+        _lease: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError> {
+        self.set_labels(handle, labels).await
+    }
+
+    async fn start(&self, handle: &str, _lease: Option<&str>) -> Result<Launched, ProviderError> {
+        let (phase, command, port) = {
+            let table = self.lock();
+            let entry = table
+                .get(handle)
+                .ok_or_else(|| ProviderError::StartFailed {
+                    provider: NAME,
+                    message: "process is gone".into(),
+                })?;
+            (entry.phase, entry.command.clone(), entry.port)
+        };
+        match phase {
+            Phase::Suspended => {
+                self.signal(handle, Signal::SIGCONT, false);
+                if let Some(entry) = self.lock().get_mut(handle) {
+                    entry.phase = Phase::Running;
+                }
+            }
+            Phase::NotSpawned => {
+                let child = Self::spawn(&command)?;
+                if let Some(entry) = self.lock().get_mut(handle) {
+                    entry.pid = child.id();
+                    entry.phase = Phase::Running;
+                    entry.state = MachineState::Started;
+                    entry.started_at = Some(Utc::now());
+                }
+                self.reap_on_exit(handle.to_owned(), child);
+            }
+            Phase::Running | Phase::Exited => {}
+        }
+        self.notify();
+        Ok(Launched {
+            handle: handle.to_owned(),
+            region: Some("local".to_owned()),
+            version: None,
+            address: port.map(|p| format!("127.0.0.1:{p}")),
+        })
     }
 }

@@ -13,14 +13,19 @@ use crate::{Deadline, SessionLabels};
 
 /// Env names of the bot contract, set by botdispatch for every session, plus the names
 /// providers use for their own bookkeeping. An agent's static env may not set any of them.
-pub const RESERVED_ENV: [&str; 5] = [
+pub const RESERVED_ENV: [&str; 6] = [
     "DAILY_ROOM_URL",
     "DAILY_ROOM_TOKEN",
     "BOTDISPATCH_SESSION_ID",
     "BOTDISPATCH_BODY",
     // The Cloud Run provider's copy of the session labels (jobs cannot be labelled per run).
     "BOTDISPATCH_LABELS",
+    // The `http` handoff's per-machine secret.
+    HANDOFF_SECRET_ENV,
 ];
+
+/// Env var of a machine's handoff secret: the bot's `/bot` accepts only this bearer token.
+pub const HANDOFF_SECRET_ENV: &str = "BOTDISPATCH_HANDOFF_SECRET";
 
 /// Size of the VM a session gets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +86,76 @@ impl Workload {
     }
 }
 
+/// How a machine that waits for its session is kept, fastest and dearest first (DESIGN §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Running, its bot answering `/readyz` 200.
+    Hot,
+    /// Booted until ready, then suspended (a memory snapshot); a claim resumes it.
+    Suspended,
+    /// Created but never started (image pulled, root filesystem built); a claim boots it.
+    Stopped,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hot => "hot",
+            Self::Suspended => "suspended",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "hot" => Some(Self::Hot),
+            "suspended" => Some(Self::Suspended),
+            "stopped" => Some(Self::Stopped),
+            _ => None,
+        }
+    }
+}
+
+/// How a session's machine came to it: a reserve tier's, or a machine created for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum StartType {
+    #[default]
+    Cold,
+    Warm(Tier),
+}
+
+impl StartType {
+    /// `hot`, `suspended`, `stopped` or `cold`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cold => "cold",
+            Self::Warm(tier) => tier.as_str(),
+        }
+    }
+
+    pub fn parse(value: &str) -> Self {
+        Tier::parse(value).map_or(Self::Cold, Self::Warm)
+    }
+}
+
+/// The labels of a reserve machine that is not (yet) any session's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveLabels {
+    /// The machine's name (its handoff secret is derived from it).
+    pub name: String,
+    /// Its place in the reserve: replicas replenishing the same slot at once pick the same
+    /// name, and all but one are refused.
+    pub slot: u32,
+    /// The agent whose template it was made from.
+    pub agent: String,
+    /// The template's fingerprint: a machine of a stale template is rotated out.
+    pub fingerprint: String,
+    pub tier: Tier,
+    /// Its bot answered `/readyz` (and, for the suspended tier, it was suspended afterwards).
+    pub ready: bool,
+}
+
 /// What every machine of one agent has in common, whatever session it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineTemplate {
@@ -93,6 +168,24 @@ pub struct MachineTemplate {
     pub region: Option<String>,
     /// The agent's static env. Values may be secrets: never log them.
     pub env: BTreeMap<String, String>,
+    /// `Some(port)`: the session is handed over HTTP (DESIGN §4): the bot serves `/readyz` and
+    /// `/bot` on this port (its `PORT`). `None`: the session travels in the env.
+    pub handoff_port: Option<u16>,
+}
+
+impl MachineTemplate {
+    /// A short stable digest of everything that makes two machines of this template alike
+    /// (workload, command, guest, region, static env, handoff port): a reserve machine whose
+    /// fingerprint differs from its agent's current one is stale.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let text = format!(
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+            self.workload, self.cmd, self.guest, self.region, self.env, self.handoff_port
+        );
+        let digest = Sha256::digest(text.as_bytes());
+        digest[..5].iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 /// What ties a machine to one session.
@@ -136,6 +229,8 @@ pub struct Launched {
     pub region: Option<String>,
     /// The provider's version of the machine, where waits need it (Fly `instance_id`).
     pub version: Option<String>,
+    /// Its address on the provider's private network, where it has one (Fly `private_ip`).
+    pub address: Option<String>,
 }
 
 /// A machine's state, as the service reports it.
@@ -169,10 +264,17 @@ pub struct MachineStatus {
     pub created_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
-    /// `None` when the machine carries no (or not our) labels.
+    /// `None` when the machine carries no session labels of this deployment.
     pub labels: Option<SessionLabels>,
+    /// `Some` for a reserve machine of this deployment that is no session's yet.
+    pub reserve: Option<ReserveLabels>,
+    /// Its address on the provider's private network, where it has one.
+    pub address: Option<String>,
     /// A short human explanation (exit code, stop reason).
     pub detail: Option<String>,
+    /// Why the session failed after its machine took it (a bot that refused its session
+    /// after the handoff), as the dispatcher recorded it on the machine.
+    pub failure: Option<String>,
 }
 
 impl MachineStatus {
@@ -182,6 +284,7 @@ impl MachineStatus {
             handle: self.handle.clone(),
             region: self.region.clone(),
             version: None,
+            address: self.address.clone(),
         }
     }
 }

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 
 use crate::retry::{Op, RateLimit};
-use crate::{Deadline, Launched, MachineStatus, MachineTemplate, ProviderError, SessionBinding};
+use crate::{
+    Deadline, Launched, MachineStatus, MachineTemplate, ProviderError, ReserveLabels,
+    SessionBinding, SessionLabels, Tier,
+};
 
 /// One cloud's way of running a session's machine. Implementations are cheap to share
 /// (`Arc<dyn MachineProvider>`) and hold no per-session state that another replica would need.
@@ -79,6 +82,18 @@ pub trait MachineProvider: Send + Sync + 'static {
         None
     }
 
+    /// Handing sessions to machines over HTTP (the `http` handoff), where the provider's
+    /// machines can be reached on a private network.
+    fn handoff(&self) -> Option<&dyn HttpHandoff> {
+        None
+    }
+
+    /// Keeping a reserve of machines prepared from a template alone, each claimed for one
+    /// session, where the provider can.
+    fn reserve(&self) -> Option<&dyn Reserve> {
+        None
+    }
+
     /// Called once when the dispatcher shuts down. Remote machines outlive the dispatcher on
     /// purpose (their sessions go on); the local provider stops its child processes.
     async fn shutdown(&self) {}
@@ -87,6 +102,94 @@ pub trait MachineProvider: Send + Sync + 'static {
 /// Changing the labels of a machine that runs, without restarting it.
 #[async_trait]
 pub trait Relabel: Send + Sync {
+    /// Sets these labels (others are kept), in one call.
+    async fn set_labels(
+        &self,
+        handle: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError>;
+
     /// Moves the machine's session deadline.
-    async fn set_deadline(&self, handle: &str, deadline: Deadline) -> Result<(), ProviderError>;
+    async fn set_deadline(&self, handle: &str, deadline: Deadline) -> Result<(), ProviderError> {
+        let labels = BTreeMap::from([(
+            crate::labels::key::DEADLINE.to_owned(),
+            deadline.unix_secs().to_string(),
+        )]);
+        self.set_labels(handle, &labels).await
+    }
+}
+
+/// Handing a session to a booted machine over HTTP (DESIGN §4): the dispatcher reaches the
+/// machine's bot server on the provider's private network.
+#[async_trait]
+pub trait HttpHandoff: Send + Sync {
+    /// The base URL of `machine`'s bot server listening on `port`; `/readyz` and `/bot` are
+    /// appended to its path.
+    fn bot_url(&self, machine: &Launched, port: u16) -> Result<url::Url, ProviderError>;
+
+    /// Sends the machine's bot SIGTERM: it finishes the session it has and exits, and no
+    /// other session can reach this boot. `lease`: the claim's, while the caller holds it.
+    async fn end_after_session(
+        &self,
+        handle: &str,
+        lease: Option<&str>,
+    ) -> Result<(), ProviderError>;
+}
+
+/// A reserve of machines prepared from their agent's template alone, each taken for exactly
+/// one session (DESIGN §10). Machines are reserve machines ([`ReserveLabels`]) until claimed;
+/// a claimed one carries its session's labels like any session's machine.
+#[async_trait]
+pub trait Reserve: Send + Sync {
+    /// The tiers this provider can keep.
+    fn tiers(&self) -> &'static [Tier];
+
+    /// Creates a reserve machine named `name` (deterministic: a name taken by another replica
+    /// answers [`ProviderError::Conflict`]) from `template` alone, with `env` (its own
+    /// handoff secret) and `labels`: running for the hot and suspended tiers (the dispatcher
+    /// suspends it once ready), created but never started for the stopped tier.
+    async fn prepare(
+        &self,
+        template: &MachineTemplate,
+        name: &str,
+        labels: &ReserveLabels,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Launched, ProviderError>;
+
+    /// This deployment's reserve machines that no session has claimed.
+    async fn list_reserve(&self) -> Result<Vec<MachineStatus>, ProviderError>;
+
+    /// Marks a reserve machine ready (its bot answered `/readyz`; suspended, for that tier).
+    async fn mark_ready(&self, handle: &str) -> Result<(), ProviderError>;
+
+    /// Suspends a running reserve machine: a memory snapshot a later start resumes.
+    async fn suspend(&self, handle: &str) -> Result<(), ProviderError>;
+
+    /// Takes an unclaimed reserve machine for a session, atomically across replicas, and
+    /// writes the session's labels. [`ProviderError::Conflict`] when another replica holds it
+    /// or it is no reserve machine any more: try another. Returns the claim's lease (where the
+    /// provider has leases), still held: calls on the machine pass it until
+    /// [`Reserve::release`], so a replica acting on an older listing cannot get in between.
+    async fn claim(
+        &self,
+        handle: &str,
+        session: &SessionLabels,
+    ) -> Result<Option<String>, ProviderError>;
+
+    /// Starts a claimed stopped machine (a boot) or suspended one (a resume, which may come
+    /// back cold). Returns once the provider accepted it.
+    async fn start(&self, handle: &str, lease: Option<&str>) -> Result<Launched, ProviderError>;
+
+    /// Sets `labels` (none: nothing to set) under a claim's lease, then releases it.
+    async fn release(
+        &self,
+        handle: &str,
+        lease: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError>;
+
+    /// Destroys a reserve machine only if no session has claimed it, atomically with respect
+    /// to [`Reserve::claim`] (under the same lease): a listing may be older than a claim.
+    /// [`ProviderError::Conflict`] when it is held or claimed: it is left alone.
+    async fn retire(&self, handle: &str) -> Result<(), ProviderError>;
 }

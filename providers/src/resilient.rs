@@ -13,9 +13,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::retry::{Guard, GuardHooks, Op, RateLimit, RetryPolicy};
+use std::collections::BTreeMap;
+
 use crate::{
-    Deadline, Launched, MachineProvider, MachineStatus, MachineTemplate, ProviderError, Relabel,
-    SessionBinding,
+    Deadline, HttpHandoff, Launched, MachineProvider, MachineStatus, MachineTemplate,
+    ProviderError, Relabel, Reserve, ReserveLabels, SessionBinding, SessionLabels, Tier,
 };
 
 /// Sees every attempt's outcome and every retry, e.g. to count them in metrics.
@@ -214,6 +216,14 @@ impl MachineProvider for Resilient {
         self.inner.relabel().map(|_| self as &dyn Relabel)
     }
 
+    fn handoff(&self) -> Option<&dyn HttpHandoff> {
+        self.inner.handoff().map(|_| self as &dyn HttpHandoff)
+    }
+
+    fn reserve(&self) -> Option<&dyn Reserve> {
+        self.inner.reserve().map(|_| self as &dyn Reserve)
+    }
+
     async fn shutdown(&self) {
         self.inner.shutdown().await
     }
@@ -221,17 +231,158 @@ impl MachineProvider for Resilient {
 
 #[async_trait]
 impl Relabel for Resilient {
-    async fn set_deadline(&self, handle: &str, deadline: Deadline) -> Result<(), ProviderError> {
-        let Some(inner) = self.inner.relabel() else {
-            return Err(ProviderError::config(
-                self.inner.name(),
-                "this provider cannot change a machine's labels",
-            ));
-        };
+    async fn set_labels(
+        &self,
+        handle: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError> {
+        let inner = self
+            .inner
+            .relabel()
+            .ok_or_else(|| self.missing("change a machine's labels"))?;
         self.guard
             .run(Op::Label, handle, self.guard.budget(), self, || {
-                inner.set_deadline(handle, deadline)
+                inner.set_labels(handle, labels)
             })
             .await
+    }
+}
+
+#[async_trait]
+impl HttpHandoff for Resilient {
+    fn bot_url(&self, machine: &Launched, port: u16) -> Result<url::Url, ProviderError> {
+        let inner = self
+            .inner
+            .handoff()
+            .ok_or_else(|| self.missing("reach machines over HTTP"))?;
+        inner.bot_url(machine, port)
+    }
+
+    async fn end_after_session(
+        &self,
+        handle: &str,
+        lease: Option<&str>,
+    ) -> Result<(), ProviderError> {
+        let inner = self
+            .inner
+            .handoff()
+            .ok_or_else(|| self.missing("reach machines over HTTP"))?;
+        self.guard
+            .run(Op::Signal, handle, self.guard.budget(), self, || {
+                inner.end_after_session(handle, lease)
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl Reserve for Resilient {
+    fn tiers(&self) -> &'static [Tier] {
+        self.inner.reserve().map_or(&[], |r| r.tiers())
+    }
+
+    async fn prepare(
+        &self,
+        template: &MachineTemplate,
+        name: &str,
+        labels: &ReserveLabels,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Launched, ProviderError> {
+        let inner = self.inner_reserve()?;
+        // A taken name is another replica's machine for the same slot: not retried, not
+        // adopted (see the reserve's replenishment).
+        self.guard
+            .run(Op::Launch, "", self.guard.budget(), self, || {
+                inner.prepare(template, name, labels, env)
+            })
+            .await
+    }
+
+    async fn list_reserve(&self) -> Result<Vec<MachineStatus>, ProviderError> {
+        let inner = self.inner_reserve()?;
+        self.guard
+            .run(Op::List, "", self.guard.budget(), self, || {
+                inner.list_reserve()
+            })
+            .await
+    }
+
+    async fn mark_ready(&self, handle: &str) -> Result<(), ProviderError> {
+        let inner = self.inner_reserve()?;
+        self.guard
+            .run(Op::Label, handle, self.guard.budget(), self, || {
+                inner.mark_ready(handle)
+            })
+            .await
+    }
+
+    async fn suspend(&self, handle: &str) -> Result<(), ProviderError> {
+        let inner = self.inner_reserve()?;
+        self.guard
+            .run(Op::Suspend, handle, self.guard.budget(), self, || {
+                inner.suspend(handle)
+            })
+            .await
+    }
+
+    async fn claim(
+        &self,
+        handle: &str,
+        session: &SessionLabels,
+    ) -> Result<Option<String>, ProviderError> {
+        let inner = self.inner_reserve()?;
+        // One attempt: a lost race is the caller's cue to try another machine, and a
+        // retried claim after an ambiguous failure could take a machine twice.
+        self.guard
+            .once(Op::Claim, handle, self.guard.budget(), self, || {
+                inner.claim(handle, session)
+            })
+            .await
+    }
+
+    /// One attempt: a claimed machine that does not start is given up for the next one
+    /// rather than spend the start's deadline on it.
+    async fn start(&self, handle: &str, lease: Option<&str>) -> Result<Launched, ProviderError> {
+        let inner = self.inner_reserve()?;
+        self.guard
+            .once(Op::Start, handle, self.guard.budget(), self, || {
+                inner.start(handle, lease)
+            })
+            .await
+    }
+
+    async fn release(
+        &self,
+        handle: &str,
+        lease: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError> {
+        let inner = self.inner_reserve()?;
+        self.guard
+            .run(Op::Label, handle, self.guard.budget(), self, || {
+                inner.release(handle, lease, labels)
+            })
+            .await
+    }
+
+    async fn retire(&self, handle: &str) -> Result<(), ProviderError> {
+        let inner = self.inner_reserve()?;
+        self.guard
+            .run(Op::Claim, handle, self.guard.budget(), self, || {
+                inner.retire(handle)
+            })
+            .await
+    }
+}
+
+impl Resilient {
+    fn missing(&self, what: &str) -> ProviderError {
+        ProviderError::config(self.inner.name(), format!("this provider cannot {what}"))
+    }
+
+    fn inner_reserve(&self) -> Result<&dyn Reserve, ProviderError> {
+        self.inner
+            .reserve()
+            .ok_or_else(|| self.missing("keep a reserve of machines"))
     }
 }

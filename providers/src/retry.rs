@@ -121,6 +121,14 @@ pub enum Op {
     List,
     /// Updating a machine's labels.
     Label,
+    /// Starting (resuming) a stopped or suspended machine.
+    Start,
+    /// Suspending a machine.
+    Suspend,
+    /// Signalling a machine's process.
+    Signal,
+    /// Taking a reserve machine (a lease).
+    Claim,
 }
 
 impl Op {
@@ -132,6 +140,10 @@ impl Op {
             Op::Terminate => "terminate",
             Op::List => "list",
             Op::Label => "label",
+            Op::Start => "start",
+            Op::Suspend => "suspend",
+            Op::Signal => "signal",
+            Op::Claim => "claim",
         }
     }
 }

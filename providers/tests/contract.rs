@@ -35,6 +35,7 @@ impl FlyPeer {
                 api_token: Some(Secret::new("t0ken")),
                 app_name: Some("bots".into()),
                 default_region: Some("iad".into()),
+                ..FlyConfig::default()
             },
         )
         .unwrap();

@@ -1,6 +1,7 @@
 //! The HTTP layer: routes, extractors that answer in the project's error shape, and the fallback.
 //! Handlers are thin: parse, call [`crate::sessions`], map errors.
 
+mod cors;
 mod health;
 pub mod openapi;
 mod sessions;
@@ -79,6 +80,10 @@ pub fn build_router(state: AppState) -> Router {
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(middleware::from_fn(drop_unsafe_request_ids))
+        .layer(middleware::from_fn_with_state(
+            cors::allow_list(&state.config.cors_allowed_origins),
+            cors::apply,
+        ))
         .with_state(state)
 }
 

@@ -28,6 +28,10 @@ pub struct StartResponse {
     #[schema(value_type = String, example = "ready")]
     pub status: &'static str,
     pub status_url: String,
+    /// How the session's machine came to it: `hot`, `suspended` or `stopped` (taken from the
+    /// agent's reserve) or `cold` (created for it). With `wait: false`, what was chosen so far.
+    #[schema(value_type = String, example = "hot")]
+    pub start_type: &'static str,
 }
 
 impl From<Started> for StartResponse {
@@ -40,6 +44,7 @@ impl From<Started> for StartResponse {
             room_url: s.room_url,
             token: s.user_token,
             status: if s.ready { "ready" } else { "starting" },
+            start_type: s.start_type.as_str(),
         }
     }
 }
@@ -77,13 +82,17 @@ pub async fn start(
         ("Idempotency-Key" = Option<String>, Header, description = "Repeats of the same start return the same session")),
     responses(
         (status = 200, description = "The machine is started", body = StartResponse),
-        (status = 202, description = "Launched; poll statusUrl", body = StartResponse),
+        (status = 202, description = "Launched; poll statusUrl (wait: false)", body = StartResponse),
         (status = 400, description = "Invalid request", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "The token may not start this agent", body = ErrorBody),
         (status = 404, description = "Unknown agent", body = ErrorBody),
-        (status = 429, description = "At capacity or rate limited", body = ErrorBody),
-        (status = 502, description = "Provider error", body = ErrorBody),
-        (status = 504, description = "Start timeout", body = ErrorBody),
+        (status = 409, description = "The Idempotency-Key's session has ended", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 429, description = "At capacity or rate limited (Retry-After)", body = ErrorBody),
+        (status = 502, description = "The provider or Daily refused or failed", body = ErrorBody),
+        (status = 503, description = "Throttled or shutting down (Retry-After)", body = ErrorBody),
+        (status = 504, description = "The machine did not start in time", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn start_agent(

@@ -1,17 +1,80 @@
-//! `[agents.<name>]`: bot profiles, and the machine template each one becomes on the
-//! configured provider.
+//! `[agents.<name>]`: bot profiles — what a session's machine runs, how the session reaches
+//! its bot (`handoff`), and an optional reserve of warm machines — and the machine template
+//! each one becomes on the configured provider.
 
 use std::collections::BTreeMap;
 
 use providers::config::is_slug;
-use providers::{ConfigError, Guest, MachineTemplate, ProviderConfig, RESERVED_ENV};
+use providers::env::{Env, FromEnv};
+use providers::{ConfigError, Guest, MachineTemplate, ProviderConfig, Tier, RESERVED_ENV};
 use serde::Deserialize;
 
-/// The example bot the embedded default runs: prints the contract it was given, stays up a while.
-pub const EXAMPLE_BOT_SCRIPT: &str = include_str!("../../examples/bot/local-bot.sh");
+/// How a session reaches its bot (DESIGN §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Handoff {
+    /// The machine is launched for the session, with the session in its environment.
+    #[default]
+    Env,
+    /// The machine boots without a session; the session is delivered with `POST /bot` once
+    /// its bot answers `GET /readyz` (Pipecat Cloud base images work unchanged).
+    Http,
+}
+
+impl FromEnv for Handoff {
+    fn from_env(name: &str, value: String) -> Result<Self, ConfigError> {
+        match value.trim() {
+            "env" => Ok(Self::Env),
+            "http" => Ok(Self::Http),
+            _ => Err(ConfigError::new(format!(
+                "{name}={value:?} must be env or http"
+            ))),
+        }
+    }
+}
+
+/// `agents.<name>.reserve`: machines prepared ahead, each for exactly one session.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveConfig {
+    /// `hot`, `suspended` or `stopped`. `BOTDISPATCH_RESERVE_TIER` for the default agent.
+    pub tier: TierName,
+    /// Unclaimed machines to keep. `BOTDISPATCH_RESERVE_SIZE` for the default agent.
+    pub size: u32,
+    /// Keep a per-replica pool of Daily rooms created ahead too (default: on).
+    #[serde(default = "default_true")]
+    pub rooms: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A reserve tier as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TierName(pub Tier);
+
+impl<'de> Deserialize<'de> for TierName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Tier::parse(&text).map(TierName).ok_or_else(|| {
+            serde::de::Error::custom(format!("tier {text:?} must be hot, suspended or stopped"))
+        })
+    }
+}
+
+impl FromEnv for TierName {
+    fn from_env(name: &str, value: String) -> Result<Self, ConfigError> {
+        Tier::parse(value.trim()).map(TierName).ok_or_else(|| {
+            ConfigError::new(format!(
+                "{name}={value:?} must be hot, suspended or stopped"
+            ))
+        })
+    }
+}
 
 /// One bot profile.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// What to run, in the provider's terms: a container image (`fly`), a task definition
@@ -23,22 +86,75 @@ pub struct AgentConfig {
     /// Static env added to the bot contract.
     pub env: BTreeMap<String, String>,
     pub guest: Guest,
+    /// `env` (default) or `http`. `BOTDISPATCH_HANDOFF` for the default agent.
+    pub handoff: Handoff,
+    /// The bot's HTTP port in `http` mode (its `PORT`). `BOTDISPATCH_HANDOFF_PORT`, default 8080.
+    pub handoff_port: u16,
+    /// A reserve of warm machines (needs `handoff = "http"`).
+    pub reserve: Option<ReserveConfig>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            image: None,
+            cmd: None,
+            env: BTreeMap::new(),
+            guest: Guest::default(),
+            handoff: Handoff::Env,
+            handoff_port: 8080,
+            reserve: None,
+        }
+    }
 }
 
 impl AgentConfig {
-    /// The embedded default's agent: the example bot script, run by `sh`.
+    /// The embedded default's agent: botdispatch's own example bot (`botdispatch
+    /// example-bot`), handed its session over HTTP, with a small hot reserve so that a newcomer
+    /// sees a warm start.
     pub fn example_bot() -> Self {
+        let program = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "botdispatch".to_owned());
         Self {
-            image: Some("examples/bot/local-bot.sh".to_owned()),
-            cmd: Some(vec![
-                "sh".to_owned(),
-                "-c".to_owned(),
-                EXAMPLE_BOT_SCRIPT.to_owned(),
-                "local-bot".to_owned(),
-            ]),
+            image: Some(program.clone()),
+            cmd: Some(vec![program, "example-bot".to_owned()]),
             env: BTreeMap::from([("BOT_LIFETIME_SECS".to_owned(), "60".to_owned())]),
-            guest: Guest::default(),
+            handoff: Handoff::Http,
+            reserve: Some(ReserveConfig {
+                tier: TierName(Tier::Hot),
+                size: 2,
+                rooms: true,
+            }),
+            ..Self::default()
         }
+    }
+
+    /// The default agent's environment overrides.
+    pub(super) fn apply_env(&mut self, env: &Env) -> Result<(), ConfigError> {
+        env.apply("BOTDISPATCH_HANDOFF", &mut self.handoff)?;
+        env.apply("BOTDISPATCH_HANDOFF_PORT", &mut self.handoff_port)?;
+        let mut tier: Option<TierName> = None;
+        let mut size: Option<u32> = None;
+        env.apply("BOTDISPATCH_RESERVE_TIER", &mut tier)?;
+        env.apply("BOTDISPATCH_RESERVE_SIZE", &mut size)?;
+        if tier.is_some() || size.is_some() {
+            let reserve = self.reserve.get_or_insert(ReserveConfig {
+                tier: TierName(Tier::Hot),
+                size: 0,
+                rooms: true,
+            });
+            if let Some(tier) = tier {
+                reserve.tier = tier;
+            }
+            if let Some(size) = size {
+                reserve.size = size;
+            }
+        }
+        if self.reserve.as_ref().is_some_and(|r| r.size == 0) {
+            self.reserve = None;
+        }
+        Ok(())
     }
 
     /// The machine template of agent `name` on `provider` (validated: what the provider would
@@ -61,8 +177,32 @@ impl AgentConfig {
                 "agents.{name}.guest: cpus must be ≥ 1 and memory_mb ≥ 128"
             )));
         }
+        self.validate_env(name)?;
+        self.validate_handoff(name, provider)?;
+        let workload =
+            provider
+                .settings()
+                .workload(name, self.image.as_deref(), self.cmd.as_deref())?;
+        let mut env = self.env.clone();
+        let handoff_port = (self.handoff == Handoff::Http).then_some(self.handoff_port);
+        if let Some(port) = handoff_port {
+            env.insert("PORT".to_owned(), port.to_string());
+        }
+        Ok(MachineTemplate {
+            workload,
+            cmd: self.cmd.clone(),
+            guest: self.guest.clone(),
+            region: None,
+            env,
+            handoff_port,
+        })
+    }
+
+    fn validate_env(&self, name: &str) -> Result<(), ConfigError> {
         for key in self.env.keys() {
-            if RESERVED_ENV.contains(&key.as_str()) {
+            let reserved = RESERVED_ENV.contains(&key.as_str())
+                || (self.handoff == Handoff::Http && key == "PORT");
+            if reserved {
                 return Err(ConfigError::new(format!(
                     "agents.{name}.env.{key} is set by botdispatch for every session and cannot be configured"
                 )));
@@ -76,16 +216,54 @@ impl AgentConfig {
                 )));
             }
         }
-        let workload =
-            provider
-                .settings()
-                .workload(name, self.image.as_deref(), self.cmd.as_deref())?;
-        Ok(MachineTemplate {
-            workload,
-            cmd: self.cmd.clone(),
-            guest: self.guest.clone(),
-            region: None,
-            env: self.env.clone(),
-        })
+        Ok(())
+    }
+
+    fn validate_handoff(&self, name: &str, provider: &ProviderConfig) -> Result<(), ConfigError> {
+        let settings = provider.settings();
+        if self.handoff == Handoff::Http && !settings.http_handoff() {
+            return Err(ConfigError::new(format!(
+                "agents.{name}.handoff (BOTDISPATCH_HANDOFF) = \"http\" needs machines the dispatcher can reach; the {} provider's cannot ({})",
+                provider.name(),
+                if provider.name() == "cloudrun" {
+                    "Cloud Run jobs take no inbound traffic"
+                } else {
+                    "use handoff = \"env\""
+                }
+            )));
+        }
+        if self.handoff_port == 0 {
+            return Err(ConfigError::new(format!(
+                "agents.{name}.handoff_port (BOTDISPATCH_HANDOFF_PORT) must be a port (1 to 65535)"
+            )));
+        }
+        let Some(reserve) = &self.reserve else {
+            return Ok(());
+        };
+        if self.handoff != Handoff::Http {
+            return Err(ConfigError::new(format!(
+                "agents.{name}.reserve needs handoff = \"http\" (BOTDISPATCH_HANDOFF=http): a machine booted ahead cannot get its session through its environment"
+            )));
+        }
+        let tier = reserve.tier.0;
+        if !settings.reserve_tiers().contains(&tier) {
+            return Err(ConfigError::new(format!(
+                "agents.{name}.reserve.tier (BOTDISPATCH_RESERVE_TIER) = {:?}: the {} provider keeps no such reserve",
+                tier.as_str(),
+                provider.name()
+            )));
+        }
+        if reserve.size > 1000 {
+            return Err(ConfigError::new(format!(
+                "agents.{name}.reserve.size (BOTDISPATCH_RESERVE_SIZE) = {} is more than 1000",
+                reserve.size
+            )));
+        }
+        if tier == Tier::Suspended && self.guest.memory_mb > 2048 {
+            return Err(ConfigError::new(format!(
+                "agents.{name}.reserve.tier = \"suspended\" needs guest.memory_mb ≤ 2048 (Fly snapshots at most 2 GB)"
+            )));
+        }
+        Ok(())
     }
 }

@@ -20,7 +20,7 @@ use providers::env::Env;
 use providers::{MachineTemplate, ProviderConfig, Secret};
 use serde::Deserialize;
 
-pub use agents::{AgentConfig, EXAMPLE_BOT_SCRIPT};
+pub use agents::{AgentConfig, Handoff, ReserveConfig};
 pub use auth::{AuthConfig, JwtAlgorithm};
 pub use providers::ConfigError;
 pub use rooms::{DailyConfig, RoomsKind};
@@ -78,6 +78,10 @@ pub struct Config {
     /// Seconds between reaper passes (0 = no reaper on this replica).
     /// `BOTDISPATCH_REAPER_INTERVAL_SECS`, default 30.
     pub reaper_interval_secs: u64,
+    /// Milliseconds between reserve replenishment passes (0 = this replica does not
+    /// replenish; it still claims). `BOTDISPATCH_RESERVE_INTERVAL_MS`, default 1000 (the
+    /// provider's list limit).
+    pub reserve_interval_ms: u64,
     /// The reaper leaves machines and rooms younger than the start timeout plus this alone.
     /// `BOTDISPATCH_REAPER_GRACE_SECS`, default 30.
     pub reaper_grace_secs: u64,
@@ -96,6 +100,11 @@ pub struct Config {
     /// Bearer token required by `GET /metrics`; unset: open (bind the port privately).
     /// `BOTDISPATCH_METRICS_TOKEN`.
     pub metrics_token: Option<Secret>,
+    /// Browser origins (`https://app.example.com`) allowed to call the API directly with a
+    /// bearer token (CORS); `*` allows any. Empty (the default): no CORS headers, browsers
+    /// must go through the caller's backend. `BOTDISPATCH_CORS_ALLOWED_ORIGINS` (comma
+    /// separated).
+    pub cors_allowed_origins: Vec<String>,
     /// `development` (default), `test` or `production`; production refuses the local backends.
     /// `APP_ENV`.
     pub app_env: String,
@@ -124,12 +133,14 @@ impl Default for Config {
             starts_per_minute_per_caller: 30,
             capacity_cache_ms: 2000,
             reaper_interval_secs: 30,
+            reserve_interval_ms: 1000,
             reaper_grace_secs: 30,
             shutdown_grace_secs: 30,
             outbound_rate_scale: 1.0,
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 10,
             metrics_token: None,
+            cors_allowed_origins: Vec::new(),
             app_env: "development".to_owned(),
             auth: AuthConfig::default(),
             daily: DailyConfig::default(),
@@ -171,6 +182,7 @@ impl Config {
         config.provider = ProviderConfig::load(provider_file, &env)?;
         config.apply_env(&env)?;
         config.fill_defaults();
+        config.apply_default_agent_env(&env)?;
         config.validate()?;
         Ok(config)
     }
@@ -203,6 +215,10 @@ impl Config {
         )?;
         env.apply("BOTDISPATCH_REAPER_GRACE_SECS", &mut self.reaper_grace_secs)?;
         env.apply(
+            "BOTDISPATCH_RESERVE_INTERVAL_MS",
+            &mut self.reserve_interval_ms,
+        )?;
+        env.apply(
             "BOTDISPATCH_SHUTDOWN_GRACE_SECS",
             &mut self.shutdown_grace_secs,
         )?;
@@ -223,6 +239,10 @@ impl Config {
         env.apply("BOTDISPATCH_DEPLOYMENT", &mut self.deployment)?;
         env.apply("BOTDISPATCH_SESSION_SECRET", &mut self.session_secret)?;
         env.apply("BOTDISPATCH_METRICS_TOKEN", &mut self.metrics_token)?;
+        env.apply(
+            "BOTDISPATCH_CORS_ALLOWED_ORIGINS",
+            &mut self.cors_allowed_origins,
+        )?;
         env.apply("APP_ENV", &mut self.app_env)?;
         self.auth.apply_env(env)?;
         self.daily.apply_env(env)?;
@@ -233,6 +253,15 @@ impl Config {
                 .image = Some(image);
         }
         Ok(())
+    }
+
+    /// The default agent's environment overrides (handoff, reserve), once the default agent
+    /// exists.
+    fn apply_default_agent_env(&mut self, env: &Env) -> Result<(), ConfigError> {
+        match self.agents.get_mut(&self.default_agent) {
+            Some(agent) => agent.apply_env(env),
+            None => Ok(()),
+        }
     }
 
     /// Derives what follows from other settings: the rooms backend and the default agent.
@@ -387,6 +416,7 @@ impl Config {
                 self.app_env
             )));
         }
+        validate_cors_origins(&self.cors_allowed_origins)?;
         if !is_deployment_name(&self.deployment) {
             return Err(ConfigError::new(format!(
                 "deployment (BOTDISPATCH_DEPLOYMENT) = {:?} must be 1 to 20 lowercase letters, digits and dashes, beginning and ending with a letter or digit",
@@ -407,6 +437,37 @@ impl Config {
         }
         self.templates().map(drop)
     }
+}
+
+/// Each allowed origin must be exactly what a browser sends in `Origin`: `scheme://host[:port]`,
+/// http(s), lowercase, no path and no trailing slash (anything else would never match); or `*`
+/// alone.
+fn validate_cors_origins(origins: &[String]) -> Result<(), ConfigError> {
+    let key = "cors_allowed_origins (BOTDISPATCH_CORS_ALLOWED_ORIGINS)";
+    if origins.iter().any(|o| o == "*") {
+        return match origins.len() {
+            1 => Ok(()),
+            _ => Err(ConfigError::new(format!(
+                "{key}: \"*\" allows every origin and cannot be combined with others"
+            ))),
+        };
+    }
+    for origin in origins {
+        let canonical = url::Url::parse(origin)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .map(|u| u.origin().ascii_serialization());
+        if canonical.as_deref() != Some(origin.as_str()) {
+            return Err(ConfigError::new(format!(
+                "{key}: {origin:?} is not an origin like https://app.example.com (scheme, host and optional port; lowercase; no path, no trailing slash){}",
+                canonical
+                    .filter(|c| c != "null")
+                    .map(|c| format!("; did you mean {c:?}?"))
+                    .unwrap_or_default()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A deployment name: 1 to 20 of `[a-z0-9-]`, beginning and ending with a letter or digit.

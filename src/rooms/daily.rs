@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use jsonwebtoken::{EncodingKey, Header};
 use providers::http::{self, CallFailure, ErrorShape, FailureClass, ParsedError};
-use providers::retry::RateLimit;
+use providers::retry::{retry, RateLimit, RetryPolicy};
 use providers::Secret;
 
 use crate::config::DailyConfig;
@@ -17,10 +17,13 @@ use super::{
     ListedRoom, Room, RoomError, RoomListing, RoomOp, RoomRequest, RoomService, TokenClaims,
     TokenRequest,
 };
-use crate::session_id::session_key_of;
+use crate::session_id::{room_kind, RoomKind};
 
 /// `GET /rooms` pages of 100 are followed this far; a listing that needs more is incomplete.
 const MAX_LIST_PAGES: usize = 100;
+
+/// At start-up the domain read is retried for at most this many request timeouts.
+pub const BOOT_BUDGET_PER_TIMEOUT: u32 = 4;
 
 /// Daily's error body: `{"error": "<type>", "info": "<text>"}`.
 const DAILY_ERRORS: ErrorShape = ErrorShape {
@@ -125,15 +128,44 @@ impl DailyRooms {
         let (id, name) = match domain {
             Some(d) => d,
             None => {
-                let info: DomainInfo = rooms
-                    .json(rooms.request(Method::GET, "/"), RoomOp::Get, "read domain")
-                    .await?;
+                let info = rooms.read_domain_at_boot().await?;
                 (info.domain_id, info.domain_name)
             }
         };
         rooms.domain_id = id;
         rooms.domain_name = name;
         Ok(rooms)
+    }
+
+    /// `GET /` for the domain, retried with backoff while Daily throttles (429), fails (5xx) or
+    /// cannot be reached, for at most [`BOOT_BUDGET_PER_TIMEOUT`] request timeouts (60 s with
+    /// the default 15 s): a Daily blip during a deploy must not crash-loop every replica. A
+    /// refusal (a wrong key: 401) fails at once.
+    async fn read_domain_at_boot(&self) -> Result<DomainInfo, RoomError> {
+        let deadline = tokio::time::Instant::now() + self.timeout * BOOT_BUDGET_PER_TIMEOUT;
+        let policy = RetryPolicy {
+            min_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(8),
+            max_retries: usize::MAX,
+            call_budget: self.timeout * BOOT_BUDGET_PER_TIMEOUT,
+        };
+        let attempt = || async {
+            let read = self.json(self.request(Method::GET, "/"), RoomOp::Get, "read domain");
+            match tokio::time::timeout_at(deadline, read).await {
+                Ok(result) => result,
+                Err(_) => Err(RoomError::unavailable(
+                    "read domain: no answer before the start-up deadline",
+                )),
+            }
+        };
+        retry(&policy, deadline, attempt, |error, delay| {
+            tracing::warn!(
+                %error,
+                retry_in_ms = delay.as_millis() as u64,
+                "cannot read the Daily domain yet; retrying"
+            );
+        })
+        .await
     }
 
     pub fn domain_id(&self) -> &str {
@@ -274,8 +306,12 @@ impl RoomService for DailyRooms {
             rooms.extend(
                 page.data
                     .into_iter()
-                    .filter(|r| session_key_of(&self.deployment, &r.name).is_some())
-                    .map(|r| ListedRoom {
+                    .filter_map(|r| {
+                        let kind = room_kind(&self.deployment, &r.name)?;
+                        Some((r, kind))
+                    })
+                    .map(|(r, kind)| ListedRoom {
+                        pooled: kind == RoomKind::Pooled,
                         name: r.name,
                         created_at: r
                             .created_at

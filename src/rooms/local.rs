@@ -15,7 +15,7 @@ use rand::RngCore;
 use super::{
     ListedRoom, Room, RoomError, RoomListing, RoomRequest, RoomService, TokenClaims, TokenRequest,
 };
-use crate::session_id::session_key_of;
+use crate::session_id::{room_kind, RoomKind};
 
 struct LocalRoom {
     created_at: DateTime<Utc>,
@@ -93,10 +93,11 @@ impl RoomService for LocalRooms {
         let rooms = self
             .live()
             .iter()
-            .filter(|(name, _)| session_key_of(&self.deployment, name).is_some())
-            .map(|(name, room)| ListedRoom {
+            .filter_map(|(name, room)| Some((name, room, room_kind(&self.deployment, name)?)))
+            .map(|(name, room, kind)| ListedRoom {
                 name: name.clone(),
                 created_at: Some(room.created_at),
+                pooled: kind == RoomKind::Pooled,
             })
             .collect();
         Ok(RoomListing {

@@ -139,6 +139,8 @@ pub struct RoomRequest {
 pub struct ListedRoom {
     pub name: String,
     pub created_at: Option<DateTime<Utc>>,
+    /// Created ahead for a room pool (given to a session later, or never).
+    pub pooled: bool,
 }
 
 /// This deployment's rooms, as far as the listing got.

@@ -1,7 +1,7 @@
 //! [`Created`]: what a start has created so far, and the one place that destroys it when the
 //! start does not succeed — on an error, a cancellation, or the start being dropped.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use providers::MachineProvider;
 use tokio_util::task::TaskTracker;
@@ -20,14 +20,26 @@ enum Machine {
 
 /// Records what a start created. Unless [`Created::keep`] is called, it is destroyed: by
 /// [`Created::clean_up`] on the error path (before the client gets its answer), or, if the
-/// start is dropped half-way (a panic, an aborted task), in the background.
+/// start is dropped half-way (a panic, an aborted task), in the background. Steps that run
+/// concurrently record into it through a shared reference.
 pub(super) struct Created {
     provider: Arc<dyn MachineProvider>,
     rooms: Arc<dyn RoomService>,
     tasks: TaskTracker,
     key: String,
+    what: Mutex<What>,
+}
+
+#[derive(Default)]
+struct What {
     room: Option<String>,
     machine: Machine,
+}
+
+impl Default for Machine {
+    fn default() -> Self {
+        Self::Nothing
+    }
 }
 
 impl Created {
@@ -42,30 +54,37 @@ impl Created {
             rooms,
             tasks,
             key: key.to_owned(),
-            room: None,
-            machine: Machine::Nothing,
+            what: Mutex::default(),
         }
     }
 
-    /// The room `name` exists, or may (its create failed ambiguously).
-    pub(super) fn room(&mut self, name: &str) {
-        self.room = Some(name.to_owned());
+    fn what(&self) -> std::sync::MutexGuard<'_, What> {
+        self.what.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The machine was launched.
-    pub(super) fn machine(&mut self, handle: &str) {
-        self.machine = Machine::Handle(handle.to_owned());
+    /// The room `name` exists, or may (its create failed ambiguously).
+    pub(super) fn room(&self, name: &str) {
+        self.what().room = Some(name.to_owned());
+    }
+
+    /// The machine was launched or claimed.
+    pub(super) fn machine(&self, handle: &str) {
+        self.what().machine = Machine::Handle(handle.to_owned());
     }
 
     /// The machine's create failed ambiguously: it may exist.
-    pub(super) fn machine_maybe(&mut self) {
-        self.machine = Machine::Find;
+    pub(super) fn machine_maybe(&self) {
+        self.what().machine = Machine::Find;
+    }
+
+    /// The machine was dealt with elsewhere (destroyed after a failed handoff).
+    pub(super) fn no_machine(&self) {
+        self.what().machine = Machine::Nothing;
     }
 
     /// The start succeeded: everything it created stays.
-    pub(super) fn keep(mut self) {
-        self.room = None;
-        self.machine = Machine::Nothing;
+    pub(super) fn keep(self) {
+        *self.what() = What::default();
     }
 
     /// Destroys what was created, room and machine concurrently. The provider and rooms
@@ -76,21 +95,24 @@ impl Created {
     }
 
     fn take(&mut self) -> CleanUp {
+        let what = std::mem::take(&mut *self.what());
         CleanUp {
             provider: Arc::clone(&self.provider),
             rooms: Arc::clone(&self.rooms),
             key: self.key.clone(),
-            room: self.room.take(),
-            machine: std::mem::replace(&mut self.machine, Machine::Nothing),
+            room: what.room,
+            machine: what.machine,
         }
     }
 }
 
 impl Drop for Created {
     fn drop(&mut self) {
-        if self.room.is_none() && self.machine == Machine::Nothing {
+        let what = self.what();
+        if what.room.is_none() && what.machine == Machine::Nothing {
             return;
         }
+        drop(what);
         warn!("a start was dropped half-way; cleaning up in the background");
         let work = self.take();
         self.tasks.spawn(work.run().in_current_span());

@@ -35,6 +35,10 @@ pub enum SessionError {
     /// Daily refused, failed or throttled.
     #[error(transparent)]
     Room(#[from] RoomError),
+    /// The bot did not take the session over HTTP (no machine was ready in time, or its bot
+    /// refused the session).
+    #[error("the bot did not take the session: {0}")]
+    Handoff(#[from] crate::handoff::HandoffError),
     /// The client disconnected before the start finished; what it created was cleaned up.
     #[error("the client went away before the session started")]
     ClientGone,
@@ -62,6 +66,8 @@ impl SessionError {
             Self::Provider(ProviderError::StartFailed { .. }) => "bot_start_failed",
             Self::Provider(_) => "provider_error",
             Self::Room(_) => "room_error",
+            Self::Handoff(crate::handoff::HandoffError::NotReady(_)) => "timeout",
+            Self::Handoff(_) => "bot_start_failed",
             Self::ClientGone => "client_gone",
             Self::ShuttingDown => "shutting_down",
             Self::IdempotencyKeyUsed => "idempotency_conflict",

@@ -10,6 +10,7 @@
 
 mod cleanup;
 mod error;
+mod http;
 mod plan;
 mod start;
 mod view;
@@ -26,6 +27,8 @@ use tracing::{info, instrument};
 use crate::auth::Caller;
 use crate::capacity::Capacity;
 use crate::config::{Config, ConfigError};
+use crate::handoff::Handoff;
+use crate::reserve::Reserves;
 use crate::rooms::RoomService;
 use crate::session_id::{resource_name, SessionIds, SessionRef};
 
@@ -59,8 +62,19 @@ impl From<&Config> for SessionSettings {
     }
 }
 
+/// What [`Sessions`] is built from.
+pub struct Parts {
+    /// The provider, already resilient.
+    pub provider: Arc<dyn MachineProvider>,
+    /// The rooms backend, already resilient.
+    pub rooms: Arc<dyn RoomService>,
+    pub ids: SessionIds,
+    pub handoff: Handoff,
+}
+
 /// Everything a session's life needs: the provider and rooms (already resilient), the id
-/// signer, admission, and the tracker that runs starts and their background work.
+/// signer, admission, the reserves, and the tracker that runs starts and their background
+/// work.
 pub struct Sessions {
     provider: Arc<dyn MachineProvider>,
     rooms: Arc<dyn RoomService>,
@@ -69,6 +83,10 @@ pub struct Sessions {
     /// Every agent's machine template.
     templates: BTreeMap<String, Arc<MachineTemplate>>,
     capacity: Capacity,
+    /// The agents' reserves and room pools, when any agent keeps one.
+    reserves: Option<Arc<Reserves>>,
+    /// The `http` handoff's client and secrets.
+    handoff: Handoff,
     /// Runs every start, and background work of a start that outlives its answer.
     tasks: TaskTracker,
     /// Cancelled when the dispatcher gives up on in-flight starts at shutdown.
@@ -78,27 +96,40 @@ pub struct Sessions {
 impl Sessions {
     pub fn new(
         config: &Config,
-        provider: Arc<dyn MachineProvider>,
-        rooms: Arc<dyn RoomService>,
-        ids: SessionIds,
+        parts: Parts,
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Self, ConfigError> {
-        let templates = config
+        let templates: BTreeMap<String, Arc<MachineTemplate>> = config
             .templates()?
             .into_iter()
             .map(|(name, t)| (name, Arc::new(t)))
             .collect();
+        let reserves = Reserves::new(
+            config,
+            Arc::clone(&parts.provider),
+            &parts.rooms,
+            &templates,
+            parts.handoff.clone(),
+        )
+        .map(Arc::new);
         Ok(Self {
-            capacity: Capacity::new(config, Arc::clone(&provider)),
-            provider,
-            rooms,
-            ids,
+            capacity: Capacity::new(config, Arc::clone(&parts.provider)),
+            provider: parts.provider,
+            rooms: parts.rooms,
+            ids: parts.ids,
             settings: SessionSettings::from(config),
             templates,
+            reserves,
+            handoff: parts.handoff,
             tasks,
             shutdown,
         })
+    }
+
+    /// The agents' reserves, when any agent keeps one.
+    pub fn reserves(&self) -> Option<&Arc<Reserves>> {
+        self.reserves.as_ref()
     }
 
     pub fn provider(&self) -> &Arc<dyn MachineProvider> {
@@ -110,7 +141,7 @@ impl Sessions {
     }
 
     /// The room (and machine) name of session `key`.
-    fn resource_name(&self, key: &str) -> String {
+    pub(super) fn resource_name(&self, key: &str) -> String {
         resource_name(&self.settings.deployment, key)
     }
 
@@ -172,14 +203,25 @@ impl Sessions {
     pub async fn stop(&self, caller: &Caller, id: &str) -> Result<(), SessionError> {
         let session = self.resolve(caller, id, Right::Stop)?;
         let machine = self.machine(&session).await?;
-        let room = self.resource_name(&session.key);
+        // A warm start's room may have come from a pool: its machine's labels name it.
+        let room = machine
+            .as_ref()
+            .and_then(|m| m.labels.as_ref())
+            .map(|l| l.room.clone())
+            .unwrap_or_else(|| self.resource_name(&session.key));
         let terminate = async {
             match machine {
                 Some(m) if !m.state.is_terminal() => self.provider.terminate(&session.handle).await,
                 _ => Ok(()),
             }
         };
-        let (machine, room) = tokio::join!(terminate, self.rooms.delete(&room));
+        let delete_room = async {
+            match room.is_empty() {
+                true => Ok(()),
+                false => self.rooms.delete(&room).await,
+            }
+        };
+        let (machine, room) = tokio::join!(terminate, delete_room);
         machine.inspect_err(|e| tracing::warn!(error = %e, "cannot stop the machine"))?;
         room.inspect_err(|e| tracing::warn!(error = %e, "cannot delete the room"))?;
         info!("session stopped");

@@ -43,7 +43,7 @@ pub struct StartRequest {
 }
 
 /// A validated start, before anything exists.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StartPlan {
     pub key: String,
     /// Started with an `Idempotency-Key`: a retry finds and returns the same session.

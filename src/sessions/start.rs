@@ -1,12 +1,15 @@
-//! The start flow: admission, the start task, and its steps — tokens, an idempotent retry's
-//! resumption, room ∥ machine, the wait for the machine — with [`Created`] cleaning up on every
-//! way a start can fail.
+//! The start flow: admission, the start task, and its steps — the room, tokens, an idempotent
+//! retry's resumption, then the `env` handoff (room ∥ machine launched with the session, the
+//! wait for the machine) or the `http` one ([`super::http`]) — with [`Created`] cleaning up on
+//! every way a start can fail.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use providers::{Deadline, Launched, MachineState, ProviderError, SessionBinding, SessionLabels};
+use providers::{
+    Deadline, Launched, MachineState, ProviderError, SessionBinding, SessionLabels, StartType,
+};
 use serde_json::Map;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,20 +23,32 @@ use crate::metrics;
 use crate::rooms::{RoomError, RoomRequest, TokenRequest};
 
 /// A start's deadlines. Labels, room `exp` and token `exp` carry whole unix seconds.
-struct Deadlines {
+#[derive(Clone, Copy)]
+pub(super) struct Deadlines {
     /// The start must be answered by then.
-    start: Deadline,
+    pub start: Deadline,
     /// The session must be over by then, whatever the bot does.
-    session_end: Deadline,
+    pub session_end: Deadline,
     /// The machine's deadline until the client has its answer (see [`Sessions::deadlines`]).
-    provisional: Deadline,
+    pub provisional: Deadline,
 }
 
-/// Where the room's URL and tokens are, when the start creates a room.
-struct Tokens {
-    room_url: String,
-    bot: String,
-    user: String,
+/// The session's room: named after the session and created now, or taken from this replica's
+/// pool (created ahead).
+#[derive(Debug, Clone)]
+pub(super) struct RoomChoice {
+    pub name: String,
+    pub url: String,
+    pub pooled: bool,
+}
+
+/// The room's URL and both tokens, when the start has a room.
+#[derive(Clone)]
+pub(super) struct Tokens {
+    pub room_url: String,
+    pub room: String,
+    pub bot: String,
+    pub user: String,
 }
 
 /// How long each phase took, for metrics and the log.
@@ -96,19 +111,14 @@ impl Sessions {
     /// error is returned.
     #[instrument(name = "start", skip_all, fields(session.key = %plan.key, agent = %plan.agent, provider = self.provider.name()))]
     async fn run(
-        &self,
+        self: Arc<Self>,
         plan: StartPlan,
         cancel: CancellationToken,
     ) -> Result<Started, SessionError> {
         let t0 = Instant::now();
         metrics::starting(1.0);
-        let mut created = Created::new(
-            Arc::clone(&self.provider),
-            Arc::clone(&self.rooms),
-            self.tasks.clone(),
-            &plan.key,
-        );
-        let result = self.run_steps(&plan, &cancel, &mut created).await;
+        let created = self.created(&plan.key);
+        let result = self.run_steps(&plan, &cancel, &created).await;
         match &result {
             Ok(_) => created.keep(),
             Err(e) => {
@@ -122,29 +132,76 @@ impl Sessions {
             Ok(_) => "accepted",
             Err(e) => e.outcome(),
         };
-        metrics::start_finished(&plan.agent, self.provider.name(), outcome, t0.elapsed());
+        let start_type = result.as_ref().map_or("none", |s| s.start_type.as_str());
+        metrics::start_finished(
+            &plan.agent,
+            self.provider.name(),
+            start_type,
+            outcome,
+            t0.elapsed(),
+        );
         result
     }
 
+    /// A new record of what the start of session `key` creates.
+    pub(super) fn created(&self, key: &str) -> Created {
+        Created::new(
+            Arc::clone(&self.provider),
+            Arc::clone(&self.rooms),
+            self.tasks.clone(),
+            key,
+        )
+    }
+
     async fn run_steps(
-        &self,
+        self: &Arc<Self>,
         plan: &StartPlan,
         cancel: &CancellationToken,
-        created: &mut Created,
+        created: &Created,
     ) -> Result<Started, SessionError> {
-        let t0 = Instant::now();
         let deadlines = self.deadlines();
-        let tokens = self.mint_tokens(plan, deadlines.session_end)?;
+        let room = self.choose_room(plan);
+        let tokens = self.mint_tokens(plan, room.as_ref(), deadlines.session_end)?;
         // An idempotent retry whose machine exists already answers with that session.
         if plan.idempotent {
             if let Some(started) = self.resume(plan, &tokens, &deadlines, cancel).await? {
                 return Ok(started);
             }
         }
-        let session = self.binding(plan, tokens.as_ref(), &deadlines);
+        match plan.template.handoff_port {
+            None => {
+                self.start_env(plan, &tokens, &deadlines, cancel, created)
+                    .await
+            }
+            Some(port) => {
+                let start = super::http::HttpStart {
+                    sessions: Arc::clone(self),
+                    plan: plan.clone(),
+                    port,
+                    room,
+                    tokens,
+                    deadlines,
+                };
+                start.run(cancel, created).await
+            }
+        }
+    }
+
+    /// The `env` handoff: the room ∥ a machine launched with the session in its env; then
+    /// (unless the client does not wait) the wait for the machine to start.
+    async fn start_env(
+        &self,
+        plan: &StartPlan,
+        tokens: &Option<Tokens>,
+        deadlines: &Deadlines,
+        cancel: &CancellationToken,
+        created: &Created,
+    ) -> Result<Started, SessionError> {
+        let t0 = Instant::now();
+        let session = self.binding(plan, tokens.as_ref(), deadlines);
         let mut phases = Phases::default();
         let launched = self
-            .launch_with_room(plan, &session, &deadlines, created, &mut phases)
+            .launch_with_room(plan, &session, deadlines, created, &mut phases)
             .await?;
         if cancel.is_cancelled() {
             return Err(self.cancelled());
@@ -156,12 +213,42 @@ impl Sessions {
             phases.wait = Some(t.elapsed());
         }
         self.record(&phases, &launched, t0.elapsed(), plan.wait);
-        self.confirm_deadline(&launched.handle, &deadlines);
+        self.confirm_deadline(&launched.handle, deadlines);
         Ok(Started {
             session_id: self.ids.encode(&plan.key, &launched.handle, &plan.owner),
             room_url: tokens.as_ref().map(|t| t.room_url.clone()),
-            user_token: tokens.map(|t| t.user),
+            user_token: tokens.as_ref().map(|t| t.user.clone()),
             ready: plan.wait,
+            start_type: StartType::Cold,
+        })
+    }
+
+    /// The session's room, if it has one: from this replica's pool for the agent when the
+    /// agent keeps one and the client asked for no room properties (a room created ahead has
+    /// none), else one named after the session.
+    fn choose_room(&self, plan: &StartPlan) -> Option<RoomChoice> {
+        if !plan.create_room {
+            return None;
+        }
+        // A retry with an Idempotency-Key must find the same room: pool rooms are for starts
+        // without one.
+        let pooled = (plan.room_properties.is_empty() && !plan.idempotent)
+            .then(|| self.reserves.as_ref()?.take_room(&plan.agent))
+            .flatten();
+        Some(match pooled {
+            Some(room) => RoomChoice {
+                name: room.name,
+                url: room.url,
+                pooled: true,
+            },
+            None => {
+                let name = self.resource_name(&plan.key);
+                RoomChoice {
+                    url: self.rooms.room_url(&name),
+                    name,
+                    pooled: false,
+                }
+            }
         })
     }
 
@@ -169,7 +256,7 @@ impl Sessions {
     /// past the start timeout and only the real one once the client has its answer: if this
     /// dispatcher dies in between, the reaper removes the machine soon instead of at the
     /// session's end.
-    fn deadlines(&self) -> Deadlines {
+    pub(super) fn deadlines(&self) -> Deadlines {
         let whole = |after: Duration| {
             Deadline::from_unix_secs(chrono::Utc::now().timestamp() + after.as_secs() as i64)
                 .unwrap_or_else(|| Deadline::after(after))
@@ -188,27 +275,28 @@ impl Sessions {
         }
     }
 
-    /// The room's URL and both tokens, signed locally from the deterministic room name: the
-    /// bot gets its token at launch while the room is still being created.
+    /// The room's URL and both tokens, signed locally from the room's name: the bot gets its
+    /// token at launch while the room is still being created.
     fn mint_tokens(
         &self,
         plan: &StartPlan,
+        room: Option<&RoomChoice>,
         session_end: Deadline,
     ) -> Result<Option<Tokens>, SessionError> {
-        if !plan.create_room {
+        let Some(room) = room else {
             return Ok(None);
-        }
-        let name = self.resource_name(&plan.key);
+        };
         let token = |owner: bool, properties| {
             self.rooms.mint_token(&TokenRequest {
-                room: &name,
+                room: &room.name,
                 owner,
                 exp: session_end.wall(),
                 properties,
             })
         };
         Ok(Some(Tokens {
-            room_url: self.rooms.room_url(&name),
+            room_url: room.url.clone(),
+            room: room.name.clone(),
             bot: token(true, &Map::new())?,
             user: token(false, &plan.token_properties)?,
         }))
@@ -225,21 +313,29 @@ impl Sessions {
         let room = tokens.map(|t| (t.room_url.as_str(), t.bot.as_str()));
         let env = contract_env(&plan.key, room, &plan.body_json);
         SessionBinding {
-            labels: SessionLabels {
-                session_key: plan.key.clone(),
-                owner: plan.owner.clone(),
-                room: if plan.create_room {
-                    name.clone()
-                } else {
-                    String::new()
-                },
-                agent: plan.agent.clone(),
-                deployment: self.settings.deployment.clone(),
-                deadline: deadlines.provisional,
-            },
+            labels: self.labels(plan, tokens, deadlines, StartType::Cold),
             name,
             env,
             deadline: deadlines.start,
+        }
+    }
+
+    /// The session's labels, as its machine carries them.
+    pub(super) fn labels(
+        &self,
+        plan: &StartPlan,
+        tokens: Option<&Tokens>,
+        deadlines: &Deadlines,
+        start: StartType,
+    ) -> SessionLabels {
+        SessionLabels {
+            session_key: plan.key.clone(),
+            owner: plan.owner.clone(),
+            room: tokens.map(|t| t.room.clone()).unwrap_or_default(),
+            agent: plan.agent.clone(),
+            deployment: self.settings.deployment.clone(),
+            start,
+            deadline: deadlines.provisional,
         }
     }
 
@@ -250,7 +346,7 @@ impl Sessions {
         plan: &StartPlan,
         session: &SessionBinding,
         deadlines: &Deadlines,
-        created: &mut Created,
+        created: &Created,
         phases: &mut Phases,
     ) -> Result<Launched, SessionError> {
         let room = async {
@@ -259,7 +355,7 @@ impl Sessions {
             }
             let t = Instant::now();
             let req = RoomRequest {
-                name: session.name.clone(),
+                name: session.labels.room.clone(),
                 exp: deadlines.session_end.wall(),
                 properties: plan.room_properties.clone(),
                 deadline: Some(deadlines.start.instant()),
@@ -289,7 +385,7 @@ impl Sessions {
         match &room {
             // Refused: nothing was created.
             None | Some((Err(RoomError::Rejected { .. }), _)) => {}
-            Some(_) => created.room(&session.name),
+            Some(_) => created.room(&session.labels.room),
         }
         match &launched {
             Ok(l) => created.machine(&l.handle),
@@ -307,7 +403,7 @@ impl Sessions {
     }
 
     /// Waits for the machine to start, until the start deadline or the client leaves.
-    async fn wait_started(
+    pub(super) async fn wait_started(
         &self,
         launched: &Launched,
         deadline: Deadline,
@@ -326,7 +422,7 @@ impl Sessions {
     }
 
     /// A provider error of a start, with the provider's timeout as the start timeout.
-    fn start_error(&self, e: ProviderError) -> SessionError {
+    pub(super) fn start_error(&self, e: ProviderError) -> SessionError {
         match e {
             ProviderError::Timeout { .. } => {
                 SessionError::StartTimeout(self.settings.start_timeout.as_secs())
@@ -336,7 +432,7 @@ impl Sessions {
     }
 
     /// Why a start's cancellation token fired.
-    fn cancelled(&self) -> SessionError {
+    pub(super) fn cancelled(&self) -> SessionError {
         if self.shutdown.is_cancelled() {
             SessionError::ShuttingDown
         } else {
@@ -366,7 +462,7 @@ impl Sessions {
     }
 
     /// Gives the machine its real deadline, in the background (off the critical path).
-    fn confirm_deadline(&self, handle: &str, deadlines: &Deadlines) {
+    pub(super) fn confirm_deadline(&self, handle: &str, deadlines: &Deadlines) {
         if deadlines.provisional < deadlines.session_end {
             self.extend_deadline(handle, deadlines.session_end);
         }
@@ -398,7 +494,10 @@ impl Sessions {
     ) -> Result<Option<Started>, SessionError> {
         let Some(machine) = self.provider.find(&plan.key).await? else {
             // No machine, but its room: this key's session ran and is over.
-            if plan.create_room && self.rooms.exists(&self.resource_name(&plan.key)).await? {
+            let room = tokens.as_ref().map(|t| t.room.as_str());
+            if room.is_some_and(|r| !r.is_empty())
+                && self.rooms.exists(room.unwrap_or_default()).await?
+            {
                 return Err(SessionError::IdempotencyKeyUsed);
             }
             return Ok(None);
@@ -428,11 +527,13 @@ impl Sessions {
             }
         }
         info!(machine.id = %machine.handle, "idempotent retry answered with the existing session");
+        let labels = machine.labels.as_ref();
         Ok(Some(Started {
             session_id: self.ids.encode(&plan.key, &machine.handle, &plan.owner),
             room_url: tokens.as_ref().map(|t| t.room_url.clone()),
             user_token: tokens.as_ref().map(|t| t.user.clone()),
             ready,
+            start_type: labels.map_or(StartType::Cold, |l| l.start),
         }))
     }
 }

@@ -1,7 +1,7 @@
 //! What the flow answers: [`Started`] for a start, [`SessionView`] for a read.
 
 use chrono::{DateTime, Utc};
-use providers::{MachineState, MachineStatus};
+use providers::{MachineState, MachineStatus, StartType};
 use serde::Serialize;
 
 /// A successful start.
@@ -11,6 +11,8 @@ pub struct Started {
     pub room_url: Option<String>,
     pub user_token: Option<String>,
     pub ready: bool,
+    /// How its machine came to it.
+    pub start_type: StartType,
 }
 
 /// `GET /sessions/{id}`.
@@ -31,6 +33,10 @@ pub struct SessionView {
     pub ready_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
     pub bot_start_seconds: Option<f64>,
+    /// How the session's machine came to it: `hot`, `suspended` or `stopped` (from the agent's
+    /// reserve) or `cold` (created for it).
+    #[schema(value_type = Option<String>, example = "hot")]
+    pub start_type: Option<&'static str>,
     pub detail: Option<String>,
 }
 
@@ -55,17 +61,24 @@ impl SessionView {
                 ready_at: None,
                 ended_at: None,
                 bot_start_seconds: None,
+                start_type: None,
                 detail: Some("the machine is gone".to_owned()),
             };
         };
+        // A bot that refused its session after the handoff failed it, whatever its machine
+        // does now.
+        let status = match m.state {
+            _ if m.failure.is_some() => "failed",
+            MachineState::Starting => "starting",
+            MachineState::Started => "ready",
+            MachineState::Ended => "ended",
+            MachineState::Failed => "failed",
+        };
+        let start_type = m.labels.as_ref().map(|l| l.start.as_str());
         Self {
             session_id: session_id.to_owned(),
-            status: match m.state {
-                MachineState::Starting => "starting",
-                MachineState::Started => "ready",
-                MachineState::Ended => "ended",
-                MachineState::Failed => "failed",
-            },
+            status,
+            start_type,
             provider,
             agent: m.labels.map(|l| l.agent).filter(|a| !a.is_empty()),
             region: m.region,
@@ -77,7 +90,7 @@ impl SessionView {
             created_at: m.created_at,
             ready_at: m.started_at,
             ended_at: m.ended_at,
-            detail: m.detail,
+            detail: m.failure.or(m.detail),
         }
     }
 }

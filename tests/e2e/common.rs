@@ -11,7 +11,7 @@ use botdispatch::config::Config;
 use botdispatch::server::{serve, ServerLimits};
 use botdispatch::{app, build_router, App, AppState};
 use providers::testkit::daily_fake::{FakeDaily, FakeDailyConfig};
-use providers::testkit::fly_fake::{FakeFly, FakeFlyConfig};
+use providers::testkit::fly_fake::{FakeFly, FakeFlyConfig, FakeFlyWarmConfig};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -28,6 +28,8 @@ pub const BOT_IMAGE: &str = "registry.fly.io/bots:v1";
 /// How a test environment is set up.
 pub struct Options {
     pub fly: FakeFlyConfig,
+    /// The Fly fake's per-machine bot servers, suspend/resume and leases.
+    pub fly_warm: FakeFlyWarmConfig,
     /// Extra TOML appended to the generated config.
     pub toml: String,
     /// Extra environment overrides.
@@ -51,6 +53,7 @@ impl Default for Options {
                 apps: vec![FLY_APP.to_owned()],
                 ..FakeFlyConfig::default()
             },
+            fly_warm: FakeFlyWarmConfig::default(),
             toml: String::new(),
             env: Vec::new(),
             fly_url: None,
@@ -86,7 +89,7 @@ impl TestEnv {
     pub async fn with(opts: Options) -> Self {
         let (fly, daily) = match opts.shared.clone() {
             Some(fakes) => fakes,
-            None => start_fakes(&opts.fly).await,
+            None => start_fakes_with(&opts.fly, &opts.fly_warm).await,
         };
         let mut env: BTreeMap<&str, String> = BTreeMap::from([
             ("BOTDISPATCH_PROVIDER", "fly".to_owned()),
@@ -104,6 +107,7 @@ impl TestEnv {
             ),
             ("DAILY_API_KEY", DAILY_KEY.to_owned()),
             ("DAILY_API_URL", daily.base_url()),
+            ("BOTDISPATCH_FLY_MACHINE_URL", fly.machine_url_template()),
         ]);
         if opts.no_jwt_secret {
             env.remove("BOTDISPATCH_JWT_SECRET");
@@ -266,7 +270,14 @@ pub async fn oneshot(
 }
 
 pub async fn start_fakes(fly: &FakeFlyConfig) -> (FakeFly, FakeDaily) {
-    let fly = FakeFly::start(fly.clone()).await;
+    start_fakes_with(fly, &FakeFlyWarmConfig::default()).await
+}
+
+pub async fn start_fakes_with(
+    fly: &FakeFlyConfig,
+    warm: &FakeFlyWarmConfig,
+) -> (FakeFly, FakeDaily) {
+    let fly = FakeFly::start_with(fly.clone(), warm.clone()).await;
     let daily = FakeDaily::start(FakeDailyConfig {
         api_key: DAILY_KEY.to_owned(),
         domain_name: DAILY_DOMAIN.to_owned(),

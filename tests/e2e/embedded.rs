@@ -31,10 +31,14 @@ async fn embedded_default_runs_a_real_local_bot_and_stops_it() {
         .unwrap()
         .starts_with("https://local-rooms.invalid/bd-"));
     let key = session_key(started["sessionId"].as_str().unwrap()).to_owned();
+    let room = started["dailyRoom"].as_str().unwrap();
+    // The embedded default keeps a hot reserve; right after start-up it may still be filling.
+    let start_type = started["startType"].as_str().unwrap();
+    assert!(["hot", "cold"].contains(&start_type), "{started}");
 
-    // The bot is a real process that got the contract through its environment.
+    // The bot is a real process that got the session over HTTP (POST /bot).
     d.wait_for(
-        &format!("[local-bot {key}] started: DAILY_ROOM_URL=https://local-rooms.invalid/bd-default-{key}"),
+        &format!("[local-bot {key}] started: DAILY_ROOM_URL={room}"),
         Duration::from_secs(10),
     );
     d.wait_for(
@@ -45,6 +49,7 @@ async fn embedded_default_runs_a_real_local_bot_and_stops_it() {
     let view = get_json(&http, &status_url, &token).await;
     assert_eq!(view["status"], "ready", "{view}");
     assert_eq!(view["provider"], "local");
+    assert_eq!(view["startType"], start_type, "{view}");
 
     let resp = http
         .delete(&status_url)

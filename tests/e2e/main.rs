@@ -6,15 +6,20 @@
 
 mod auth;
 mod bad_input;
+mod boot;
 mod client_js;
 mod common;
+mod cors;
 mod deployments;
 mod embedded;
+mod healthcheck;
 mod hostile;
 mod in_process;
+mod kubernetes;
 mod observability;
 mod prism;
 mod providers;
 mod resilience;
 mod security;
 mod start_fly;
+mod warm;

@@ -524,6 +524,7 @@ impl MachineProvider for CloudRunProvider {
             region: Some(region_of(&handle).unwrap_or(&self.region).to_owned()),
             handle,
             version: None,
+            address: None,
         })
     }
 
@@ -847,7 +848,10 @@ impl Execution {
             started_at: parse_time(self.start_time.as_deref()),
             ended_at: parse_time(self.completion_time.as_deref()),
             labels,
+            reserve: None,
+            address: None,
             detail,
+            failure: None,
             handle: self.name,
         }
     }

@@ -80,6 +80,7 @@ pub fn spec_for(peer: &dyn ContractPeer, tag: &str) -> LaunchSpec {
             guest: Guest::default(),
             region: None,
             env: Default::default(),
+            handoff_port: None,
         },
         session: SessionBinding {
             name: format!("bd-{key}"),
@@ -100,6 +101,7 @@ pub fn spec_for(peer: &dyn ContractPeer, tag: &str) -> LaunchSpec {
                 room: format!("bd-{key}"),
                 agent: "default".to_owned(),
                 deployment: crate::labels::DEFAULT_DEPLOYMENT.to_owned(),
+                start: crate::StartType::Cold,
                 // Whole seconds: labels carry unix seconds.
                 deadline: Deadline::from_unix_secs(Utc::now().timestamp() + 600)
                     .expect("valid time"),

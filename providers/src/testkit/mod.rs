@@ -13,6 +13,8 @@ pub mod daily_fake;
 pub mod ecs_fake;
 pub mod faults;
 pub mod fly_fake;
+#[cfg(feature = "kubernetes")]
+pub mod kube_fake;
 pub mod prism;
 mod server;
 pub mod validate;

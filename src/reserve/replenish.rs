@@ -1,0 +1,199 @@
+//! The reserve's background reconcile loop, on every replica: list the reserve, make ready
+//! what booted (its bot answers `/readyz`; the suspended tier is then suspended), and create
+//! machines for empty slots — within the provider's rate limits, which the resilient wrapper
+//! applies. Removing what must go (stale, broken, surplus) is the reaper's.
+//!
+//! Overshoot across replicas: a slot's machine is named after the slot and the current
+//! [`WINDOW`], so replicas that find the same slot empty within one window pick the same
+//! name and the provider refuses all but the first. Replicas can disagree only while their
+//! listings do (at most one listing period, 1 s) across a window boundary: then a slot gets at
+//! most one machine per replica too many, and the reaper removes the surplus.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use providers::{MachineStatus, ProviderError, ReserveLabels, Tier, HANDOFF_SECRET_ENV};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{is_ready, ReserveSet, Reserves};
+use crate::metrics;
+use crate::session_id::reserve_machine_name;
+
+/// Replicas filling a slot within the same window of this many seconds pick the same name.
+pub const WINDOW: u64 = 5;
+/// How long one readiness probe of a booting machine may take.
+const PROBE: Duration = Duration::from_secs(2);
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Replenished {
+    pub listed: usize,
+    pub made_ready: usize,
+    pub created: usize,
+    pub taken_by_others: usize,
+    pub errors: usize,
+}
+
+impl Reserves {
+    /// Runs passes every `interval` (± 20 % jitter) until `stop`.
+    pub async fn run(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+        info!(
+            interval_ms = interval.as_millis() as u64,
+            "reserve replenishment running"
+        );
+        loop {
+            let report = self.replenish().await;
+            if report.created + report.made_ready + report.errors > 0 {
+                debug!(?report, "reserve pass");
+            }
+            let jitter = 0.8 + rand::random::<f64>() * 0.4;
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(interval.mul_f64(jitter)) => {}
+            }
+        }
+    }
+
+    /// One reconcile pass.
+    pub async fn replenish(&self) -> Replenished {
+        let mut report = Replenished::default();
+        {
+            self.listing().at = None;
+        }
+        let machines = match self.machines().await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "cannot list the reserve; trying again next pass");
+                report.errors += 1;
+                return report;
+            }
+        };
+        report.listed = machines.len();
+        self.report(&machines);
+        for set in self.sets() {
+            let mine: Vec<&MachineStatus> = machines
+                .iter()
+                .filter(|m| {
+                    m.reserve.as_ref().is_some_and(|r| {
+                        r.agent == set.agent
+                            && r.fingerprint == set.fingerprint
+                            && r.tier == set.tier
+                    })
+                })
+                .collect();
+            self.make_ready(set, &mine, &mut report).await;
+            self.fill_slots(set, &mine, &mut report).await;
+            if let Some(pool) = &set.rooms {
+                pool.refill().await;
+            }
+        }
+        report
+    }
+
+    /// Marks ready the machines whose bot answers `/readyz` (suspending the suspended tier's
+    /// first), probing them concurrently.
+    async fn make_ready(
+        &self,
+        set: &ReserveSet,
+        mine: &[&MachineStatus],
+        report: &mut Replenished,
+    ) {
+        let Some(reserve) = self.provider.reserve() else {
+            return;
+        };
+        let port = set.template.handoff_port.unwrap_or(8080);
+        let waiting = mine.iter().filter(|m| !is_ready(m));
+        let probes = waiting.map(|m| async move {
+            let already_suspended = m.provider_state == "suspended";
+            if !already_suspended {
+                if !matches!(m.provider_state.as_str(), "started" | "running") {
+                    return Ok(false);
+                }
+                let handoff = self.provider.handoff().ok_or_else(|| {
+                    ProviderError::config(self.provider.name(), "no http handoff")
+                })?;
+                let url = handoff.bot_url(&m.as_launched(), port)?;
+                let deadline = providers::Deadline::after(PROBE);
+                if self
+                    .handoff()
+                    .client
+                    .wait_ready(&url, deadline)
+                    .await
+                    .is_err()
+                {
+                    return Ok(false);
+                }
+                if set.tier == Tier::Suspended {
+                    reserve.suspend(&m.handle).await?;
+                }
+            }
+            reserve.mark_ready(&m.handle).await?;
+            self.made_ready(&m.handle, set.tier);
+            if let Some(created) = m.created_at {
+                let took = (Utc::now() - created).to_std().unwrap_or_default();
+                metrics::reserve_replenished(&set.agent, set.tier.as_str(), took);
+            }
+            Ok::<bool, ProviderError>(true)
+        });
+        for result in futures_util::future::join_all(probes).await {
+            match result {
+                Ok(true) => report.made_ready += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    report.errors += 1;
+                    warn!(error = %e, "cannot make a reserve machine ready");
+                }
+            }
+        }
+    }
+
+    /// Creates machines for the slots no machine fills.
+    async fn fill_slots(
+        &self,
+        set: &ReserveSet,
+        mine: &[&MachineStatus],
+        report: &mut Replenished,
+    ) {
+        let Some(reserve) = self.provider.reserve() else {
+            return;
+        };
+        let taken: BTreeSet<u32> = mine
+            .iter()
+            .filter_map(|m| m.reserve.as_ref().map(|r| r.slot))
+            .collect();
+        let window = Utc::now().timestamp().max(0) as u64 / WINDOW;
+        for slot in (0..set.size).filter(|s| !taken.contains(s)) {
+            let name = reserve_machine_name(&self.deployment, slot, &set.fingerprint, window);
+            let labels = ReserveLabels {
+                name: name.clone(),
+                slot,
+                agent: set.agent.clone(),
+                fingerprint: set.fingerprint.clone(),
+                tier: set.tier,
+                ready: false,
+            };
+            let env = [(
+                HANDOFF_SECRET_ENV.to_owned(),
+                self.handoff().secrets.for_machine(&name),
+            )]
+            .into();
+            let t = Instant::now();
+            match reserve.prepare(&set.template, &name, &labels, &env).await {
+                Ok(launched) => {
+                    report.created += 1;
+                    debug!(machine.id = %launched.handle, slot, took_ms = t.elapsed().as_millis() as u64, "reserve machine created");
+                }
+                Err(ProviderError::Conflict { .. }) => report.taken_by_others += 1,
+                Err(e) => {
+                    report.errors += 1;
+                    warn!(slot, error = %e, "cannot create a reserve machine; trying again next pass");
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! A replica's pool of Daily rooms created ahead, so that a warm start does not wait for a
+//! room. Rooms are private and live [`ROOM_TTL_FACTOR`] sessions long; one is handed out only
+//! while its remaining lifetime covers a whole session, and retired otherwise. A room that is
+//! handed out is named in its session machine's labels, so the reaper's room rules keep
+//! working; the pool rooms of a replica that died are deleted by the reaper once too old to
+//! be handed out.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Map;
+
+use crate::rooms::{RoomRequest, RoomService};
+use crate::session_id::pool_room_name;
+
+/// Pool rooms live this many maximal sessions.
+pub const ROOM_TTL_FACTOR: u32 = 3;
+
+/// A room created ahead.
+#[derive(Debug, Clone)]
+pub struct PooledRoom {
+    pub name: String,
+    pub url: String,
+    pub exp: DateTime<Utc>,
+}
+
+/// One agent's pool on this replica.
+pub struct RoomPool {
+    rooms: Arc<dyn RoomService>,
+    deployment: String,
+    target: usize,
+    max_session: Duration,
+    ready: Mutex<VecDeque<PooledRoom>>,
+}
+
+impl RoomPool {
+    pub fn new(
+        rooms: Arc<dyn RoomService>,
+        deployment: &str,
+        target: usize,
+        max_session: Duration,
+    ) -> Self {
+        Self {
+            rooms,
+            deployment: deployment.to_owned(),
+            target,
+            max_session,
+            ready: Mutex::default(),
+        }
+    }
+
+    /// How old a pool room may get and still be handed out; older unused ones are debris.
+    pub fn max_age(max_session: Duration) -> Duration {
+        max_session * (ROOM_TTL_FACTOR - 1)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<PooledRoom>> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A room whose remaining lifetime covers a whole session (and a minute), if any.
+    pub fn take(&self) -> Option<PooledRoom> {
+        let enough = Utc::now()
+            + chrono::Duration::from_std(self.max_session + Duration::from_secs(60))
+                .unwrap_or_default();
+        let mut ready = self.lock();
+        ready.retain(|room| room.exp > enough);
+        ready.pop_front()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Creates rooms up to the target. Errors are logged; the next pass tries again.
+    pub async fn refill(&self) {
+        let missing = self.target.saturating_sub(self.len());
+        for _ in 0..missing {
+            let exp = Utc::now()
+                + chrono::Duration::from_std(self.max_session * ROOM_TTL_FACTOR)
+                    .unwrap_or_default();
+            let req = RoomRequest {
+                name: pool_room_name(&self.deployment),
+                exp: DateTime::from_timestamp(exp.timestamp(), 0).unwrap_or(exp),
+                properties: Map::new(),
+                deadline: None,
+            };
+            match self.rooms.create(&req).await {
+                Ok(room) => self.lock().push_back(PooledRoom {
+                    name: room.name,
+                    url: room.url,
+                    exp: req.exp,
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot create a pool room; trying again later");
+                    return;
+                }
+            }
+        }
+    }
+}

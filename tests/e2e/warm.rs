@@ -1,0 +1,541 @@
+//! Warm starts against the Fly fake's per-machine bot servers (DESIGN §4, §10): the `http`
+//! handoff cold and from hot, suspended and stopped reserves; every failure of a warm start
+//! ending with the next machine, the cold path or a clean error; and three replicas claiming
+//! from one reserve without handing any machine out twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use providers::testkit::fly_fake::{BootKind, FakeMachine, FlyOp, HandoffAuth};
+use providers::testkit::Fault;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+/// A dispatcher whose default agent hands sessions over HTTP and keeps a reserve of `size`
+/// machines of `tier` (none when `size` is 0), replenished every 100 ms.
+async fn warm_env(tier: &str, size: u32, mut opts: Options) -> TestEnv {
+    opts.background = true;
+    opts.env.extend([
+        ("BOTDISPATCH_HANDOFF", "http".to_owned()),
+        ("BOTDISPATCH_RESERVE_TIER", tier.to_owned()),
+        ("BOTDISPATCH_RESERVE_SIZE", size.to_string()),
+        ("BOTDISPATCH_RESERVE_INTERVAL_MS", "100".to_owned()),
+        ("BOTDISPATCH_REAPER_INTERVAL_SECS", "0".to_owned()),
+        ("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0".to_owned()),
+    ]);
+    TestEnv::with(opts).await
+}
+
+fn meta(m: &FakeMachine) -> &Value {
+    &m.config["metadata"]
+}
+
+/// Unclaimed reserve machines that are ready: marked so (hot, suspended) or created and
+/// stopped (stopped).
+fn ready_reserve(env: &TestEnv) -> Vec<FakeMachine> {
+    env.fly
+        .live_machines()
+        .into_iter()
+        .filter(|m| {
+            let meta = meta(m);
+            meta["botdispatch_role"] == "reserve"
+                && (meta["botdispatch_ready"] == "1"
+                    || (meta["botdispatch_tier"] == "stopped" && m.state == "stopped"))
+        })
+        .collect()
+}
+
+/// Waits until `n` reserve machines are ready, and then until the dispatcher has listed them
+/// (it claims from its last listing, taken every pass).
+async fn wait_reserve_ready(env: &TestEnv, n: usize) -> Vec<FakeMachine> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = ready_reserve(env);
+        if ready.len() >= n {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return ready;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reserve not ready: {} of {n}; machines: {:#?}",
+            ready.len(),
+            env.fly.live_machines()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The session's only delivery, checked against the start's answer.
+fn assert_delivered(env: &TestEnv, handle: &str, resp: &Value) {
+    let deliveries = env.fly.deliveries(handle);
+    assert_eq!(deliveries.len(), 1, "{deliveries:#?}");
+    let d = &deliveries[0];
+    let key = session_key(resp["sessionId"].as_str().unwrap());
+    assert!(d.accepted, "{d:?}");
+    assert_eq!(d.auth, HandoffAuth::Matched);
+    assert_eq!(d.session_id.as_deref(), Some(key));
+    assert_eq!(d.room_url.as_deref(), resp["dailyRoom"].as_str());
+    assert_eq!(d.body, Some(json!({"hello": "world"})));
+    // The bot's room token: an owner token for the session's room.
+    let room = resp["dailyRoom"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap();
+    let bot = decode_hs256(d.room_token.as_deref().unwrap(), DAILY_KEY);
+    assert_eq!(bot["r"], room);
+    assert_eq!(bot["o"], true);
+}
+
+async fn wait_signalled(env: &TestEnv, handle: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !env.fly.signals(handle).contains(&"SIGTERM".to_owned()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no SIGTERM after the handoff"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn http_handoff_cold_start_delivers_the_session_and_ends_the_boot() {
+    let env = warm_env("hot", 0, Options::default()).await;
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["status"], "ready");
+    assert_eq!(resp["startType"], "cold");
+    let handle = session_handle(resp["sessionId"].as_str().unwrap());
+    let machine = env.fly.machine(&handle).unwrap();
+    // Launched without the session: static env and its own handoff secret only.
+    let vars = &machine.config["env"];
+    assert!(vars.get("DAILY_ROOM_URL").is_none(), "{vars}");
+    assert!(vars.get("BOTDISPATCH_SESSION_ID").is_none(), "{vars}");
+    assert_eq!(
+        vars["BOTDISPATCH_HANDOFF_SECRET"].as_str().unwrap().len(),
+        64
+    );
+    assert_eq!(vars["PORT"], "8080");
+    assert_delivered(&env, &handle, &resp);
+    wait_signalled(&env, &handle).await;
+
+    // A second /bot can never reach this boot: the bot stopped taking sessions.
+    let url = format!("{}/bot", env.fly.machine_url(&handle));
+    let secret = vars["BOTDISPATCH_HANDOFF_SECRET"].as_str().unwrap();
+    let second = env
+        .http
+        .post(&url)
+        .bearer_auth(secret)
+        .json(&json!({}))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    assert!(
+        second.map_or(true, |r| !r.status().is_success()),
+        "a second session was accepted"
+    );
+
+    let (_, view) = env
+        .get_session("alice", resp["statusUrl"].as_str().unwrap())
+        .await;
+    assert_eq!(view["status"], "ready", "{view}");
+    assert_eq!(view["startType"], "cold", "{view}");
+
+    // The session ends: the bot exits and auto_destroy reclaims the machine.
+    env.fly.end_session(&handle);
+    assert!(
+        env.fly
+            .wait_for_state(&handle, "destroyed", Duration::from_secs(5))
+            .await
+    );
+    assert!(
+        env.fly.violations().is_empty(),
+        "{:?}",
+        env.fly.violations()
+    );
+    env.assert_spec_clean();
+}
+
+#[tokio::test]
+async fn hot_reserve_hands_out_a_booted_machine_and_refills() {
+    let env = warm_env("hot", 2, Options::default()).await;
+    let reserve = wait_reserve_ready(&env, 2).await;
+    let boots_before: u32 = reserve.iter().map(|m| m.boots).sum();
+
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["startType"], "hot");
+    let handle = session_handle(resp["sessionId"].as_str().unwrap());
+    assert!(
+        reserve.iter().any(|m| m.id == handle),
+        "not a reserve machine"
+    );
+    let m = env.fly.machine(&handle).unwrap();
+    assert_eq!(m.boots, 1, "a hot machine is not booted again");
+    assert_eq!(meta(&m)["botdispatch_role"], "session");
+    assert_eq!(meta(&m)["botdispatch_start"], "hot");
+    assert_eq!(
+        meta(&m)["botdispatch_session"],
+        session_key(resp["sessionId"].as_str().unwrap())
+    );
+    assert_delivered(&env, &handle, &resp);
+    wait_signalled(&env, &handle).await;
+    // The claim's lease was held through the handoff and is released after it, with the
+    // session's real deadline written.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while env.fly.lease(&handle).is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the claim's lease is never released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = env.fly.machine(&handle).unwrap();
+    let real = meta(&m)["botdispatch_deadline"]
+        .as_str()
+        .unwrap()
+        .parse::<i64>()
+        .unwrap();
+    assert!((real - (now() + 3600)).abs() < 10, "deadline {real}");
+    // The room came from this replica's pool, created ahead.
+    let room = resp["dailyRoom"].as_str().unwrap();
+    assert!(room.contains("/bd-default-p"), "{room}");
+    assert_eq!(
+        meta(&m)["botdispatch_room"],
+        room.rsplit('/').next().unwrap()
+    );
+
+    let (_, view) = env
+        .get_session("alice", resp["statusUrl"].as_str().unwrap())
+        .await;
+    assert_eq!(view["startType"], "hot", "{view}");
+    assert_eq!(view["status"], "ready", "{view}");
+
+    // Back to two ready machines, the claimed one not among them.
+    let refilled = wait_reserve_ready(&env, 2).await;
+    assert!(refilled.iter().all(|m| m.id != handle));
+    let boots_after: u32 = refilled.iter().map(|m| m.boots).sum::<u32>() + 1;
+    assert_eq!(
+        boots_after,
+        boots_before + 1,
+        "one new machine for one claimed"
+    );
+
+    // DELETE ends it: machine and (pooled) room.
+    let (status, _) = env
+        .call(
+            "DELETE",
+            resp["statusUrl"].as_str().unwrap(),
+            Some(&env.token("alice")),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        env.fly
+            .wait_for_state(&handle, "destroyed", Duration::from_secs(5))
+            .await
+    );
+    let room_name = room.rsplit('/').next().unwrap();
+    assert!(env.daily.rooms().iter().all(|r| r.name != room_name));
+    assert!(
+        env.fly.violations().is_empty(),
+        "{:?}",
+        env.fly.violations()
+    );
+    env.assert_spec_clean();
+}
+
+#[tokio::test]
+async fn suspended_reserve_resumes_from_the_snapshot() {
+    let env = warm_env("suspended", 1, Options::default()).await;
+    let reserve = wait_reserve_ready(&env, 1).await;
+    assert_eq!(reserve[0].state, "suspended");
+    assert_eq!(reserve[0].suspends, 1);
+
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["startType"], "suspended");
+    let handle = session_handle(resp["sessionId"].as_str().unwrap());
+    assert_eq!(handle, reserve[0].id);
+    let log = env.fly.boot_log(&handle);
+    assert_eq!(
+        log.iter().map(|b| b.kind).collect::<Vec<_>>(),
+        [BootKind::Fresh, BootKind::Resume],
+        "booted once, resumed once"
+    );
+    assert_delivered(&env, &handle, &resp);
+    wait_signalled(&env, &handle).await;
+    assert!(
+        env.fly.violations().is_empty(),
+        "{:?}",
+        env.fly.violations()
+    );
+    env.assert_spec_clean();
+}
+
+#[tokio::test]
+async fn a_resume_that_comes_back_cold_still_serves_the_session() {
+    let mut opts = Options::default();
+    opts.fly_warm.app_boot = Duration::from_millis(300);
+    let env = warm_env("suspended", 1, opts).await;
+    let reserve = wait_reserve_ready(&env, 1).await;
+    env.fly.set_cold_resume(&reserve[0].id);
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["startType"], "suspended");
+    let handle = session_handle(resp["sessionId"].as_str().unwrap());
+    let log = env.fly.boot_log(&handle);
+    assert_eq!(log.last().unwrap().kind, BootKind::ColdResume);
+    assert_delivered(&env, &handle, &resp);
+    assert!(
+        env.fly.violations().is_empty(),
+        "{:?}",
+        env.fly.violations()
+    );
+}
+
+#[tokio::test]
+async fn stopped_reserve_boots_on_claim() {
+    let env = warm_env("stopped", 1, Options::default()).await;
+    let reserve = wait_reserve_ready(&env, 1).await;
+    assert_eq!(reserve[0].state, "stopped");
+    assert_eq!(reserve[0].boots, 0, "created with skip_launch");
+    assert_eq!(reserve[0].config["env"]["PORT"], "8080");
+
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["startType"], "stopped");
+    let handle = session_handle(resp["sessionId"].as_str().unwrap());
+    assert_eq!(handle, reserve[0].id);
+    assert_eq!(env.fly.boots(&handle), 1);
+    assert_delivered(&env, &handle, &resp);
+    assert!(
+        env.fly.violations().is_empty(),
+        "{:?}",
+        env.fly.violations()
+    );
+    env.assert_spec_clean();
+}
+
+#[tokio::test]
+async fn a_refused_handoff_moves_on_to_the_next_machine() {
+    let env = warm_env("hot", 2, Options::default()).await;
+    let reserve = wait_reserve_ready(&env, 2).await;
+    // Both reserve machines refuse; the start ends on a cold machine.
+    for m in &reserve {
+        env.fly.set_bot_refusal(&m.id, Some(500));
+    }
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["startType"], "cold");
+    let handle = session_handle(resp["sessionId"].as_str().unwrap());
+    assert!(reserve.iter().all(|m| m.id != handle));
+    assert_delivered(&env, &handle, &resp);
+    // The machines that refused are destroyed, not handed out again.
+    for m in &reserve {
+        assert!(
+            env.fly
+                .wait_for_state(&m.id, "destroyed", Duration::from_secs(5))
+                .await,
+            "{:?}",
+            env.fly.machine(&m.id)
+        );
+    }
+    assert!(
+        env.fly.violations().is_empty(),
+        "{:?}",
+        env.fly.violations()
+    );
+}
+
+#[tokio::test]
+async fn a_lost_lease_or_failed_resume_moves_on() {
+    let env = warm_env("suspended", 2, Options::default()).await;
+    let reserve = wait_reserve_ready(&env, 2).await;
+    // Another holder's lease on the first machine tried; the resume of the next one fails.
+    env.fly.set_fault(
+        FlyOp::Lease,
+        Fault::Status {
+            status: 409,
+            retry_after: None,
+        },
+        1,
+    );
+    env.fly.set_fault(
+        FlyOp::Start,
+        Fault::Status {
+            status: 500,
+            retry_after: None,
+        },
+        1,
+    );
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    env.fly.clear_faults();
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    let handle = session_handle(resp["sessionId"].as_str().unwrap());
+    assert_delivered(&env, &handle, &resp);
+    // The machine whose resume failed is destroyed; whatever served the session (the other
+    // reserve machine, once its lease was free, or a cold one) got exactly one session.
+    let failed: Vec<_> = reserve
+        .iter()
+        .filter(|m| m.id != handle && env.fly.deliveries(&m.id).is_empty())
+        .filter(|m| {
+            env.fly
+                .machine(&m.id)
+                .is_some_and(|m| m.boot_log.len() == 1)
+        })
+        .collect();
+    println!("served by a {} machine", resp["startType"]);
+    assert!(["suspended", "cold"].contains(&resp["startType"].as_str().unwrap()));
+    let destroyed = env
+        .fly
+        .machines()
+        .into_iter()
+        .filter(|m| m.state == "destroyed")
+        .count();
+    assert!(
+        destroyed >= 1,
+        "the machine whose start failed is destroyed: {failed:?}"
+    );
+    assert!(
+        env.fly.violations().is_empty(),
+        "{:?}",
+        env.fly.violations()
+    );
+}
+
+#[tokio::test]
+async fn a_machine_that_never_gets_ready_fails_cleanly() {
+    let mut opts = Options::default();
+    opts.env
+        .push(("BOTDISPATCH_START_TIMEOUT_SECS", "2".to_owned()));
+    opts.fly_warm.app_boot = Duration::from_secs(3600);
+    let env = warm_env("hot", 0, opts).await;
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{resp}");
+    assert_eq!(resp["error"], "start_timeout");
+    env.assert_nothing_left_within(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_bot_that_fails_the_session_later_marks_it_failed() {
+    let env = warm_env("hot", 0, Options::default()).await;
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    let handle = session_handle(resp["sessionId"].as_str().unwrap());
+    // The bot crashes mid-session: its process dies, the held /bot connection is reset.
+    env.fly.exit_machine(&handle, 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, view) = env
+            .get_session("alice", resp["statusUrl"].as_str().unwrap())
+            .await;
+        if view["status"] == "ended" || view["status"] == "failed" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn three_replicas_never_hand_a_machine_out_twice() {
+    const SIZE: u32 = 8;
+    const STARTS: usize = 30;
+    let mut first = Options::default();
+    first.fly_warm.session_duration = Some(Duration::from_millis(1500));
+    let (fly, daily) = start_fakes_with(&first.fly, &first.fly_warm).await;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let mut opts = Options::default();
+        opts.shared = Some((fly.clone(), daily.clone()));
+        replicas.push(warm_env("hot", SIZE, opts).await);
+    }
+    wait_reserve_ready(&replicas[0], SIZE as usize).await;
+    let calls = (0..STARTS).map(|i| {
+        let env = &replicas[i % 3];
+        async move { env.post_start(&format!("user{i}"), start_body()).await }
+    });
+    let answers = join_all(calls).await;
+    let mut handles = BTreeSet::new();
+    let mut types: BTreeMap<String, usize> = BTreeMap::new();
+    for (status, resp) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{resp}");
+        let handle = session_handle(resp["sessionId"].as_str().unwrap());
+        assert!(
+            handles.insert(handle.clone()),
+            "machine {handle} handed out twice"
+        );
+        *types
+            .entry(resp["startType"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+        let accepted = fly
+            .deliveries(&handle)
+            .iter()
+            .filter(|d| d.accepted)
+            .count();
+        assert_eq!(accepted, 1, "machine {handle}: {accepted} sessions");
+    }
+    println!("start types: {types:?}");
+    assert!(
+        types.get("hot").copied().unwrap_or(0) >= SIZE as usize / 2,
+        "{types:?}"
+    );
+    assert!(fly.violations().is_empty(), "{:?}", fly.violations());
+
+    // Every session ends by itself (the bot exits, auto_destroy). The reserve is back at its
+    // size, beyond it by at most one machine per slot per replica (the documented bound),
+    // and a reaper pass takes it back to its size.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let sessions = fly
+            .live_machines()
+            .into_iter()
+            .filter(|m| meta(m)["botdispatch_role"] != "reserve")
+            .count();
+        let ready = ready_reserve(&replicas[0]).len();
+        if sessions == 0 && ready >= SIZE as usize {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sessions} sessions still live, {ready} ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reserve = fly.live_machines().len();
+    assert!(
+        reserve <= SIZE as usize * 3,
+        "overshoot beyond the bound: {reserve} machines for a reserve of {SIZE}"
+    );
+    for env in &replicas {
+        env.app.shutdown.cancel();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Past the grace, the reaper retires the surplus.
+    let mut reaper_opts = Options::default();
+    reaper_opts.shared = Some((fly.clone(), daily.clone()));
+    reaper_opts
+        .env
+        .push(("BOTDISPATCH_REAPER_GRACE_SECS", "0".to_owned()));
+    reaper_opts
+        .env
+        .push(("BOTDISPATCH_START_TIMEOUT_SECS", "1".to_owned()));
+    let reaper_env = warm_env("hot", SIZE, reaper_opts).await;
+    reaper_env.app.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    reaper_env.app.reaper.pass().await;
+    let left = fly.live_machines().len();
+    assert_eq!(left, SIZE as usize, "{:#?}", fly.live_machines());
+    // No session room is left; only the replicas' pool rooms (deleted as they age out).
+    let rooms = daily.rooms();
+    assert!(
+        rooms.iter().all(|r| r.name.starts_with("bd-default-p")),
+        "{rooms:?}"
+    );
+}
