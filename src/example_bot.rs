@@ -151,6 +151,11 @@ async fn run_http_mode(
             () = signals => {},
             () = session_over => {},
         }
+        // Open keep-alive connections get a moment to close; then the bot exits regardless.
+        tokio::spawn(async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            std::process::exit(0);
+        });
     });
     server.await.context("the example bot's server failed")?;
     Ok(())

@@ -205,6 +205,18 @@ fn print_dev_banner(app: &App, addr: std::net::SocketAddr) -> anyhow::Result<()>
          curl -s -X POST http://{addr}/start -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{\"body\": {{\"hello\": \"world\"}}}}'\n\n\
          Then GET or DELETE the statusUrl it returns with the same header.\n"
     );
+    let reserve = app.sessions.reserves().and_then(|r| r.sets().next());
+    if let Some(set) = reserve {
+        println!(
+            "The {} agent keeps {} bots booted and waiting (a {} reserve): the answer's startType says\n\
+             whether yours came from it (\"{}\": it can talk at once) or was started for you (\"cold\":\n\
+             it boots first). Each bot serves one session and exits after it.\n",
+            set.agent,
+            set.size,
+            set.tier.as_str(),
+            set.tier.as_str(),
+        );
+    }
     Ok(())
 }
 

@@ -58,6 +58,10 @@ pub struct FlyConfig {
     /// `http://{machine_id}.vm.{app}.internal:{port}` (the dispatcher must run in the same Fly
     /// organization).
     pub machine_url: String,
+    /// When the dispatcher itself runs on Fly (`FLY_MACHINE_ID` is set): its own app, from
+    /// Fly's `FLY_APP_NAME`. Bots must never run there.
+    #[serde(skip)]
+    pub own_app: Option<String>,
 }
 
 impl Default for FlyConfig {
@@ -68,6 +72,7 @@ impl Default for FlyConfig {
             api_url: DEFAULT_API_URL.to_owned(),
             default_region: None,
             machine_url: DEFAULT_MACHINE_URL.to_owned(),
+            own_app: None,
         }
     }
 }
@@ -79,6 +84,9 @@ impl ProviderSettings for FlyConfig {
     }
 
     fn apply_env(&mut self, env: &Env) -> Result<(), ConfigError> {
+        if env.get("FLY_MACHINE_ID").is_some() {
+            self.own_app = env.get("FLY_APP_NAME");
+        }
         env.apply("FLY_API_TOKEN", &mut self.api_token)?;
         env.apply("FLY_APP_NAME", &mut self.app_name)?;
         env.apply("FLY_API_URL", &mut self.api_url)?;
@@ -106,6 +114,14 @@ impl ProviderSettings for FlyConfig {
         if !is_slug(app, 63) {
             return Err(ConfigError::new(format!(
                 "fly.app_name (FLY_APP_NAME) = {app:?} is not a Fly app name"
+            )));
+        }
+        if self.own_app.as_deref() == Some(app) {
+            return Err(ConfigError::new(format!(
+                "fly.app_name = {app:?} is this dispatcher's own app: bots started there would \
+                 inherit its secrets (the Fly API token, the Daily key, the JWT secret). Create a \
+                 separate app for the bots and name it with BOTDISPATCH_FLY_APP (on Fly, \
+                 FLY_APP_NAME is the platform's name for the dispatcher's own app)"
             )));
         }
         check_url("fly.api_url (FLY_API_URL)", &self.api_url)?;

@@ -119,7 +119,12 @@ impl AgentConfig {
         Self {
             image: Some(program.clone()),
             cmd: Some(vec![program, "example-bot".to_owned()]),
-            env: BTreeMap::from([("BOT_LIFETIME_SECS".to_owned(), "60".to_owned())]),
+            // A second of "start-up" (a real bot's imports and pipeline), so the tour shows what
+            // the hot reserve saves.
+            env: BTreeMap::from([
+                ("BOT_LIFETIME_SECS".to_owned(), "60".to_owned()),
+                ("BOT_STARTUP_MS".to_owned(), "1000".to_owned()),
+            ]),
             handoff: Handoff::Http,
             reserve: Some(ReserveConfig {
                 tier: TierName(Tier::Hot),

@@ -253,6 +253,41 @@ fn provider_sections_name_their_missing_keys() {
     }
 }
 
+/// A dispatcher on Fly whose bots would run in its own app (they would inherit its secrets:
+/// the Fly token, the Daily key, the JWT secret) is refused, saying why.
+#[test]
+fn on_fly_the_bots_app_must_not_be_the_dispatchers_own() {
+    let on_fly = |extra: &[(&'static str, &'static str)]| {
+        let mut env = vec![
+            ("BOTDISPATCH_PROVIDER", "fly"),
+            ("FLY_API_TOKEN", "t"),
+            ("BOTDISPATCH_BOT_IMAGE", "registry.fly.io/bots:1"),
+            // What Fly sets on every machine of the dispatcher's app.
+            ("FLY_APP_NAME", "dispatcher"),
+            ("FLY_MACHINE_ID", "148ed193b95089"),
+        ];
+        env.extend_from_slice(extra);
+        load("", &env)
+    };
+    let m = message(on_fly(&[]));
+    assert!(m.contains("dispatcher's own app"), "{m}");
+    assert!(m.contains("BOTDISPATCH_FLY_APP"), "{m}");
+    let m = message(on_fly(&[("BOTDISPATCH_FLY_APP", "dispatcher")]));
+    assert!(m.contains("secrets"), "{m}");
+    assert!(on_fly(&[("BOTDISPATCH_FLY_APP", "bots")]).is_ok());
+    // Off Fly (no FLY_MACHINE_ID), FLY_APP_NAME simply names the bots' app.
+    let off_fly = load(
+        "",
+        &[
+            ("BOTDISPATCH_PROVIDER", "fly"),
+            ("FLY_API_TOKEN", "t"),
+            ("BOTDISPATCH_BOT_IMAGE", "registry.fly.io/bots:1"),
+            ("FLY_APP_NAME", "bots"),
+        ],
+    );
+    assert!(off_fly.is_ok());
+}
+
 #[cfg(feature = "cloudrun")]
 #[tokio::test]
 async fn a_config_that_validates_builds_its_provider() {
@@ -289,4 +324,80 @@ fn secrets_are_redacted_in_debug() {
     )
     .unwrap();
     assert!(!format!("{c:?}").contains("0123456789abcdef"));
+}
+
+/// The `http` handoff and reserves (DESIGN §4, §10): what a provider cannot do, and a reserve
+/// without the handoff it needs, are refused at load, naming the key.
+#[test]
+fn warm_start_settings_are_checked_against_the_provider() {
+    let fly = [
+        ("BOTDISPATCH_PROVIDER", "fly"),
+        ("FLY_API_TOKEN", "t"),
+        ("FLY_APP_NAME", "bots"),
+        ("BOTDISPATCH_BOT_IMAGE", "registry.fly.io/bots:1"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut env = fly.to_vec();
+        env.extend_from_slice(extra);
+        load("", &env)
+    };
+    // A reserve needs the http handoff.
+    let m = message(with(&[("BOTDISPATCH_RESERVE_SIZE", "2")]));
+    assert!(
+        m.contains("agents.default.reserve needs handoff = \"http\""),
+        "{m}"
+    );
+    // Every tier works on Fly; the template gets PORT and its handoff port.
+    for tier in ["hot", "suspended", "stopped"] {
+        let c = with(&[
+            ("BOTDISPATCH_HANDOFF", "http"),
+            ("BOTDISPATCH_RESERVE_TIER", tier),
+            ("BOTDISPATCH_RESERVE_SIZE", "3"),
+        ])
+        .unwrap();
+        let reserve = c.agents["default"].reserve.as_ref().unwrap();
+        assert_eq!(
+            (reserve.tier.0.as_str(), reserve.size, reserve.rooms),
+            (tier, 3, true)
+        );
+        let template = &c.templates().unwrap()["default"];
+        assert_eq!(template.handoff_port, Some(8080));
+        assert_eq!(template.env["PORT"], "8080");
+    }
+    let m = message(with(&[
+        ("BOTDISPATCH_HANDOFF", "http"),
+        ("BOTDISPATCH_RESERVE_TIER", "lukewarm"),
+    ]));
+    assert!(m.contains("BOTDISPATCH_RESERVE_TIER"), "{m}");
+    // A suspended machine's snapshot is at most 2 GB.
+    let m = message(load(
+        "provider = \"fly\"\n[agents.default]\nimage = \"i\"\nhandoff = \"http\"\nguest = { cpus = 2, memory_mb = 4096 }\nreserve = { tier = \"suspended\", size = 1 }\n",
+        &fly[..3],
+    ));
+    assert!(m.contains("memory_mb ≤ 2048"), "{m}");
+    // PORT is the handoff's in http mode.
+    let m = message(load(
+        "provider = \"fly\"\n[agents.default]\nimage = \"i\"\nhandoff = \"http\"\nenv = { PORT = \"9000\" }\n",
+        &fly[..3],
+    ));
+    assert!(m.contains("PORT"), "{m}");
+    // Size 0 means no reserve.
+    let c = with(&[
+        ("BOTDISPATCH_HANDOFF", "http"),
+        ("BOTDISPATCH_RESERVE_SIZE", "0"),
+    ])
+    .unwrap();
+    assert!(c.agents["default"].reserve.is_none());
+    if cfg!(feature = "cloudrun") {
+        // Cloud Run jobs take no inbound traffic.
+        let m = message(load(
+            "provider = \"cloudrun\"\n[cloudrun]\nproject = \"p\"\nregion = \"europe-west1\"\njob = \"j\"\n[agents.default]\nhandoff = \"http\"\n",
+            &[],
+        ));
+        assert!(
+            m.contains("handoff (BOTDISPATCH_HANDOFF) = \"http\""),
+            "{m}"
+        );
+        assert!(m.contains("cloudrun"), "{m}");
+    }
 }

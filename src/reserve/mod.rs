@@ -143,7 +143,8 @@ impl Reserves {
             sets,
             handoff,
             deployment: config.deployment.clone(),
-            prepare_timeout: config.start_timeout() * 2 + Duration::from_secs(60),
+            prepare_timeout: config.start_timeout() * 2
+                + Duration::from_secs(config.reaper_grace_secs),
             listing: Mutex::new(Listing {
                 at: None,
                 machines: Vec::new(),

@@ -74,9 +74,9 @@ impl Sessions {
         if self.shutdown.is_cancelled() {
             return Err(SessionError::ShuttingDown);
         }
-        let permit = self
+        let mut permit = self
             .capacity
-            .admit(&caller.sub)
+            .admit(&caller.sub, &plan.key)
             .await
             .inspect_err(|e| metrics::admission_refused(e.reason()))?;
         let cancel = self.shutdown.child_token();
@@ -89,6 +89,9 @@ impl Sessions {
         let task = self.tasks.spawn(
             async move {
                 let result = this.run(plan, cancel).await;
+                if result.is_ok() {
+                    permit.started();
+                }
                 drop(permit);
                 result
             }

@@ -172,3 +172,58 @@ fn bad_configuration_refuses_to_start_naming_the_key() {
         "{stderr}"
     );
 }
+
+/// The tour's promise: once the embedded default's hot reserve is ready, a start takes a bot
+/// that already booted (`startType: hot`) and hands it the session at once.
+#[tokio::test]
+async fn embedded_default_serves_a_start_from_its_hot_reserve() {
+    let mut d = Dispatcher::spawn(&[("BOTDISPATCH_RESERVE_INTERVAL_MS", "100")]);
+    let (base, token) = d.wait_dev_banner();
+    d.wait_for(
+        "keeps 2 bots booted and waiting (a hot reserve)",
+        Duration::from_secs(5),
+    );
+    let http = reqwest::Client::new();
+    // Ready once both bots answer /readyz (their start-up takes a second).
+    let ready = "botdispatch_reserve_machines{agent=\"default\",tier=\"hot\",state=\"ready\"} 2";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains(ready) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hot reserve never got ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t = Instant::now();
+    let resp = http
+        .post(format!("{base}/start"))
+        .bearer_auth(&token)
+        .json(&json!({"body": {"warm": true}}))
+        .send()
+        .await
+        .unwrap();
+    let took = t.elapsed();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let started: Value = resp.json().await.unwrap();
+    assert_eq!(started["startType"], "hot", "{started}");
+    let key = session_key(started["sessionId"].as_str().unwrap()).to_owned();
+    d.wait_for(
+        &format!("[local-bot {key}] BOTDISPATCH_BODY={{\"warm\":true}}"),
+        Duration::from_secs(5),
+    );
+    // Far below the bot's own one-second start-up: it had booted already.
+    assert!(took < Duration::from_millis(900), "hot start took {took:?}");
+    // The bot got SIGTERM right after the handoff: it takes no other session.
+    d.wait_for(
+        "SIGTERM: no further sessions in this boot; the call goes on",
+        Duration::from_secs(5),
+    );
+}

@@ -17,6 +17,7 @@ mod hostile;
 mod in_process;
 mod kubernetes;
 mod observability;
+mod pipecat_base;
 mod prism;
 mod providers;
 mod resilience;

@@ -92,11 +92,7 @@ async fn fly_by_configuration() {
     assert!(fly.spec_violations().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fargate_by_configuration() {
-    let ecs = FakeEcs::start(FakeEcsConfig::default()).await;
-    let (_, daily) = start_fakes(&Options::default().fly).await;
-    let mut env = base_env(&daily);
+fn fargate_env(ecs: &FakeEcs, env: &mut Vec<(&'static str, String)>) {
     env.extend([
         ("BOTDISPATCH_FARGATE_CLUSTER", "bots".to_owned()),
         ("BOTDISPATCH_FARGATE_TASK_DEFINITION", "bot:1".to_owned()),
@@ -113,6 +109,36 @@ async fn fargate_by_configuration() {
         ("AWS_ENDPOINT_URL_ECS", ecs.endpoint_url()),
         ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
     ]);
+}
+
+fn cloudrun_env(run: &FakeCloudRun, env: &mut Vec<(&'static str, String)>) {
+    env.extend([
+        (
+            "BOTDISPATCH_CLOUDRUN_PROJECT",
+            "botdispatch-test".to_owned(),
+        ),
+        ("BOTDISPATCH_CLOUDRUN_REGION", "europe-west1".to_owned()),
+        ("BOTDISPATCH_CLOUDRUN_JOB", "bots".to_owned()),
+        ("CLOUD_RUN_API_URL", run.api_url()),
+        ("GCE_METADATA_HOST", run.metadata_host()),
+    ]);
+}
+
+fn fly_env(fly: &providers::testkit::fly_fake::FakeFly, env: &mut Vec<(&'static str, String)>) {
+    env.extend([
+        ("BOTDISPATCH_BOT_IMAGE", BOT_IMAGE.to_owned()),
+        ("FLY_API_TOKEN", FLY_TOKEN.to_owned()),
+        ("BOTDISPATCH_FLY_APP", FLY_APP.to_owned()),
+        ("BOTDISPATCH_FLY_API_URL", fly.base_url()),
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fargate_by_configuration() {
+    let ecs = FakeEcs::start(FakeEcsConfig::default()).await;
+    let (_, daily) = start_fakes(&Options::default().fly).await;
+    let mut env = base_env(&daily);
+    fargate_env(&ecs, &mut env);
     let task = scenario("fargate", env).await;
     let fake = ecs.task(&task).expect("the session's task");
     assert_eq!(fake.desired_status, "STOPPED", "StopTask was sent");
@@ -129,16 +155,7 @@ async fn cloudrun_by_configuration() {
     let run = FakeCloudRun::start(FakeCloudRunConfig::default()).await;
     let (_, daily) = start_fakes(&Options::default().fly).await;
     let mut env = base_env(&daily);
-    env.extend([
-        (
-            "BOTDISPATCH_CLOUDRUN_PROJECT",
-            "botdispatch-test".to_owned(),
-        ),
-        ("BOTDISPATCH_CLOUDRUN_REGION", "europe-west1".to_owned()),
-        ("BOTDISPATCH_CLOUDRUN_JOB", "bots".to_owned()),
-        ("CLOUD_RUN_API_URL", run.api_url()),
-        ("GCE_METADATA_HOST", run.metadata_host()),
-    ]);
+    cloudrun_env(&run, &mut env);
     let execution = scenario("cloudrun", env).await;
     assert!(run.execution(&execution).is_some());
     assert!(
@@ -229,4 +246,102 @@ async fn a_body_fargate_cannot_carry_is_refused_before_anything_exists() {
     too_large_for("fargate", env, 10 * 1024, "8192").await;
     assert!(ecs.tasks().is_empty());
     assert!(daily.rooms().is_empty());
+}
+
+/// `max_sessions = N` admits exactly N concurrent starts, on every provider: a start in flight
+/// whose machine the provider already lists is counted once (it used to count twice: with
+/// Cloud Run, five concurrent starts under `max_sessions = 5` admitted only 3).
+async fn admits_exactly(provider: &str, mut env: Vec<(&'static str, String)>) {
+    const N: usize = 5;
+    env.push(("BOTDISPATCH_MAX_SESSIONS", N.to_string()));
+    env.push(("BOTDISPATCH_STARTS_PER_MINUTE_PER_CALLER", "0".into()));
+    let (mut d, base) = dispatcher(provider, env);
+    let http = reqwest::Client::new();
+    let start = |i: usize| {
+        let http = http.clone();
+        let base = base.clone();
+        async move {
+            let resp = http
+                .post(format!("{base}/start"))
+                .bearer_auth(hs_token(&format!("user{i}")))
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    // N + 2 at once: exactly N admitted.
+    let answers = futures_util::future::join_all((0..N + 2).map(start)).await;
+    let ok = answers.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    let full: Vec<_> = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::TOO_MANY_REQUESTS)
+        .collect();
+    assert_eq!(ok, N, "{provider}: {answers:?}\n{}", d.output());
+    assert_eq!(full.len(), 2, "{provider}: {answers:?}");
+    assert!(
+        full.iter().all(|(_, b)| b["error"] == "at_capacity"),
+        "{full:?}"
+    );
+    // And once they are all listed by the provider, still N: one more is refused.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, body) = start(99).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{provider}: {body}");
+    println!(
+        "{provider}: {N} of {} concurrent starts admitted under max_sessions = {N}",
+        N + 2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_admits_exactly_n_on_fly() {
+    let (fly, daily) = start_fakes(&Options::default().fly).await;
+    let mut env = base_env(&daily);
+    fly_env(&fly, &mut env);
+    admits_exactly("fly", env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_admits_exactly_n_on_fargate() {
+    let ecs = FakeEcs::start(FakeEcsConfig::default()).await;
+    let (_, daily) = start_fakes(&Options::default().fly).await;
+    let mut env = base_env(&daily);
+    fargate_env(&ecs, &mut env);
+    admits_exactly("fargate", env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_admits_exactly_n_on_cloudrun() {
+    let run = FakeCloudRun::start(FakeCloudRunConfig::default()).await;
+    let (_, daily) = start_fakes(&Options::default().fly).await;
+    let mut env = base_env(&daily);
+    cloudrun_env(&run, &mut env);
+    admits_exactly("cloudrun", env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_admits_exactly_n_locally() {
+    let (_, daily) = start_fakes(&Options::default().fly).await;
+    let mut env = base_env(&daily);
+    env.push(("BOTDISPATCH_HANDOFF", "env".into()));
+    env.push(("BOTDISPATCH_RESERVE_SIZE", "0".into()));
+    admits_exactly("local", env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_admits_exactly_n_on_kubernetes() {
+    use providers::testkit::kube_fake::{FakeKube, FakeKubeConfig};
+    let kube = FakeKube::start(FakeKubeConfig::default()).await;
+    let (_, daily) = start_fakes(&Options::default().fly).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, kube.kubeconfig("bots")).unwrap();
+    let mut env = base_env(&daily);
+    env.extend([
+        ("BOTDISPATCH_BOT_IMAGE", "ghcr.io/acme/bot:1.0".to_owned()),
+        ("KUBECONFIG", kubeconfig.display().to_string()),
+    ]);
+    admits_exactly("kubernetes", env).await;
 }

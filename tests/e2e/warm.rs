@@ -539,3 +539,131 @@ async fn three_replicas_never_hand_a_machine_out_twice() {
         "{rooms:?}"
     );
 }
+
+/// The reaper's reserve rules: machines of a stale template and machines that never got ready
+/// are retired; a claimed machine (a session's now) never is; the reserve is rebuilt from the
+/// current template.
+#[tokio::test]
+async fn the_reaper_rotates_stale_and_broken_reserve_machines_and_spares_claimed_ones() {
+    let mut v1 = Options::default();
+    v1.fly_warm.session_duration = None;
+    let (fly, daily) = start_fakes_with(&v1.fly, &v1.fly_warm).await;
+    v1.shared = Some((fly.clone(), daily.clone()));
+    let old = warm_env("hot", 2, v1).await;
+    let stale = wait_reserve_ready(&old, 2).await;
+    // One of them becomes a session's.
+    let (status, resp) = old.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["startType"], "hot");
+    let claimed = session_handle(resp["sessionId"].as_str().unwrap());
+    old.app.shutdown.cancel();
+
+    // A new release of the bot: another image, so another template fingerprint.
+    let mut v2 = Options::default();
+    v2.shared = Some((fly.clone(), daily.clone()));
+    v2.env.extend([
+        (
+            "BOTDISPATCH_BOT_IMAGE",
+            "registry.fly.io/bots:v2".to_owned(),
+        ),
+        ("BOTDISPATCH_REAPER_GRACE_SECS", "0".to_owned()),
+        ("BOTDISPATCH_START_TIMEOUT_SECS", "1".to_owned()),
+    ]);
+    let new = warm_env("hot", 2, v2).await;
+    let fresh = wait_reserve_ready(&new, 3).await;
+    let v2_ready: Vec<_> = fresh
+        .iter()
+        .filter(|m| m.config["image"] == "registry.fly.io/bots:v2")
+        .collect();
+    assert_eq!(v2_ready.len(), 2, "the new template's reserve is built");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let report = new.app.reaper.pass().await;
+    println!("{report:?}");
+    for m in stale.iter().filter(|m| m.id != claimed) {
+        assert!(
+            fly.wait_for_state(&m.id, "destroyed", Duration::from_secs(5))
+                .await,
+            "stale reserve machine {} kept",
+            m.id
+        );
+    }
+    assert_eq!(
+        fly.machine(&claimed).unwrap().state,
+        "started",
+        "a claimed machine is a session's: never retired"
+    );
+
+    // A machine that never gets ready is retired once past its preparation time.
+    let mut v2b = Options::default();
+    v2b.shared = Some((fly.clone(), daily.clone()));
+    v2b.env.extend([
+        (
+            "BOTDISPATCH_BOT_IMAGE",
+            "registry.fly.io/bots:v3".to_owned(),
+        ),
+        ("BOTDISPATCH_REAPER_GRACE_SECS", "0".to_owned()),
+        ("BOTDISPATCH_START_TIMEOUT_SECS", "1".to_owned()),
+        ("BOTDISPATCH_RESERVE_INTERVAL_MS", "0".to_owned()),
+    ]);
+    new.app.shutdown.cancel();
+    let v3 = warm_env("hot", 1, v2b).await;
+    let reserves = v3.app.sessions.reserves().unwrap().clone();
+    reserves.replenish().await;
+    let unready = fly
+        .live_machines()
+        .into_iter()
+        .find(|m| m.config["image"] == "registry.fly.io/bots:v3")
+        .expect("a v3 machine was created");
+    fly.set_never_ready(&unready.id, true);
+    reserves.replenish().await;
+    assert!(!fly.is_ready(&unready.id) || ready_reserve(&v3).iter().all(|m| m.id != unready.id));
+    // Past 2 × start timeout + grace (2 s) it counts as broken.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let report = v3.app.reaper.pass().await;
+    assert!(report.reserve_retired >= 1, "{report:?}");
+    assert!(
+        fly.wait_for_state(&unready.id, "destroyed", Duration::from_secs(5))
+            .await,
+        "a reserve machine that never got ready is retired"
+    );
+    assert!(fly.violations().is_empty(), "{:?}", fly.violations());
+}
+
+/// A pool room handed to a session is deleted by the reaper once that session's machine is
+/// gone (it cannot carry the session's name, so the room-gone rule alone would not find it).
+#[tokio::test]
+async fn the_reaper_deletes_a_pool_room_after_its_session() {
+    let mut opts = Options::default();
+    opts.env
+        .push(("BOTDISPATCH_REAPER_GRACE_SECS", "0".to_owned()));
+    let env = warm_env("hot", 1, opts).await;
+    wait_reserve_ready(&env, 1).await;
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    let room = resp["dailyRoom"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(room.starts_with("bd-default-p"), "{room}");
+    let handle = session_handle(resp["sessionId"].as_str().unwrap());
+    env.app.reaper.pass().await;
+    assert!(
+        env.daily.rooms().iter().any(|r| r.name == room),
+        "in use: kept"
+    );
+    env.fly.end_session(&handle);
+    assert!(
+        env.fly
+            .wait_for_state(&handle, "destroyed", Duration::from_secs(5))
+            .await
+    );
+    let report = env.app.reaper.pass().await;
+    assert!(report.rooms_deleted >= 1, "{report:?}");
+    assert!(
+        env.daily.rooms().iter().all(|r| r.name != room),
+        "the used pool room is deleted"
+    );
+}
