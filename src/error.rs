@@ -186,6 +186,7 @@ impl From<crate::capacity::CapacityError> for ApiError {
             crate::capacity::CapacityError::CallerRate { .. } => "rate_limited",
             crate::capacity::CapacityError::Busy { .. } => "busy",
             crate::capacity::CapacityError::Full { .. } => "at_capacity",
+            crate::capacity::CapacityError::QueueFull { .. } => "queue_full",
         };
         Self::new(StatusCode::TOO_MANY_REQUESTS, code, e.to_string()).retry_after(e.retry_after())
     }

@@ -20,6 +20,7 @@ pub const START_DURATION: &str = "botdispatch_start_duration_seconds";
 pub const START_PHASE_DURATION: &str = "botdispatch_start_phase_duration_seconds";
 pub const STARTS_TOTAL: &str = "botdispatch_starts_total";
 pub const SESSIONS_STARTING: &str = "botdispatch_sessions_starting";
+pub const STARTS_QUEUED: &str = "botdispatch_starts_queued";
 pub const SESSIONS_ACTIVE: &str = "botdispatch_sessions_active";
 pub const PROVIDER_CALLS: &str = "botdispatch_provider_calls_total";
 pub const DAILY_CALLS: &str = "botdispatch_daily_calls_total";
@@ -68,6 +69,10 @@ fn describe() {
     );
     describe_counter!(STARTS_TOTAL, "Starts by agent, provider and outcome");
     describe_gauge!(SESSIONS_STARTING, "Starts in flight on this replica");
+    describe_gauge!(
+        STARTS_QUEUED,
+        "Starts waiting for capacity in this replica's queue"
+    );
     describe_gauge!(
         SESSIONS_ACTIVE,
         "Live sessions at the provider, as last counted"
@@ -164,6 +169,10 @@ pub fn start_finished(
 pub fn start_phase(provider: &'static str, phase: &'static str, took: Duration) {
     histogram!(START_PHASE_DURATION, "provider" => provider, "phase" => phase)
         .record(took.as_secs_f64());
+}
+
+pub fn queued(delta: f64) {
+    gauge!(STARTS_QUEUED).increment(delta);
 }
 
 pub fn starting(delta: f64) {

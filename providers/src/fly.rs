@@ -37,6 +37,11 @@ pub const DEFAULT_API_URL: &str = "https://api.machines.dev/v1";
 pub const DEFAULT_MACHINE_URL: &str = "http://{machine_id}.vm.{app}.internal:{port}";
 /// How long a claim holds a machine's lease (it releases it at once when done).
 const CLAIM_LEASE_SECS: u64 = 30;
+/// At most this many apps in `fly.apps`.
+pub const MAX_APPS: usize = 64;
+/// The keys naming the bots' apps, as messages spell them.
+const APPS_KEY: &str = "fly.apps (BOTDISPATCH_FLY_APPS)";
+const APP_NAME_KEY: &str = "fly.app_name (FLY_APP_NAME)";
 
 /// Settings of the `fly` provider: the `[fly]` section of the configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -45,7 +50,13 @@ pub struct FlyConfig {
     /// `FLY_API_TOKEN`.
     pub api_token: Option<Secret>,
     /// The app the bot machines run in. `BOTDISPATCH_FLY_APP`, else `FLY_APP_NAME`.
+    /// Ignored when `apps` is set.
     pub app_name: Option<String>,
+    /// Several apps the bot machines run in (sharding, DESIGN §10): creates spread over them,
+    /// so Fly's per-app create limit (1 req/s, burst 3) multiplies; every app is listed,
+    /// checked and reaped. All share `api_token`. Takes precedence over `app_name`.
+    /// `BOTDISPATCH_FLY_APPS` (comma list); at most [`MAX_APPS`].
+    pub apps: Vec<String>,
     /// Base URL including the version. `BOTDISPATCH_FLY_API_URL`, else `FLY_API_URL`; default
     /// `https://api.machines.dev/v1`.
     pub api_url: String,
@@ -69,11 +80,60 @@ impl Default for FlyConfig {
         Self {
             api_token: None,
             app_name: None,
+            apps: Vec::new(),
             api_url: DEFAULT_API_URL.to_owned(),
             default_region: None,
             machine_url: DEFAULT_MACHINE_URL.to_owned(),
             own_app: None,
         }
+    }
+}
+
+impl FlyConfig {
+    /// The apps bot machines run in, validated: `apps` when set, else `app_name`. Each is a
+    /// Fly app name, none twice, none the dispatcher's own app.
+    pub fn bot_apps(&self) -> Result<Vec<String>, ConfigError> {
+        let (apps, key) = match self.apps.is_empty() {
+            false => (self.apps.clone(), APPS_KEY),
+            true => {
+                let app = required(
+                    self.app_name.as_deref(),
+                    &format!("{APPS_KEY} or {APP_NAME_KEY}"),
+                    NAME,
+                )?;
+                (vec![app.to_owned()], APP_NAME_KEY)
+            }
+        };
+        if apps.len() > MAX_APPS {
+            return Err(ConfigError::new(format!(
+                "{key} names {} apps; at most {MAX_APPS} are allowed",
+                apps.len()
+            )));
+        }
+        for (i, app) in apps.iter().enumerate() {
+            if !is_slug(app, 63) {
+                return Err(ConfigError::new(format!(
+                    "{key} = {app:?} is not a Fly app name"
+                )));
+            }
+            if apps[..i].contains(app) {
+                return Err(ConfigError::new(format!("{key} names {app:?} twice")));
+            }
+            if self.own_app.as_ref() == Some(app) {
+                let what = match key {
+                    APP_NAME_KEY => format!("fly.app_name = {app:?} is"),
+                    _ => format!("{key} names {app:?},"),
+                };
+                return Err(ConfigError::new(format!(
+                    "{what} this dispatcher's own app: bots started there would \
+                     inherit its secrets (the Fly API token, the Daily key, the JWT secret). Create \
+                     separate apps for the bots and name them with BOTDISPATCH_FLY_APP or \
+                     BOTDISPATCH_FLY_APPS (on Fly, FLY_APP_NAME is the platform's name for the \
+                     dispatcher's own app)"
+                )));
+            }
+        }
+        Ok(apps)
     }
 }
 
@@ -95,6 +155,7 @@ impl ProviderSettings for FlyConfig {
         // FLY_APP_NAME and FLY_REGION), so a dispatcher deployed on Fly names the bots' app
         // with these, which win.
         env.apply("BOTDISPATCH_FLY_APP", &mut self.app_name)?;
+        env.apply("BOTDISPATCH_FLY_APPS", &mut self.apps)?;
         env.apply("BOTDISPATCH_FLY_API_URL", &mut self.api_url)?;
         env.apply("BOTDISPATCH_FLY_REGION", &mut self.default_region)?;
         env.apply("BOTDISPATCH_FLY_MACHINE_URL", &mut self.machine_url)
@@ -106,24 +167,8 @@ impl ProviderSettings for FlyConfig {
             "fly.api_token (FLY_API_TOKEN)",
             NAME,
         )?;
-        let app = required(
-            self.app_name.as_deref(),
-            "fly.app_name (FLY_APP_NAME)",
-            NAME,
-        )?;
-        if !is_slug(app, 63) {
-            return Err(ConfigError::new(format!(
-                "fly.app_name (FLY_APP_NAME) = {app:?} is not a Fly app name"
-            )));
-        }
-        if self.own_app.as_deref() == Some(app) {
-            return Err(ConfigError::new(format!(
-                "fly.app_name = {app:?} is this dispatcher's own app: bots started there would \
-                 inherit its secrets (the Fly API token, the Daily key, the JWT secret). Create a \
-                 separate app for the bots and name it with BOTDISPATCH_FLY_APP (on Fly, \
-                 FLY_APP_NAME is the platform's name for the dispatcher's own app)"
-            )));
-        }
+        let apps = self.bot_apps()?;
+        let app = apps[0].as_str();
         check_url("fly.api_url (FLY_API_URL)", &self.api_url)?;
         let example = expand_machine_url(
             &self.machine_url,
@@ -184,12 +229,20 @@ const FLY_ERRORS: ErrorShape = ErrorShape {
     throttling_codes: &[],
 };
 
-/// Launches sessions as Fly Machines.
+/// Launches sessions as Fly Machines, in one app or spread over several (`fly.apps`).
+///
+/// With several apps a machine's handle is `<app>/<machine id>`; with one it is the plain
+/// machine id (and a plain id always means the first app, so session ids issued before the
+/// apps were sharded stay valid while that app stays first). A create goes to the app its
+/// machine's name hashes to ([`FlyProvider::app_for`]): every replica sends a given name to
+/// the same app, so a retried or duplicated create conflicts there instead of making a second
+/// machine in another app.
 pub struct FlyProvider {
     http: reqwest::Client,
     api_url: String,
     api_token: Secret,
-    app_name: String,
+    /// The bots' apps, at least one; plain handles are machines of the first.
+    apps: Vec<String>,
     default_region: Option<String>,
     machine_url: String,
     request_timeout: Duration,
@@ -237,8 +290,10 @@ impl FlyProvider {
         Ok(Self {
             http: ctx.http.clone(),
             api_url: config.api_url.trim_end_matches('/').to_owned(),
+            apps: config
+                .bot_apps()
+                .map_err(|e| ProviderError::config(NAME, e.0))?,
             api_token: config.api_token.unwrap_or_default(),
-            app_name: config.app_name.unwrap_or_default(),
             default_region: config.default_region,
             machine_url: config.machine_url,
             request_timeout: ctx.request_timeout,
@@ -246,28 +301,89 @@ impl FlyProvider {
         })
     }
 
-    /// `/machines/{handle}{rest}`, for a valid handle only (percent-encoded all the same).
-    fn machine_path(&self, handle: &str, rest: &str) -> Result<String, ProviderError> {
-        if !is_machine_id(handle) {
-            return Err(ProviderError::rejected(
-                NAME,
-                format!("{handle:?} is not a Fly machine id"),
-            ));
+    /// The app a machine named `name` is created in: of every app, the one whose hash with
+    /// the name is highest (rendezvous hashing). The same for every replica configured with
+    /// the same apps, whatever their order; adding an app moves only the names that now
+    /// choose the new one.
+    pub fn app_for(&self, name: &str) -> &str {
+        use sha2::{Digest, Sha256};
+        let score = |app: &str| {
+            let digest = Sha256::new()
+                .chain_update(app.as_bytes())
+                .chain_update([0])
+                .chain_update(name.as_bytes())
+                .finalize();
+            let mut head = [0u8; 8];
+            head.copy_from_slice(&digest[..8]);
+            u64::from_be_bytes(head)
+        };
+        match self.apps.as_slice() {
+            [only] => only,
+            apps => apps
+                .iter()
+                .max_by_key(|app| score(app))
+                .map_or("", String::as_str),
         }
-        let id = http::segment(handle).map_err(|e| ProviderError::rejected(NAME, e))?;
-        Ok(format!("/machines/{id}{rest}"))
     }
 
-    fn status_of(&self, machine: FlyMachine) -> MachineStatus {
-        machine.into_status(&self.deployment)
+    /// The handle of machine `id` of `app`: `<app>/<id>` when there are several apps.
+    fn handle_of(&self, app: &str, id: &str) -> String {
+        match self.apps.len() {
+            1 => id.to_owned(),
+            _ => format!("{app}/{id}"),
+        }
     }
 
-    fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        let url = format!("{}/apps/{}{}", self.api_url, self.app_name, path);
+    /// `(app, machine id)` of a handle of this provider: `<app>/<id>` for one of the
+    /// configured apps, or a plain id (the first app).
+    fn locate<'a>(&'a self, handle: &'a str) -> Option<(&'a str, &'a str)> {
+        let (app, id) = match handle.split_once('/') {
+            Some((app, id)) => (self.apps.iter().find(|a| *a == app)?.as_str(), id),
+            None => (self.apps[0].as_str(), handle),
+        };
+        is_machine_id(id).then_some((app, id))
+    }
+
+    /// A request to `/apps/{app}{path}`.
+    fn app_request(&self, app: &str, method: Method, path: &str) -> RequestBuilder {
+        let url = format!("{}/apps/{app}{path}", self.api_url);
         self.http
             .request(method, url)
             .bearer_auth(self.api_token.expose())
             .timeout(self.request_timeout)
+    }
+
+    /// A request to `/apps/{app}/machines/{id}{rest}` of the machine `handle` names, for a
+    /// valid handle only (percent-encoded all the same).
+    fn machine_request(
+        &self,
+        method: Method,
+        handle: &str,
+        rest: &str,
+    ) -> Result<RequestBuilder, ProviderError> {
+        let (app, id) = self.locate(handle).ok_or_else(|| {
+            ProviderError::rejected(NAME, format!("{handle:?} is not a machine of this app"))
+        })?;
+        let segment = |s: &str| http::segment(s).map_err(|e| ProviderError::rejected(NAME, e));
+        let path = format!("/machines/{}{rest}", segment(id)?);
+        Ok(self.app_request(&segment(app)?, method, &path))
+    }
+
+    /// A machine of `app` as botdispatch reports it, with its handle.
+    fn status_of(&self, app: &str, machine: FlyMachine) -> MachineStatus {
+        let mut status = machine.into_status(&self.deployment);
+        status.handle = self.handle_of(app, &status.handle);
+        status
+    }
+
+    /// What a create or start of machine `machine` of `app` returns.
+    fn launched(&self, app: &str, machine: FlyMachine) -> Launched {
+        Launched {
+            handle: self.handle_of(app, &machine.id),
+            region: machine.region,
+            version: machine.instance_id,
+            address: machine.private_ip,
+        }
     }
 
     /// Sends a request; any failure becomes the provider error of `what`.
@@ -286,10 +402,10 @@ impl FlyProvider {
             .map_err(|f| fail(what, f))
     }
 
-    async fn get_machine(&self, id: &str) -> Result<Option<FlyMachine>, ProviderError> {
+    async fn get_machine(&self, handle: &str) -> Result<Option<FlyMachine>, ProviderError> {
         let what = "get machine";
-        let path = self.machine_path(id, "")?;
-        let resp = self.send(self.request(Method::GET, &path), what).await?;
+        let req = self.machine_request(Method::GET, handle, "")?;
+        let resp = self.send(req, what).await?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -299,11 +415,14 @@ impl FlyProvider {
             .map_err(|f| fail(what, f))
     }
 
+    /// The machines of every app matching `filters`, listed concurrently (one request per
+    /// app). Any app's failure fails the whole listing: a partial one would undercount
+    /// sessions (capacity) and the reserve, and hide debris from the reaper.
     async fn list(
         &self,
         filters: &[(&str, &str)],
         include_deleted: bool,
-    ) -> Result<Vec<FlyMachine>, ProviderError> {
+    ) -> Result<Vec<MachineStatus>, ProviderError> {
         let mut query: Vec<(String, &str)> = filters
             .iter()
             .map(|(k, v)| (format!("metadata.{k}"), *v))
@@ -311,11 +430,19 @@ impl FlyProvider {
         if include_deleted {
             query.push(("include_deleted".to_owned(), "true"));
         }
-        self.json(
-            self.request(Method::GET, "/machines").query(&query),
-            "list machines",
-        )
-        .await
+        let query = &query;
+        let lists = self.apps.iter().map(|app| async move {
+            let req = self.app_request(app, Method::GET, "/machines").query(query);
+            let machines: Vec<FlyMachine> = self.json(req, "list machines").await?;
+            Ok::<_, ProviderError>(
+                machines
+                    .into_iter()
+                    .map(|m| self.status_of(app, m))
+                    .collect::<Vec<_>>(),
+            )
+        });
+        let lists = futures_util::future::try_join_all(lists).await?;
+        Ok(lists.into_iter().flatten().collect())
     }
 
     /// The create request of a machine named `name` from `template`, with its whole `env`
@@ -355,12 +482,13 @@ impl FlyProvider {
         Ok(body)
     }
 
-    /// Creates a machine; a taken name is a [`ProviderError::Conflict`].
+    /// Creates the machine named `name` in its app ([`FlyProvider::app_for`]); a taken name
+    /// is a [`ProviderError::Conflict`].
     async fn create(&self, body: Value, name: &str) -> Result<Launched, ProviderError> {
         let what = "create machine";
-        let resp = self
-            .send(self.request(Method::POST, "/machines").json(&body), what)
-            .await?;
+        let app = self.app_for(name);
+        let req = self.app_request(app, Method::POST, "/machines").json(&body);
+        let resp = self.send(req, what).await?;
         if resp.status() == StatusCode::CONFLICT {
             return Err(ProviderError::Conflict {
                 provider: NAME,
@@ -370,12 +498,7 @@ impl FlyProvider {
         let machine: FlyMachine = http::read_json(resp, FLY_ERRORS)
             .await
             .map_err(|f| fail(what, f))?;
-        Ok(Launched {
-            handle: machine.id,
-            region: machine.region,
-            version: machine.instance_id,
-            address: machine.private_ip,
-        })
+        Ok(self.launched(app, machine))
     }
 
     /// `POST` to a machine action (`/start`, `/suspend`, `/signal`), with a lease's nonce when
@@ -388,7 +511,7 @@ impl FlyProvider {
         nonce: Option<&str>,
         what: &str,
     ) -> Result<Response, ProviderError> {
-        let mut req = self.request(Method::POST, &self.machine_path(handle, action)?);
+        let mut req = self.machine_request(Method::POST, handle, action)?;
         if let Some(body) = body {
             req = req.json(&body);
         }
@@ -413,7 +536,7 @@ impl FlyProvider {
     ) -> Result<(), ProviderError> {
         let what = "update machine metadata";
         let mut req = self
-            .request(Method::PATCH, &self.machine_path(handle, "/metadata")?)
+            .machine_request(Method::PATCH, handle, "/metadata")?
             .json(&json!({ "metadata": labels }));
         if let Some(nonce) = nonce {
             req = req.header(LEASE_NONCE, nonce);
@@ -432,7 +555,7 @@ impl FlyProvider {
     async fn lease(&self, handle: &str) -> Result<String, ProviderError> {
         let what = "acquire lease";
         let req = self
-            .request(Method::POST, &self.machine_path(handle, "/lease")?)
+            .machine_request(Method::POST, handle, "/lease")?
             .json(&json!({ "ttl": CLAIM_LEASE_SECS, "description": "botdispatch claim" }));
         let resp = self.send(req, what).await?;
         if resp.status() == StatusCode::CONFLICT {
@@ -470,12 +593,10 @@ impl FlyProvider {
     /// Releases a lease (its TTL would end it anyway).
     async fn release_lease(&self, handle: &str, nonce: &str) {
         let what = "release lease";
-        let Ok(path) = self.machine_path(handle, "/lease") else {
+        let Ok(req) = self.machine_request(Method::DELETE, handle, "/lease") else {
             return;
         };
-        let req = self
-            .request(Method::DELETE, &path)
-            .header(LEASE_NONCE, nonce);
+        let req = req.header(LEASE_NONCE, nonce);
         if let Err(e) = self.send(req, what).await {
             tracing::debug!(machine.id = handle, error = %e, "cannot release a lease; its TTL ends it");
         }
@@ -522,10 +643,13 @@ impl MachineProvider for FlyProvider {
     }
 
     /// Fly's documented limits: 1 req/s (burst 3) per action, scoped by app for create and list
-    /// and by machine for the rest; reads of one machine 5 req/s (burst 10).
+    /// and by machine for the rest; reads of one machine 5 req/s (burst 10). Creates are keyed
+    /// by their app ([`MachineProvider::launch_key`]), so each of `fly.apps` has its own
+    /// bucket. A listing sends one request to every app and draws one token: each app sees
+    /// at most the documented rate.
     fn rate_limits(&self) -> Vec<(Op, RateLimit)> {
         vec![
-            (Op::Launch, RateLimit::app(1.0, 3)),
+            (Op::Launch, RateLimit::keyed(1.0, 3)),
             (Op::List, RateLimit::app(1.0, 3)),
             (Op::Wait, RateLimit::machine(1.0, 3)),
             (Op::Terminate, RateLimit::machine(1.0, 3)),
@@ -552,8 +676,15 @@ impl MachineProvider for FlyProvider {
         self.create(body, &session.name).await
     }
 
+    /// The app the create of machine `name` goes to ([`FlyProvider::app_for`]).
+    fn launch_key(&self, name: &str) -> String {
+        self.app_for(name).to_owned()
+    }
+
+    /// `<app>/<machine id>` for one of the configured apps, or a plain machine id (the first
+    /// app's).
     fn is_handle(&self, handle: &str) -> bool {
-        is_machine_id(handle)
+        self.locate(handle).is_some()
     }
 
     async fn wait_started(
@@ -577,7 +708,7 @@ impl MachineProvider for FlyProvider {
                 query.push(("instance_id", version.clone()));
             }
             let req = self
-                .request(Method::GET, &self.machine_path(&launched.handle, "/wait")?)
+                .machine_request(Method::GET, &launched.handle, "/wait")?
                 .query(&query)
                 .timeout(Duration::from_secs(secs) + self.request_timeout);
             let resp = match tokio::time::timeout_at(deadline.instant(), self.send(req, what)).await
@@ -608,7 +739,10 @@ impl MachineProvider for FlyProvider {
     }
 
     async fn status(&self, handle: &str) -> Result<Option<MachineStatus>, ProviderError> {
-        Ok(self.get_machine(handle).await?.map(|m| self.status_of(m)))
+        let machine = self.get_machine(handle).await?;
+        Ok(machine
+            .zip(self.locate(handle))
+            .map(|(m, (app, _))| self.status_of(app, m)))
     }
 
     async fn terminate(&self, handle: &str) -> Result<(), ProviderError> {
@@ -617,7 +751,7 @@ impl MachineProvider for FlyProvider {
         let what = "stop machine";
         let resp = self
             .send(
-                self.request(Method::POST, &self.machine_path(handle, "/stop")?)
+                self.machine_request(Method::POST, handle, "/stop")?
                     .json(&json!({})),
                 what,
             )
@@ -637,7 +771,7 @@ impl MachineProvider for FlyProvider {
         let what = "destroy machine";
         let resp = self
             .send(
-                self.request(Method::DELETE, &self.machine_path(handle, "")?)
+                self.machine_request(Method::DELETE, handle, "")?
                     .query(&[("force", "true")]),
                 what,
             )
@@ -669,7 +803,6 @@ impl MachineProvider for FlyProvider {
         // A live machine wins over destroyed ones of the same session.
         let mut ours: Vec<MachineStatus> = machines
             .into_iter()
-            .map(|m| self.status_of(m))
             .filter(|m| {
                 m.labels
                     .as_ref()
@@ -692,22 +825,23 @@ impl MachineProvider for FlyProvider {
             .await?;
         Ok(machines
             .into_iter()
-            .map(|m| self.status_of(m))
             .filter(|m| m.labels.is_some() && m.provider_state != "destroyed")
             .collect())
     }
 
+    /// Reads every app (concurrently): each must exist and the token must reach it.
     async fn check(&self) -> Result<(), ProviderError> {
-        let req = self
-            .http
-            .get(format!("{}/apps/{}", self.api_url, self.app_name))
-            .bearer_auth(self.api_token.expose())
-            .timeout(self.request_timeout);
-        let resp = self.send(req, "get app").await?;
-        http::expect_success(resp, FLY_ERRORS)
-            .await
-            .map(drop)
-            .map_err(|f| fail("get app", f))
+        let checks = self.apps.iter().map(|app| async move {
+            let what = format!("get app {app}");
+            let resp = self
+                .send(self.app_request(app, Method::GET, ""), &what)
+                .await?;
+            http::expect_success(resp, FLY_ERRORS)
+                .await
+                .map(drop)
+                .map_err(|f| fail(&what, f))
+        });
+        futures_util::future::try_join_all(checks).await.map(drop)
     }
 
     fn relabel(&self) -> Option<&dyn Relabel> {
@@ -738,26 +872,19 @@ impl Relabel for FlyProvider {
 #[async_trait]
 impl HttpHandoff for FlyProvider {
     fn bot_url(&self, machine: &Launched, port: u16) -> Result<url::Url, ProviderError> {
-        if !is_machine_id(&machine.handle) {
+        let Some((app, id)) = self.locate(&machine.handle) else {
             return Err(ProviderError::rejected(
                 NAME,
-                format!("{:?} is not a Fly machine id", machine.handle),
+                format!("{:?} is not a machine of this app", machine.handle),
             ));
-        }
+        };
         let region = machine
             .region
             .as_deref()
             .or(self.default_region.as_deref())
             .unwrap_or_default();
         let private_ip = machine.address.as_deref().unwrap_or_default();
-        let url = expand_machine_url(
-            &self.machine_url,
-            &machine.handle,
-            &self.app_name,
-            region,
-            private_ip,
-            port,
-        );
+        let url = expand_machine_url(&self.machine_url, id, app, region, private_ip, port);
         url::Url::parse(&url).map_err(|e| ProviderError::Config {
             provider: NAME,
             message: format!("fly.machine_url gives {url:?}, not a URL"),
@@ -817,7 +944,6 @@ impl Reserve for FlyProvider {
             .await?;
         Ok(machines
             .into_iter()
-            .map(|m| self.status_of(m))
             .filter(|m| m.reserve.is_some() && m.provider_state != "destroyed")
             .collect())
     }
@@ -834,7 +960,7 @@ impl Reserve for FlyProvider {
             .await?;
         let what = "wait for suspended";
         let req = self
-            .request(Method::GET, &self.machine_path(handle, "/wait")?)
+            .machine_request(Method::GET, handle, "/wait")?
             .query(&[("state", "suspended"), ("timeout", "30")])
             .timeout(Duration::from_secs(30) + self.request_timeout);
         let resp = self.send(req, what).await?;
@@ -855,9 +981,8 @@ impl Reserve for FlyProvider {
         let nonce = self.lease(handle).await?;
         let result = async {
             let still_reserve = self
-                .get_machine(handle)
+                .status(handle)
                 .await?
-                .map(|m| self.status_of(m))
                 .is_some_and(|m| m.reserve.is_some());
             if !still_reserve {
                 return Err(ProviderError::Conflict {
@@ -901,10 +1026,8 @@ impl Reserve for FlyProvider {
             Err(ProviderError::Rejected { status: 404, .. }) => return Ok(()),
             other => other?,
         };
-        let still_reserve = match self.get_machine(handle).await {
-            Ok(m) => m
-                .map(|m| self.status_of(m))
-                .is_some_and(|m| m.reserve.is_some()),
+        let still_reserve = match self.status(handle).await {
+            Ok(m) => m.is_some_and(|m| m.reserve.is_some()),
             Err(e) => {
                 self.release_lease(handle, &nonce).await;
                 return Err(e);
@@ -919,7 +1042,7 @@ impl Reserve for FlyProvider {
         }
         let what = "destroy machine";
         let req = self
-            .request(Method::DELETE, &self.machine_path(handle, "")?)
+            .machine_request(Method::DELETE, handle, "")?
             .query(&[("force", "true")])
             .header(LEASE_NONCE, nonce.as_str());
         let resp = self.send(req, what).await?;
@@ -942,12 +1065,8 @@ impl Reserve for FlyProvider {
                     provider: NAME,
                     message: "machine disappeared while starting".into(),
                 })?;
-        Ok(Launched {
-            handle: machine.id,
-            region: machine.region,
-            version: machine.instance_id,
-            address: machine.private_ip,
-        })
+        let app = self.locate(handle).map_or("", |(app, _)| app);
+        Ok(self.launched(app, machine))
     }
 }
 

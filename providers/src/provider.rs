@@ -24,6 +24,15 @@ pub trait MachineProvider: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The key under which the create of a machine named `name` (a launch, a reserve
+    /// machine's preparation) draws its [`Op::Launch`] tokens from a keyed limit
+    /// ([`RateLimit::keyed`]): Fly's create limit is per app, and a Fly provider spread over
+    /// several apps names the app the create goes to. Default: one key for every create.
+    fn launch_key(&self, name: &str) -> String {
+        let _ = name;
+        String::new()
+    }
+
     /// Whether `handle` has the shape of this provider's machine handles, in this provider's
     /// own app, cluster or project. Handles from outside (a session id) are checked with it
     /// before any call: a handle that fails it must never reach the provider.

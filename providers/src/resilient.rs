@@ -123,6 +123,10 @@ impl MachineProvider for Resilient {
         Vec::new()
     }
 
+    fn launch_key(&self, name: &str) -> String {
+        self.inner.launch_key(name)
+    }
+
     fn is_handle(&self, handle: &str) -> bool {
         self.inner.is_handle(handle)
     }
@@ -143,10 +147,11 @@ impl MachineProvider for Resilient {
         // Through the retry loop attempt by attempt, so that an ambiguous failure is resolved
         // (adopted) before the create is sent again.
         let deadline = session.deadline.instant();
+        let key = self.inner.launch_key(&session.name);
         let attempt = || async {
             let result = self
                 .guard
-                .once(Op::Launch, "", deadline, self, || {
+                .once(Op::Launch, &key, deadline, self, || {
                     self.inner.launch(template, session)
                 })
                 .await;
@@ -291,8 +296,9 @@ impl Reserve for Resilient {
         let inner = self.inner_reserve()?;
         // A taken name is another replica's machine for the same slot: not retried, not
         // adopted (see the reserve's replenishment).
+        let key = self.inner.launch_key(name);
         self.guard
-            .run(Op::Launch, "", self.guard.budget(), self, || {
+            .run(Op::Launch, &key, self.guard.budget(), self, || {
                 inner.prepare(template, name, labels, env)
             })
             .await

@@ -148,9 +148,9 @@ impl Op {
     }
 }
 
-/// A documented rate limit: `per_second` sustained with bursts of `burst`, counted per machine
-/// when `per_machine` (Fly scopes most actions by machine id), else for the whole account or
-/// app.
+/// A documented rate limit: `per_second` sustained with bursts of `burst`, counted per key
+/// when `per_machine` (the key a call names: the machine for most Fly actions, the app for
+/// Fly's creates), else for the whole account or app.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
     pub per_second: f64,
@@ -175,6 +175,12 @@ impl RateLimit {
             burst,
             per_machine: true,
         }
+    }
+
+    /// A limit counted separately for each key the calls name (e.g. Fly's creates, per app:
+    /// [`crate::MachineProvider::launch_key`]).
+    pub const fn keyed(per_second: f64, burst: u32) -> Self {
+        Self::machine(per_second, burst)
     }
 
     /// This limit multiplied by `scale` (burst rounded up).

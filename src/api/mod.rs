@@ -1,10 +1,13 @@
 //! The HTTP layer: routes, extractors that answer in the project's error shape, and the fallback.
 //! Handlers are thin: parse, call [`crate::sessions`], map errors.
 
+mod capacity;
 mod cors;
 mod health;
 pub mod openapi;
+mod proxy;
 mod sessions;
+mod sessions_list;
 mod start;
 
 use axum::extract::rejection::BytesRejection;
@@ -13,7 +16,7 @@ use axum::http::request::Parts;
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::Extension;
 use axum::Router;
 use bytes::Bytes;
@@ -38,6 +41,7 @@ const REQUEST_OVERHEAD_BYTES: usize = 16 * 1024;
 
 /// The whole HTTP API; `main` and the tests both call this.
 pub fn build_router(state: AppState) -> Router {
+    let proxy = Extension(proxy::ProxyClient::new().expect("the session proxy's client builds"));
     Router::new()
         .route("/start", post(start::start))
         .route("/v1/public/{agent}/start", post(start::start_agent))
@@ -49,6 +53,16 @@ pub fn build_router(state: AppState) -> Router {
             "/v1/agents/{agent}/sessions/{id}",
             delete(sessions::delete_alias),
         )
+        .route("/sessions", get(sessions_list::list))
+        .route(
+            "/sessions/{id}/proxy/{*path}",
+            any(proxy::session).layer(proxy.clone()),
+        )
+        .route(
+            "/v1/public/{agent}/sessions/{id}/{*path}",
+            any(proxy::pipecat).layer(proxy),
+        )
+        .route("/capacity", get(capacity::get))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -6,9 +6,9 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{health, sessions, start};
+use super::{capacity, health, proxy, sessions, sessions_list, start};
 use crate::error::ErrorBody;
-use crate::sessions::{SessionView, StartRequest};
+use crate::sessions::{SessionList, SessionView, StartRequest};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,12 +25,16 @@ a machine on the configured provider, the join URL. Errors always have the shape
         sessions::get,
         sessions::delete,
         sessions::delete_alias,
+        sessions_list::list,
+        proxy::session,
+        proxy::pipecat,
         health::healthz,
         health::readyz,
         health::metrics,
+        capacity::get,
         serve,
     ),
-    components(schemas(StartRequest, start::StartResponse, SessionView, ErrorBody, sessions::Stopped)),
+    components(schemas(StartRequest, start::StartResponse, SessionView, SessionList, ErrorBody, sessions::Stopped, capacity::CapacityView, capacity::AgentView, capacity::ReserveView)),
     modifiers(&BearerAuth),
     tags(
         (name = "sessions", description = "Start, read and stop sessions"),

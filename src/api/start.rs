@@ -32,6 +32,8 @@ pub struct StartResponse {
     /// agent's reserve) or `cold` (created for it). With `wait: false`, what was chosen so far.
     #[schema(value_type = String, example = "hot")]
     pub start_type: &'static str,
+    /// How long the start waited for capacity (`queue_timeout_secs`), in seconds.
+    pub queue_seconds: f64,
 }
 
 impl From<Started> for StartResponse {
@@ -45,6 +47,7 @@ impl From<Started> for StartResponse {
             token: s.user_token,
             status: if s.ready { "ready" } else { "starting" },
             start_type: s.start_type.as_str(),
+            queue_seconds: (s.queued.as_secs_f64() * 1000.0).round() / 1000.0,
         }
     }
 }

@@ -74,7 +74,14 @@ pub struct Config {
     /// `BOTDISPATCH_STARTS_PER_MINUTE_PER_CALLER`, default 30.
     pub starts_per_minute_per_caller: u32,
     /// How long the provider's session count is reused, milliseconds. Default 2000.
+    /// `BOTDISPATCH_CAPACITY_CACHE_MS`.
     pub capacity_cache_ms: u64,
+    /// A start that finds no capacity waits up to this long for a slot (FIFO) before its 429;
+    /// 0 (the default): refused at once. `BOTDISPATCH_QUEUE_TIMEOUT_SECS`.
+    pub queue_timeout_secs: u64,
+    /// Starts of one agent that may wait at once on this replica; more are refused at once.
+    /// `BOTDISPATCH_QUEUE_MAX_LENGTH`, default 1000.
+    pub queue_max_length: u32,
     /// Seconds between reaper passes (0 = no reaper on this replica).
     /// `BOTDISPATCH_REAPER_INTERVAL_SECS`, default 30.
     pub reaper_interval_secs: u64,
@@ -132,6 +139,8 @@ impl Default for Config {
             max_starts_in_flight: 32,
             starts_per_minute_per_caller: 30,
             capacity_cache_ms: 2000,
+            queue_timeout_secs: 0,
+            queue_max_length: 1000,
             reaper_interval_secs: 30,
             reserve_interval_ms: 1000,
             reaper_grace_secs: 30,
@@ -214,6 +223,12 @@ impl Config {
             &mut self.reaper_interval_secs,
         )?;
         env.apply("BOTDISPATCH_REAPER_GRACE_SECS", &mut self.reaper_grace_secs)?;
+        env.apply("BOTDISPATCH_CAPACITY_CACHE_MS", &mut self.capacity_cache_ms)?;
+        env.apply(
+            "BOTDISPATCH_QUEUE_TIMEOUT_SECS",
+            &mut self.queue_timeout_secs,
+        )?;
+        env.apply("BOTDISPATCH_QUEUE_MAX_LENGTH", &mut self.queue_max_length)?;
         env.apply(
             "BOTDISPATCH_RESERVE_INTERVAL_MS",
             &mut self.reserve_interval_ms,

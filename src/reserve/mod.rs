@@ -74,6 +74,17 @@ pub fn is_ready(machine: &MachineStatus) -> bool {
     }
 }
 
+/// One agent's reserve, as last listed.
+#[derive(Debug, Clone)]
+pub struct ReserveSummary {
+    pub agent: String,
+    pub tier: Tier,
+    pub size: u32,
+    pub ready: usize,
+    pub preparing: usize,
+    pub pooled_rooms: usize,
+}
+
 /// A machine taken for a session.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -316,6 +327,30 @@ impl Reserves {
             );
         }
         doomed
+    }
+
+    /// Each agent's reserve as last listed (no provider call).
+    pub fn summary(&self) -> Vec<ReserveSummary> {
+        let machines = self.listing().machines.clone();
+        self.sets
+            .values()
+            .map(|set| {
+                let mine = machines.iter().filter(|m| {
+                    m.reserve
+                        .as_ref()
+                        .is_some_and(|r| r.agent == set.agent && r.fingerprint == set.fingerprint)
+                });
+                let (ready, preparing): (Vec<_>, Vec<_>) = mine.partition(|m| is_ready(m));
+                ReserveSummary {
+                    agent: set.agent.clone(),
+                    tier: set.tier,
+                    size: set.size,
+                    ready: ready.len(),
+                    preparing: preparing.len(),
+                    pooled_rooms: set.rooms.as_ref().map_or(0, RoomPool::len),
+                }
+            })
+            .collect()
     }
 
     /// Publishes the reserve's size by agent, tier and state.

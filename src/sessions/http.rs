@@ -88,6 +88,7 @@ impl HttpStart {
             user_token: self.tokens.as_ref().map(|t| t.user.clone()),
             ready,
             start_type,
+            queued: std::time::Duration::ZERO,
         }
     }
 

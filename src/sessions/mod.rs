@@ -11,6 +11,7 @@
 mod cleanup;
 mod error;
 mod http;
+mod list;
 mod plan;
 mod start;
 mod view;
@@ -33,6 +34,7 @@ use crate::rooms::RoomService;
 use crate::session_id::{resource_name, SessionIds, SessionRef};
 
 pub use error::SessionError;
+pub use list::{ListParams, SessionList};
 pub use plan::{StartPlan, StartRequest, MAX_BODY_BYTES};
 pub use view::{SessionView, Started};
 
@@ -91,6 +93,8 @@ pub struct Sessions {
     tasks: TaskTracker,
     /// Cancelled when the dispatcher gives up on in-flight starts at shutdown.
     shutdown: CancellationToken,
+    /// The provider's last listing, shared by `GET /sessions` for a second.
+    listing: list::Listing,
 }
 
 impl Sessions {
@@ -124,12 +128,18 @@ impl Sessions {
             handoff: parts.handoff,
             tasks,
             shutdown,
+            listing: list::Listing::default(),
         })
     }
 
     /// The agents' reserves, when any agent keeps one.
     pub fn reserves(&self) -> Option<&Arc<Reserves>> {
         self.reserves.as_ref()
+    }
+
+    /// Admission: this replica's counts and queue.
+    pub fn capacity(&self) -> &Capacity {
+        &self.capacity
     }
 
     pub fn provider(&self) -> &Arc<dyn MachineProvider> {
@@ -184,6 +194,29 @@ impl Sessions {
         }
     }
 
+    /// The session's machine for `caller` to act on with `right` (the session proxy), as
+    /// [`Sessions::get`] reads it: `NotFound` unless the id verifies, the caller has the right
+    /// and the machine is this session's; `None` when the provider no longer knows it.
+    pub async fn machine_for(
+        &self,
+        caller: &Caller,
+        id: &str,
+        right: Right,
+    ) -> Result<Option<MachineStatus>, SessionError> {
+        let session = self.resolve(caller, id, right)?;
+        self.machine(&session).await
+    }
+
+    /// The machine template of `agent` (the default agent's for machines labelled before
+    /// agents had names), if it is configured.
+    pub fn template(&self, agent: &str) -> Option<&MachineTemplate> {
+        let agent = match agent {
+            "" => self.settings.default_agent.as_str(),
+            named => named,
+        };
+        self.templates.get(agent).map(AsRef::as_ref)
+    }
+
     /// The session's state, read from the provider (works on any replica).
     #[instrument(name = "status", skip_all, fields(session.key = tracing::field::Empty))]
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<SessionView, SessionError> {
@@ -223,6 +256,7 @@ impl Sessions {
         };
         let (machine, room) = tokio::join!(terminate, delete_room);
         machine.inspect_err(|e| tracing::warn!(error = %e, "cannot stop the machine"))?;
+        self.capacity.ended(&session.key);
         room.inspect_err(|e| tracing::warn!(error = %e, "cannot delete the room"))?;
         info!("session stopped");
         Ok(())
@@ -231,7 +265,10 @@ impl Sessions {
 
 /// What a caller wants to do with a session by id.
 #[derive(Debug, Clone, Copy)]
-enum Right {
+pub enum Right {
+    /// Read it: the owner, or a token with `sessions:read_any`.
     Read,
+    /// Stop it or act on it (the session proxy): the owner, or a token with
+    /// `sessions:stop_any`.
     Stop,
 }

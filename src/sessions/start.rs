@@ -76,7 +76,7 @@ impl Sessions {
         }
         let mut permit = self
             .capacity
-            .admit(&caller.sub, &plan.key)
+            .admit(&caller.sub, &plan.key, &plan.agent)
             .await
             .inspect_err(|e| metrics::admission_refused(e.reason()))?;
         let cancel = self.shutdown.child_token();
@@ -92,8 +92,9 @@ impl Sessions {
                 if result.is_ok() {
                     permit.started();
                 }
+                let queued = permit.queued;
                 drop(permit);
-                result
+                result.map(|started| Started { queued, ..started })
             }
             .in_current_span(),
         );
@@ -223,6 +224,7 @@ impl Sessions {
             user_token: tokens.as_ref().map(|t| t.user.clone()),
             ready: plan.wait,
             start_type: StartType::Cold,
+            queued: Duration::ZERO,
         })
     }
 
@@ -537,6 +539,7 @@ impl Sessions {
             user_token: tokens.as_ref().map(|t| t.user.clone()),
             ready,
             start_type: labels.map_or(StartType::Cold, |l| l.start),
+            queued: Duration::ZERO,
         }))
     }
 }

@@ -13,9 +13,11 @@ pub struct Started {
     pub ready: bool,
     /// How its machine came to it.
     pub start_type: StartType,
+    /// How long the start waited in the queue for capacity.
+    pub queued: std::time::Duration,
 }
 
-/// `GET /sessions/{id}`.
+/// `GET /sessions/{id}`, and each item of `GET /sessions`.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionView {
@@ -29,10 +31,23 @@ pub struct SessionView {
     pub agent: Option<String>,
     pub region: Option<String>,
     pub machine_id: String,
+    /// When the provider created the machine. For a warm start (`startType` other than
+    /// `cold`) that is when the reserve machine was made, before the session was requested.
     pub created_at: Option<DateTime<Utc>>,
+    /// When the provider first reported the machine started. For `hot` and `suspended`
+    /// starts that is the reserve machine's boot, before the session was requested.
     pub ready_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// Seconds from the request until the bot could talk, as far as the machine tells:
+    /// for a machine created for the session (`cold`), its first start minus its creation
+    /// (the provider's boot; the dispatcher's few milliseconds before the create and, with
+    /// the `http` handoff, `/readyz` and `/bot` after the boot are not included). `null` for
+    /// warm starts (the machine predates the request, whose time it does not record) and
+    /// before the machine started.
     pub bot_start_seconds: Option<f64>,
+    /// Seconds the start waited in the admission queue before it began. Always `null` for
+    /// now: reserved for the start queue, so that the shape of this view is final.
+    pub queue_seconds: Option<f64>,
     /// How the session's machine came to it: `hot`, `suspended` or `stopped` (from the agent's
     /// reserve) or `cold` (created for it).
     #[schema(value_type = Option<String>, example = "hot")]
@@ -61,6 +76,7 @@ impl SessionView {
                 ready_at: None,
                 ended_at: None,
                 bot_start_seconds: None,
+                queue_seconds: None,
                 start_type: None,
                 detail: Some("the machine is gone".to_owned()),
             };
@@ -74,19 +90,25 @@ impl SessionView {
             MachineState::Ended => "ended",
             MachineState::Failed => "failed",
         };
-        let start_type = m.labels.as_ref().map(|l| l.start.as_str());
+        let start = m.labels.as_ref().map(|l| l.start);
+        // A warm start's machine was created (and, but for the stopped tier, started) before
+        // the session was requested: its times say nothing of this session's start.
+        let warm = start.is_some_and(|s| s != StartType::Cold);
         Self {
             session_id: session_id.to_owned(),
             status,
-            start_type,
+            start_type: start.map(StartType::as_str),
             provider,
             agent: m.labels.map(|l| l.agent).filter(|a| !a.is_empty()),
             region: m.region,
             machine_id: handle.to_owned(),
             bot_start_seconds: match (m.created_at, m.started_at) {
-                (Some(c), Some(s)) => Some((s - c).num_milliseconds().max(0) as f64 / 1000.0),
+                (Some(c), Some(s)) if !warm => {
+                    Some((s - c).num_milliseconds().max(0) as f64 / 1000.0)
+                }
                 _ => None,
             },
+            queue_seconds: None,
             created_at: m.created_at,
             ready_at: m.started_at,
             ended_at: m.ended_at,
