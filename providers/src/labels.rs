@@ -38,6 +38,10 @@ pub mod key {
     pub const SLOT: &str = "botdispatch_slot";
     /// Why a session failed after its machine started (its bot refused the session later).
     pub const FAILURE: &str = "botdispatch_failure";
+    /// Milliseconds the start waited for capacity.
+    pub const QUEUE_MS: &str = "botdispatch_queue_ms";
+    /// Milliseconds from the start request until the bot could talk.
+    pub const READY_MS: &str = "botdispatch_ready_ms";
 }
 
 /// [`key::ROLE`] of a reserve machine that waits for a session.
@@ -65,12 +69,41 @@ pub struct SessionLabels {
     pub start: StartType,
     /// When the session must be over, whatever the bot does (whole seconds).
     pub deadline: Deadline,
+    /// How the start went, recorded once it answered (where the provider can relabel).
+    pub timings: Option<Timings>,
+}
+
+/// How a session's start went, in its machine's labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timings {
+    /// Waiting for capacity.
+    pub queue_ms: u64,
+    /// From the start request until the bot could talk: its machine started (`env`
+    /// handoff) or its session delivered (`http`).
+    pub ready_ms: u64,
+}
+
+impl Timings {
+    pub fn to_map(self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (key::QUEUE_MS.to_owned(), self.queue_ms.to_string()),
+            (key::READY_MS.to_owned(), self.ready_ms.to_string()),
+        ])
+    }
+
+    fn from_map(map: &BTreeMap<String, String>) -> Option<Self> {
+        Some(Self {
+            queue_ms: map.get(key::QUEUE_MS)?.parse().ok()?,
+            ready_ms: map.get(key::READY_MS)?.parse().ok()?,
+        })
+    }
 }
 
 impl SessionLabels {
     /// The labels as key/value pairs, including the `managed-by` marker.
     pub fn to_map(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
+        let mut map = self.timings.map(Timings::to_map).unwrap_or_default();
+        map.extend([
             (key::MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
             (key::SESSION.to_owned(), self.session_key.clone()),
             (key::OWNER.to_owned(), self.owner.clone()),
@@ -82,7 +115,8 @@ impl SessionLabels {
                 key::DEADLINE.to_owned(),
                 self.deadline.unix_secs().to_string(),
             ),
-        ])
+        ]);
+        map
     }
 
     /// Reads labels back from a machine; `None` unless the machine is managed by botdispatch
@@ -111,6 +145,7 @@ impl SessionLabels {
                 .get(key::START)
                 .map_or(StartType::Cold, |s| StartType::parse(s)),
             deadline: Deadline::from_unix_secs(deadline)?,
+            timings: Timings::from_map(map),
         })
     }
 }
@@ -252,6 +287,7 @@ mod tests {
             deployment: "staging".into(),
             start: StartType::Warm(Tier::Suspended),
             deadline: Deadline::from_unix_secs(1_800_000_000).unwrap(),
+            timings: None,
         };
         let map = labels.to_map();
         assert_eq!(SessionLabels::from_map(&map), Some(labels.clone()));

@@ -42,7 +42,7 @@ use serde::Deserialize;
 pub use config::{BuildContext, ConfigError, ProviderConfig, ProviderSettings};
 pub use deadline::Deadline;
 pub use error::{BoxError, ProviderError};
-pub use labels::{LabelCodec, SessionLabels, MANAGED_BY};
+pub use labels::{LabelCodec, SessionLabels, Timings, MANAGED_BY};
 pub use machine::{
     Guest, Launched, MachineState, MachineStatus, MachineTemplate, ReserveLabels, SessionBinding,
     StartType, Tier, Workload, HANDOFF_SECRET_ENV, RESERVED_ENV,

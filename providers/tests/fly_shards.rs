@@ -103,6 +103,7 @@ fn session(key: &str) -> SessionBinding {
             deployment: "default".to_owned(),
             start: StartType::Cold,
             deadline: Deadline::from_unix_secs(Utc::now().timestamp() + 600).unwrap(),
+            timings: None,
         },
         deadline: Deadline::after(Duration::from_secs(60)),
     }

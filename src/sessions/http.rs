@@ -18,7 +18,7 @@ use url::Url;
 
 use super::cleanup::Created;
 use super::plan::StartPlan;
-use super::start::{Deadlines, RoomChoice, Tokens};
+use super::start::{confirm_labels, Deadlines, RoomChoice, Tokens};
 use super::{SessionError, Sessions, Started};
 use crate::handoff::{HandoffError, LaterAnswer, Session};
 use crate::metrics;
@@ -144,6 +144,7 @@ impl HttpStart {
         let lease = candidate.lease.clone();
         let sessions = Arc::clone(&self.sessions);
         let deadlines = self.deadlines;
+        let timings = self.plan.timings();
         self.sessions.tasks.spawn(
             async move {
                 if let Some(handoff) = provider.handoff() {
@@ -153,12 +154,12 @@ impl HttpStart {
                 }
                 match (lease, provider.reserve()) {
                     (Some(lease), Some(reserve)) => {
-                        let labels = deadline_label(deadlines.session_end);
+                        let labels = confirm_labels(&deadlines, Some(timings));
                         if let Err(e) = reserve.release(&handle, &lease, &labels).await {
                             warn!(machine.id = %handle, error = %e, "cannot set the session's deadline; the reaper will stop it early");
                         }
                     }
-                    _ => sessions.confirm_deadline(&handle, &deadlines),
+                    _ => sessions.confirm(&handle, &deadlines, Some(timings)),
                 }
             }
             .in_current_span(),
@@ -405,14 +406,6 @@ fn refused_later(provider: Arc<dyn MachineProvider>, handle: String, answer: Lat
         }
         let _ = provider.terminate(&handle).await;
     });
-}
-
-/// The label that moves a machine's deadline.
-fn deadline_label(deadline: providers::Deadline) -> BTreeMap<String, String> {
-    BTreeMap::from([(
-        providers::labels::key::DEADLINE.to_owned(),
-        deadline.unix_secs().to_string(),
-    )])
 }
 
 fn failure_reason(e: &SessionError) -> &'static str {

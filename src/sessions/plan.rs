@@ -57,6 +57,20 @@ pub struct StartPlan {
     pub room_properties: Map<String, Value>,
     pub token_properties: Map<String, Value>,
     pub wait: bool,
+    /// When the request was planned (it had just arrived).
+    pub received: tokio::time::Instant,
+    /// How long it waited for capacity (set at admission).
+    pub queued: std::time::Duration,
+}
+
+impl StartPlan {
+    /// How the start went, now that its bot can talk.
+    pub fn timings(&self) -> providers::Timings {
+        providers::Timings {
+            queue_ms: self.queued.as_millis() as u64,
+            ready_ms: self.received.elapsed().as_millis() as u64,
+        }
+    }
 }
 
 impl Sessions {
@@ -121,6 +135,8 @@ impl Sessions {
             room_properties,
             token_properties,
             wait: req.wait.unwrap_or(true),
+            received: tokio::time::Instant::now(),
+            queued: std::time::Duration::ZERO,
         })
     }
 

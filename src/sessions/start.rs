@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use providers::{
     Deadline, Launched, MachineState, ProviderError, SessionBinding, SessionLabels, StartType,
+    Timings,
 };
 use serde_json::Map;
 use tokio::time::Instant;
@@ -70,7 +71,7 @@ impl Sessions {
         idempotency_key: Option<&[u8]>,
         req: StartRequest,
     ) -> Result<Started, SessionError> {
-        let plan = self.plan(caller, agent, idempotency_key, req)?;
+        let mut plan = self.plan(caller, agent, idempotency_key, req)?;
         if self.shutdown.is_cancelled() {
             return Err(SessionError::ShuttingDown);
         }
@@ -79,6 +80,7 @@ impl Sessions {
             .admit(&caller.sub, &plan.key, &plan.agent)
             .await
             .inspect_err(|e| metrics::admission_refused(e.reason()))?;
+        plan.queued = permit.queued;
         let cancel = self.shutdown.child_token();
         // A client that goes away cancels its start, unless it sent an Idempotency-Key: then it
         // will retry with the key, and the start runs to its end so that the retry finds it
@@ -217,7 +219,9 @@ impl Sessions {
             phases.wait = Some(t.elapsed());
         }
         self.record(&phases, &launched, t0.elapsed(), plan.wait);
-        self.confirm_deadline(&launched.handle, deadlines);
+        // With `wait: false` the bot's start is not seen here: no timings.
+        let timings = plan.wait.then(|| plan.timings());
+        self.confirm(&launched.handle, deadlines, timings);
         Ok(Started {
             session_id: self.ids.encode(&plan.key, &launched.handle, &plan.owner),
             room_url: tokens.as_ref().map(|t| t.room_url.clone()),
@@ -341,6 +345,7 @@ impl Sessions {
             deployment: self.settings.deployment.clone(),
             start,
             deadline: deadlines.provisional,
+            timings: None,
         }
     }
 
@@ -466,11 +471,24 @@ impl Sessions {
         );
     }
 
-    /// Gives the machine its real deadline, in the background (off the critical path).
-    pub(super) fn confirm_deadline(&self, handle: &str, deadlines: &Deadlines) {
-        if deadlines.provisional < deadlines.session_end {
-            self.extend_deadline(handle, deadlines.session_end);
+    /// Once the start answered: gives the machine its real deadline and records how the start
+    /// went, in one call in the background (off the critical path).
+    pub(super) fn confirm(&self, handle: &str, deadlines: &Deadlines, timings: Option<Timings>) {
+        let labels = confirm_labels(deadlines, timings);
+        if labels.is_empty() {
+            return;
         }
+        let provider = Arc::clone(&self.provider);
+        let handle = handle.to_owned();
+        self.tasks.spawn(
+            async move {
+                let Some(relabel) = provider.relabel() else { return };
+                if let Err(e) = relabel.set_labels(&handle, &labels).await {
+                    tracing::error!(machine.id = %handle, error = %e, "cannot give the machine its real deadline; the reaper will stop it early");
+                }
+            }
+            .in_current_span(),
+        );
     }
 
     /// Moves the machine's deadline label to `session_end`, in the background.
@@ -542,6 +560,22 @@ impl Sessions {
             queued: Duration::ZERO,
         }))
     }
+}
+
+/// The labels a start writes once it answered: the real deadline (when the first was
+/// provisional) and the timings.
+pub(super) fn confirm_labels(
+    deadlines: &Deadlines,
+    timings: Option<Timings>,
+) -> BTreeMap<String, String> {
+    let mut labels = timings.map(Timings::to_map).unwrap_or_default();
+    if deadlines.provisional < deadlines.session_end {
+        labels.insert(
+            providers::labels::key::DEADLINE.to_owned(),
+            deadlines.session_end.unix_secs().to_string(),
+        );
+    }
+    labels
 }
 
 /// The bot contract's env: the room and its owner token (when the start has a room), the plain

@@ -487,7 +487,8 @@ async fn the_app_alone_takes_a_second_session_and_drains_on_sigterm() {
         .env("HOME", std::env::var("HOME").unwrap_or_default())
         .env("PORT", port.to_string())
         .env("SESSION_SECS", "1")
-        .env("STARTUP_SECS", "0.5")
+        // Wide enough to see the 503 even on a loaded machine.
+        .env("STARTUP_SECS", "2")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -47,6 +47,7 @@ fn session(owner: &str) -> SessionBinding {
             deployment: "prod".into(),
             start: StartType::Cold,
             deadline: Deadline::from_unix_secs(1_800_000_600).unwrap(),
+            timings: None,
         },
         deadline: Deadline::after(Duration::from_secs(30)),
     }

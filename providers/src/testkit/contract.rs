@@ -105,6 +105,7 @@ pub fn spec_for(peer: &dyn ContractPeer, tag: &str) -> LaunchSpec {
                 // Whole seconds: labels carry unix seconds.
                 deadline: Deadline::from_unix_secs(Utc::now().timestamp() + 600)
                     .expect("valid time"),
+                timings: None,
             },
             deadline: Deadline::after(Duration::from_secs(60)),
         },
