@@ -146,6 +146,9 @@ impl HandoffClient {
             .post(Self::url(base, "bot"))
             .header("content-type", "application/json")
             .header("content-length", session.body_json.len())
+            // The connection serves this one request: a bot server waiting for its open
+            // connections before it exits (uvicorn, after SIGTERM) is not held by it.
+            .header("connection", "close")
             .bearer_auth(session.secret)
             .header("x-daily-session-id", session.session_key)
             .body(body);

@@ -134,6 +134,9 @@ struct Entry {
     detail: Option<String>,
     /// Set when we asked it to stop, so a signal exit reads as `ended`, not `failed`.
     stopping: bool,
+    /// SIGTERM was sent right after the `http` handoff: the bot finishes its session and exits,
+    /// and dying by that SIGTERM (as uvicorn re-raises it) is a normal end.
+    ended_after_session: bool,
 }
 
 impl Entry {
@@ -149,6 +152,15 @@ impl Entry {
             Ok(status) => match status.code() {
                 Some(code) => (MachineState::Failed, format!("bot exited with code {code}")),
                 None if self.stopping => (MachineState::Ended, "bot stopped by signal".to_owned()),
+                None if self.ended_after_session
+                    && std::os::unix::process::ExitStatusExt::signal(&status)
+                        == Some(Signal::SIGTERM as i32) =>
+                {
+                    (
+                        MachineState::Ended,
+                        "bot ended after its session (SIGTERM)".to_owned(),
+                    )
+                }
                 None => (MachineState::Failed, "bot killed by a signal".to_owned()),
             },
             Err(e) => (MachineState::Failed, format!("cannot wait for bot: {e}")),
@@ -360,6 +372,7 @@ impl LocalProvider {
                 ended_at: None,
                 detail: None,
                 stopping: false,
+                ended_after_session: false,
             },
         );
         drop(table);
@@ -581,6 +594,9 @@ impl HttpHandoff for LocalProvider {
         handle: &str,
         _lease: Option<&str>,
     ) -> Result<(), ProviderError> {
+        if let Some(entry) = self.lock().get_mut(handle) {
+            entry.ended_after_session = true;
+        }
         self.signal(handle, Signal::SIGTERM, false);
         Ok(())
     }

@@ -98,7 +98,7 @@ pub async fn session(
     req: Request,
 ) -> Result<Response, ApiError> {
     // `/sessions/{id}/proxy/` then the path, as sent (still percent-encoded).
-    let path = raw_tail(&req, 4);
+    let path = raw_tail(&req, 3);
     forward(state, client, caller, None, id, path, req).await
 }
 
@@ -129,11 +129,12 @@ pub async fn pipecat(
     req: Request,
 ) -> Result<Response, ApiError> {
     // `/v1/public/{agent}/sessions/{id}/` then the path.
-    let path = raw_tail(&req, 6);
+    let path = raw_tail(&req, 5);
     forward(state, client, caller, Some(agent), id, path, req).await
 }
 
-/// What follows the first `segments` segments of the request's path, still percent-encoded.
+/// What follows the first `segments` segments of the request's path (`/a/b/c/rest` → `rest`
+/// for 3), still percent-encoded.
 fn raw_tail(req: &Request, segments: usize) -> String {
     req.uri()
         .path()

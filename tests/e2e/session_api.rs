@@ -260,6 +260,10 @@ async fn the_proxy_reaches_the_bot_without_the_callers_credentials() {
     let livez = gw.seen("livez");
     assert_eq!(livez.len(), 1, "{livez:#?}");
     assert_eq!(livez[0].path, format!("/_bot/{handle}/livez"));
+    assert_eq!(
+        (livez[0].method.as_str(), livez[0].query.as_deref()),
+        ("GET", None)
+    );
     let h = &livez[0].headers;
     assert!(h.get("authorization").is_none(), "{h:?}");
     assert!(h.get("cookie").is_none(), "{h:?}");
