@@ -10,8 +10,9 @@ use tracing::{warn, Instrument};
 use crate::rooms::RoomService;
 
 /// What a failed start must do about its machine.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 enum Machine {
+    #[default]
     Nothing,
     /// The create may or may not have happened (timeout, connection lost): look it up by key.
     Find,
@@ -34,12 +35,6 @@ pub(super) struct Created {
 struct What {
     room: Option<String>,
     machine: Machine,
-}
-
-impl Default for Machine {
-    fn default() -> Self {
-        Self::Nothing
-    }
 }
 
 impl Created {
