@@ -354,6 +354,10 @@ struct Sample {
     /// The room came from the dispatcher's pool.
     pooled_room: bool,
     status_url: String,
+    /// `http` handoff of a machine started during the request: the request until the fake
+    /// recorded `started`, `started` until the `/bot` delivery, and the `GET /readyz` its bot
+    /// answered.
+    phases: Option<(Duration, Duration, Option<usize>)>,
 }
 
 /// The machine handle a session id carries (its second part).
@@ -398,7 +402,7 @@ impl Target<'_> {
         let field = |k: &str| body[k].as_str().unwrap_or_default().to_owned();
         let handle = session_handle(&field("sessionId"))
             .ok_or_else(|| format!("no machine in the session id: {body}"))?;
-        let talk = if self.mode.http() {
+        let (talk, phases) = if self.mode.http() {
             if !self
                 .fly
                 .wait_for_deliveries(&handle, 1, Duration::from_secs(10))
@@ -407,9 +411,10 @@ impl Target<'_> {
                 return Err(format!("machine {handle}: no /bot delivery"));
             }
             let delivered = self.fly.deliveries(&handle)[0].at;
-            (delivered - at).to_std().unwrap_or_default()
+            let talk = (delivered - at).to_std().unwrap_or_default();
+            (talk, self.phases(&handle, at, delivered))
         } else {
-            start + self.app_boot
+            (start + self.app_boot, None)
         };
         Ok(Sample {
             start,
@@ -417,7 +422,43 @@ impl Target<'_> {
             start_type: field("startType"),
             pooled_room: field("dailyRoom").contains("/bd-default-p"),
             status_url: field("statusUrl"),
+            phases,
         })
+    }
+
+    /// Where the time of an `http` start went, when its machine started during the request
+    /// (not hot): from the fake's `started` event (millisecond timestamps) and its bot
+    /// server's log. Every `/readyz` of a cold or stopped machine is the start's (the
+    /// reserve's replenishment probes only machines that are to be hot or suspended).
+    fn phases(
+        &self,
+        handle: &str,
+        at: chrono::DateTime<Utc>,
+        delivered: chrono::DateTime<Utc>,
+    ) -> Option<(Duration, Duration, Option<usize>)> {
+        if self.mode == Mode::Hot {
+            return None;
+        }
+        let machine = self.fly.machine(handle)?;
+        let started = machine
+            .events
+            .iter()
+            .filter(|e| e["status"] == "started")
+            .filter_map(|e| chrono::DateTime::from_timestamp_millis(e["timestamp"].as_i64()?))
+            .find(|t| *t >= at && *t <= delivered)?;
+        let path = format!("/_bot/{handle}/readyz");
+        let polls = (self.mode != Mode::Suspended).then(|| {
+            self.fly
+                .bot_requests()
+                .iter()
+                .filter(|r| r.path.ends_with(&path))
+                .count()
+        });
+        Some((
+            (started - at).to_std().ok()?,
+            (delivered - started).to_std().ok()?,
+            polls,
+        ))
     }
 
     async fn delete(&self, status_url: &str) {
@@ -478,6 +519,8 @@ struct ModeResult {
     unpooled: usize,
     /// Rounds that began without the reserve ready (timed out waiting).
     not_ready_rounds: usize,
+    /// [`Sample::phases`] of the samples that have them.
+    phases: Vec<(Duration, Duration, Option<usize>)>,
     wall: Duration,
 }
 
@@ -520,6 +563,7 @@ async fn bench_mode(mode: Mode, lat: &Latencies, args: &Args) -> ModeResult {
         other_type: 0,
         unpooled: 0,
         not_ready_rounds: 0,
+        phases: Vec::new(),
         wall: Duration::ZERO,
     };
     let mut left = args.samples;
@@ -538,6 +582,7 @@ async fn bench_mode(mode: Mode, lat: &Latencies, args: &Args) -> ModeResult {
                     result.talks.push(s.talk);
                     result.other_type += usize::from(s.start_type != mode.start_type());
                     result.unpooled += usize::from(mode.tier().is_some() && !s.pooled_room);
+                    result.phases.extend(s.phases);
                     ended.push(s.status_url);
                 }
                 Err(e) => {
@@ -613,6 +658,22 @@ fn print_results(results: &[ModeResult], lat: &Latencies) {
             notes.push(format!(
                 "{} rounds began before the reserve was ready",
                 r.not_ready_rounds
+            ));
+        }
+        if !r.phases.is_empty() {
+            let mut to_started: Vec<Duration> = r.phases.iter().map(|p| p.0).collect();
+            let mut to_delivery: Vec<Duration> = r.phases.iter().map(|p| p.1).collect();
+            let mut polls: Vec<usize> = r.phases.iter().filter_map(|p| p.2).collect();
+            to_started.sort();
+            to_delivery.sort();
+            polls.sort_unstable();
+            let polls = polls
+                .get(polls.len() / 2)
+                .map_or(String::new(), |n| format!(", {n} GET /readyz per start"));
+            notes.push(format!(
+                "p50 request to machine started {:.0} ms, started to /bot delivered {:.0} ms{polls}",
+                ms(percentile(&to_started, 0.5)),
+                ms(percentile(&to_delivery, 0.5)),
             ));
         }
         if let Some(e) = &r.first_error {

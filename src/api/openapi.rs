@@ -6,6 +6,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use super::proxy::OperationIds as ProxyOperationIds;
 use super::{capacity, health, proxy, sessions, sessions_list, start};
 use crate::error::ErrorBody;
 use crate::sessions::{SessionList, SessionView, StartRequest};
@@ -35,7 +36,7 @@ a machine on the configured provider, the join URL. Errors always have the shape
         serve,
     ),
     components(schemas(StartRequest, start::StartResponse, SessionView, SessionList, ErrorBody, sessions::Stopped, capacity::CapacityView, capacity::AgentView, capacity::ReserveView)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &ProxyOperationIds),
     tags(
         (name = "sessions", description = "Start, read and stop sessions"),
         (name = "operations", description = "Health, readiness, metrics"),

@@ -73,11 +73,15 @@ impl ProxyClient {
 }
 
 /// Forward a request to the session's bot (`http` handoff agents).
+///
+/// Method, query string and body (at most 1 MiB, any content type) are forwarded as they are,
+/// with the caller's headers but `Authorization`, `Cookie` and the hop-by-hop ones; the answer
+/// is the bot's (at most 8 MiB, without hop-by-hop headers or `Set-Cookie`). Takes the owner's
+/// token or `sessions:stop_any`.
 #[utoipa::path(method(get, post, put, patch, delete, head, options),
     path = "/sessions/{id}/proxy/{path}", tag = "sessions",
     params(("id" = String, Path, description = "The sessionId from /start"),
         ("path" = String, Path, description = "Path on the bot's HTTP server (the query string is forwarded too)")),
-    request_body(content = Vec<u8>, description = "Forwarded as it is (at most 1 MiB)", content_type = "*/*"),
     responses(
         (status = 200, description = "Whatever the bot answered: its status, headers (but hop-by-hop ones and Set-Cookie) and body"),
         (status = 400, description = "A path with `.`, `..` or empty segments or an encoded slash", body = ErrorBody),
@@ -102,13 +106,14 @@ pub async fn session(
     forward(state, client, caller, None, id, path, req).await
 }
 
-/// Pipecat Cloud's Session API path for [`session`]: the agent must be the session's.
+/// Pipecat Cloud's Session API: forward a request to the session's bot.
+///
+/// As `/sessions/{id}/proxy/{path}`; `{agent}` must be the session's agent.
 #[utoipa::path(method(get, post, put, patch, delete, head, options),
     path = "/v1/public/{agent}/sessions/{id}/{path}", tag = "sessions",
     params(("agent" = String, Path, description = "The session's agent (another reads as 404)"),
         ("id" = String, Path, description = "The sessionId from /start"),
         ("path" = String, Path, description = "Path on the bot's HTTP server (the query string is forwarded too)")),
-    request_body(content = Vec<u8>, description = "Forwarded as it is (at most 1 MiB)", content_type = "*/*"),
     responses(
         (status = 200, description = "Whatever the bot answered: its status, headers (but hop-by-hop ones and Set-Cookie) and body"),
         (status = 400, description = "A path with `.`, `..` or empty segments or an encoded slash", body = ErrorBody),
@@ -131,6 +136,36 @@ pub async fn pipecat(
     // `/v1/public/{agent}/sessions/{id}/` then the path.
     let path = raw_tail(&req, 5);
     forward(state, client, caller, Some(agent), id, path, req).await
+}
+
+/// Gives each method of the proxy paths an operation id of its own (`proxy_get`, …,
+/// `session_api_get`, …): one handler serves them all.
+pub struct OperationIds;
+
+impl utoipa::Modify for OperationIds {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, prefix) in [
+            ("/sessions/{id}/proxy/{path}", "proxy"),
+            ("/v1/public/{agent}/sessions/{id}/{path}", "session_api"),
+        ] {
+            let Some(item) = openapi.paths.paths.get_mut(path) else {
+                continue;
+            };
+            for (method, op) in [
+                ("get", &mut item.get),
+                ("put", &mut item.put),
+                ("post", &mut item.post),
+                ("delete", &mut item.delete),
+                ("options", &mut item.options),
+                ("head", &mut item.head),
+                ("patch", &mut item.patch),
+            ] {
+                if let Some(op) = op {
+                    op.operation_id = Some(format!("{prefix}_{method}"));
+                }
+            }
+        }
+    }
 }
 
 /// What follows the first `segments` segments of the request's path (`/a/b/c/rest` → `rest`
@@ -267,7 +302,12 @@ async fn bot_base(
     }
     // A live machine of a verified session always carries the session's labels.
     let labels = machine.labels.as_ref().ok_or_else(ended)?;
-    if agent.is_some_and(|a| a != labels.agent) {
+    // Machines labelled before agents had names are the default agent's.
+    let session_agent = match labels.agent.as_str() {
+        "" => state.config.default_agent.as_str(),
+        named => named,
+    };
+    if agent.is_some_and(|a| a != session_agent) {
         return Err(crate::sessions::SessionError::NotFound.into());
     }
     let no_api = || {

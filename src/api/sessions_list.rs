@@ -9,10 +9,11 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::sessions::{ListParams, SessionList};
 
-/// The caller's sessions (every session with `sessions:read_any`), newest first, from the
-/// provider's listing of this deployment's machines: how far back ended sessions go depends
-/// on the provider (see the README). Filters apply on every page; pass `nextCursor` as
-/// `cursor` for the next one.
+/// The caller's sessions (all with `sessions:read_any`), filtered and paginated.
+///
+/// Newest first, each as `GET /sessions/{id}` shows it, from the provider's listing of this
+/// deployment's machines: how far back ended sessions go depends on the provider (see the
+/// README). Filters apply on every page; pass `nextCursor` as `cursor` for the next one.
 #[utoipa::path(get, path = "/sessions", tag = "sessions",
     params(ListParams),
     responses(

@@ -25,7 +25,7 @@ pub struct SessionView {
     /// `starting` | `ready` | `ended` | `failed`
     #[schema(value_type = String, example = "ready")]
     pub status: &'static str,
-    /// `fly`, `fargate`, `cloudrun` or `local`.
+    /// `fly`, `fargate`, `cloudrun`, `kubernetes` or `local`.
     #[schema(value_type = String, example = "fly")]
     pub provider: &'static str,
     pub agent: Option<String>,
@@ -38,15 +38,15 @@ pub struct SessionView {
     /// starts that is the reserve machine's boot, before the session was requested.
     pub ready_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
-    /// Seconds from the request until the bot could talk, as far as the machine tells:
-    /// for a machine created for the session (`cold`), its first start minus its creation
-    /// (the provider's boot; the dispatcher's few milliseconds before the create and, with
-    /// the `http` handoff, `/readyz` and `/bot` after the boot are not included). `null` for
-    /// warm starts (the machine predates the request, whose time it does not record) and
-    /// before the machine started.
+    /// Seconds from the start request until the bot could talk (its machine started with the
+    /// `env` handoff; its session delivered with `http`), queue included, as the start
+    /// recorded it on the machine once it answered. Where the provider cannot relabel a
+    /// machine (Cloud Run), or until the record is written, a machine created for the
+    /// session (`cold`) gives its first start minus its creation (the provider's boot
+    /// alone); a warm start's machine predates the request and gives `null`.
     pub bot_start_seconds: Option<f64>,
-    /// Seconds the start waited in the admission queue before it began. Always `null` for
-    /// now: reserved for the start queue, so that the shape of this view is final.
+    /// Seconds the start waited for capacity (the admission queue), as the start recorded it
+    /// on the machine once it answered; `null` where it is not recorded.
     pub queue_seconds: Option<f64>,
     /// How the session's machine came to it: `hot`, `suspended` or `stopped` (from the agent's
     /// reserve) or `cold` (created for it).
@@ -91,6 +91,8 @@ impl SessionView {
             MachineState::Failed => "failed",
         };
         let start = m.labels.as_ref().map(|l| l.start);
+        let timings = m.labels.as_ref().and_then(|l| l.timings);
+        let secs = |ms: u64| ms as f64 / 1000.0;
         // A warm start's machine was created (and, but for the stopped tier, started) before
         // the session was requested: its times say nothing of this session's start.
         let warm = start.is_some_and(|s| s != StartType::Cold);
@@ -102,13 +104,14 @@ impl SessionView {
             agent: m.labels.map(|l| l.agent).filter(|a| !a.is_empty()),
             region: m.region,
             machine_id: handle.to_owned(),
-            bot_start_seconds: match (m.created_at, m.started_at) {
-                (Some(c), Some(s)) if !warm => {
-                    Some((s - c).num_milliseconds().max(0) as f64 / 1000.0)
+            bot_start_seconds: match (timings, m.created_at, m.started_at) {
+                (Some(t), _, _) => Some(secs(t.ready_ms)),
+                (None, Some(c), Some(s)) if !warm => {
+                    Some(secs((s - c).num_milliseconds().max(0) as u64))
                 }
                 _ => None,
             },
-            queue_seconds: None,
+            queue_seconds: timings.map(|t| secs(t.queue_ms)),
             created_at: m.created_at,
             ready_at: m.started_at,
             ended_at: m.ended_at,

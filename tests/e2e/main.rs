@@ -24,5 +24,6 @@ mod queue;
 mod resilience;
 mod security;
 mod session_api;
+mod shards;
 mod start_fly;
 mod warm;
