@@ -236,7 +236,9 @@ const FLY_ERRORS: ErrorShape = ErrorShape {
 /// apps were sharded stay valid while that app stays first). A create goes to the app its
 /// machine's name hashes to ([`FlyProvider::app_for`]): every replica sends a given name to
 /// the same app, so a retried or duplicated create conflicts there instead of making a second
-/// machine in another app.
+/// machine in another app. (Adding an app moves the names that now hash to it: while replicas
+/// disagree on the list, two of them racing one session could each create its machine; a
+/// sequential retry still finds the first, as `find` lists every app.)
 pub struct FlyProvider {
     http: reqwest::Client,
     api_url: String,

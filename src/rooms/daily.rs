@@ -78,6 +78,13 @@ struct DailyRoom {
     url: String,
 }
 
+/// Daily's RFC 3339 times.
+fn parse_time(t: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(t)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
 #[derive(Debug, Deserialize)]
 struct RoomPage {
     #[serde(default)]
@@ -285,8 +292,21 @@ impl RoomService for DailyRooms {
             .map(drop)
     }
 
-    async fn exists(&self, name: &str) -> Result<bool, RoomError> {
-        self.on_room(Method::GET, name, RoomOp::Get).await
+    async fn find(&self, name: &str) -> Result<Option<ListedRoom>, RoomError> {
+        let what = "get room";
+        let req = self.request(Method::GET, &format!("/rooms/{name}"));
+        let resp = self.send(req, RoomOp::Get, what).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let room: ListedDailyRoom = http::read_json(resp, DAILY_ERRORS)
+            .await
+            .map_err(|f| RoomError::from_call(what, f))?;
+        Ok(Some(ListedRoom {
+            pooled: room_kind(&self.deployment, &room.name) == Some(RoomKind::Pooled),
+            created_at: room.created_at.as_deref().and_then(parse_time),
+            name: room.name,
+        }))
     }
 
     async fn list_managed(&self) -> Result<RoomListing, RoomError> {
@@ -313,11 +333,7 @@ impl RoomService for DailyRooms {
                     .map(|(r, kind)| ListedRoom {
                         pooled: kind == RoomKind::Pooled,
                         name: r.name,
-                        created_at: r
-                            .created_at
-                            .as_deref()
-                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                            .map(|t| t.with_timezone(&chrono::Utc)),
+                        created_at: r.created_at.as_deref().and_then(parse_time),
                     }),
             );
             match (full, last) {

@@ -85,8 +85,12 @@ impl RoomService for LocalRooms {
         Ok(())
     }
 
-    async fn exists(&self, name: &str) -> Result<bool, RoomError> {
-        Ok(self.live().contains_key(name))
+    async fn find(&self, name: &str) -> Result<Option<ListedRoom>, RoomError> {
+        Ok(self.live().get(name).map(|room| ListedRoom {
+            name: name.to_owned(),
+            created_at: Some(room.created_at),
+            pooled: room_kind(&self.deployment, name) == Some(RoomKind::Pooled),
+        }))
     }
 
     async fn list_managed(&self) -> Result<RoomListing, RoomError> {
@@ -142,9 +146,9 @@ mod tests {
             resource_name("default", &new_session_key()),
             resource_name("default", &new_session_key()),
         );
-        assert!(!rooms.exists(&a).await.unwrap());
+        assert!(rooms.find(&a).await.unwrap().is_none());
         rooms.create(&request(&a, later)).await.unwrap();
-        assert!(rooms.exists(&a).await.unwrap());
+        assert!(rooms.find(&a).await.unwrap().is_some());
         assert!(matches!(
             rooms.create(&request(&a, later)).await,
             Err(RoomError::AlreadyExists(_))
@@ -161,6 +165,6 @@ mod tests {
             "expired rooms are gone, other deployments' are not ours"
         );
         rooms.delete(&a).await.unwrap();
-        assert!(!rooms.exists(&a).await.unwrap());
+        assert!(rooms.find(&a).await.unwrap().is_none());
     }
 }

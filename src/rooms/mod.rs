@@ -218,8 +218,8 @@ pub trait RoomService: Send + Sync + 'static {
     async fn create(&self, req: &RoomRequest) -> Result<Room, RoomError>;
     /// Deletes a room; a room that does not exist is success.
     async fn delete(&self, name: &str) -> Result<(), RoomError>;
-    /// Whether the room still exists (and has not expired).
-    async fn exists(&self, name: &str) -> Result<bool, RoomError>;
+    /// The room, if it still exists (and has not expired).
+    async fn find(&self, name: &str) -> Result<Option<ListedRoom>, RoomError>;
     /// Every existing room of this deployment (named by
     /// [`resource_name`](crate::session_id::resource_name) for it), for the reaper.
     async fn list_managed(&self) -> Result<RoomListing, RoomError>;

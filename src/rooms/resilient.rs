@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use providers::retry::{Guard, GuardHooks, RetryPolicy};
 use tokio::time::Instant;
 
-use super::{Room, RoomError, RoomListing, RoomOp, RoomRequest, RoomService, TokenRequest};
+use super::{
+    ListedRoom, Room, RoomError, RoomListing, RoomOp, RoomRequest, RoomService, TokenRequest,
+};
 
 pub struct ResilientRooms {
     inner: Arc<dyn RoomService>,
@@ -89,8 +91,8 @@ impl RoomService for ResilientRooms {
         .await
     }
 
-    async fn exists(&self, name: &str) -> Result<bool, RoomError> {
-        self.run(RoomOp::Get, self.guard.budget(), || self.inner.exists(name))
+    async fn find(&self, name: &str) -> Result<Option<ListedRoom>, RoomError> {
+        self.run(RoomOp::Get, self.guard.budget(), || self.inner.find(name))
             .await
     }
 

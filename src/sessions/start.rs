@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use providers::{
-    Deadline, Launched, MachineState, ProviderError, SessionBinding, SessionLabels, StartType,
-    Timings,
+    Deadline, Launched, MachineState, MachineStatus, ProviderError, SessionBinding, SessionLabels,
+    StartType, Timings,
 };
 use serde_json::Map;
 use tokio::time::Instant;
@@ -515,14 +515,11 @@ impl Sessions {
         deadlines: &Deadlines,
         cancel: &CancellationToken,
     ) -> Result<Option<Started>, SessionError> {
-        let Some(machine) = self.provider.find(&plan.key).await? else {
-            // No machine, but its room: this key's session ran and is over.
-            let room = tokens.as_ref().map(|t| t.room.as_str());
-            if room.is_some_and(|r| !r.is_empty())
-                && self.rooms.exists(room.unwrap_or_default()).await?
-            {
-                return Err(SessionError::IdempotencyKeyUsed);
-            }
+        let found = match self.provider.find(&plan.key).await? {
+            Some(machine) => Some(machine),
+            None => self.in_flight_elsewhere(plan, tokens, deadlines).await?,
+        };
+        let Some(machine) = found else {
             return Ok(None);
         };
         if machine.state.is_terminal() {
@@ -559,6 +556,45 @@ impl Sessions {
             start_type: labels.map_or(StartType::Cold, |l| l.start),
             queued: Duration::ZERO,
         }))
+    }
+}
+
+impl Sessions {
+    /// An idempotent retry found no machine for its key. If the key's room exists, a start of
+    /// the same key may be in flight on another replica (the room is created alongside the
+    /// launch): while the room is young, wait for its machine to show up. The machine that
+    /// shows up; `None` (start afresh) when there is no room or it went away (that start
+    /// failed and cleaned up); `IdempotencyKeyUsed` when the room outlived any start (this
+    /// key's session ran and is over).
+    async fn in_flight_elsewhere(
+        &self,
+        plan: &StartPlan,
+        tokens: &Option<Tokens>,
+        deadlines: &Deadlines,
+    ) -> Result<Option<MachineStatus>, SessionError> {
+        let Some(room) = tokens
+            .as_ref()
+            .map(|t| t.room.as_str())
+            .filter(|r| !r.is_empty())
+        else {
+            return Ok(None);
+        };
+        let young_for = self.settings.start_timeout + self.settings.reaper_grace;
+        loop {
+            let Some(listed) = self.rooms.find(room).await? else {
+                return Ok(None);
+            };
+            let age = listed.created_at.map_or(Duration::MAX, |c| {
+                (chrono::Utc::now() - c).to_std().unwrap_or_default()
+            });
+            if age > young_for || deadlines.start.is_past() {
+                return Err(SessionError::IdempotencyKeyUsed);
+            }
+            tokio::time::sleep(Duration::from_millis(200).min(deadlines.start.remaining())).await;
+            if let Some(machine) = self.provider.find(&plan.key).await? {
+                return Ok(Some(machine));
+            }
+        }
     }
 }
 

@@ -35,7 +35,10 @@ async fn injected_parts_run_the_whole_flow_in_process() {
     let status_url = started["statusUrl"].as_str().unwrap();
     let key = session_key(started["sessionId"].as_str().unwrap()).to_owned();
     let room = format!("bd-default-{key}");
-    assert!(rooms.exists(&room).await.unwrap(), "the room was created");
+    assert!(
+        rooms.find(&room).await.unwrap().is_some(),
+        "the room was created"
+    );
     let machine = provider.find(&key).await.unwrap().expect("the bot runs");
     assert_eq!(machine.state, MachineState::Started);
 
@@ -47,7 +50,10 @@ async fn injected_parts_run_the_whole_flow_in_process() {
 
     let (status, _, stopped) = oneshot(router(), "DELETE", status_url, &auth, Vec::new()).await;
     assert_eq!(status, StatusCode::OK, "{stopped}");
-    assert!(!rooms.exists(&room).await.unwrap(), "the room was deleted");
+    assert!(
+        rooms.find(&room).await.unwrap().is_none(),
+        "the room was deleted"
+    );
     let machine = provider.status(&machine.handle).await.unwrap().unwrap();
     assert!(machine.state.is_terminal(), "{machine:?}");
 }

@@ -740,3 +740,34 @@ async fn an_incomplete_room_listing_condemns_no_machine() {
         (StatusCode::OK, Some("ready"))
     );
 }
+
+/// The same Idempotency-Key on two replicas at once: both get the same session, never a 409.
+/// The second used to find the key's room (created alongside the launch) but not yet its
+/// machine, and took the session for one that had ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retries_on_two_replicas_share_the_session() {
+    let mut fly = Options::default().fly;
+    fly.boot_delay = Duration::from_millis(100);
+    let fakes = start_fakes(&fly).await;
+    let replica = || {
+        let mut opts = Options::default();
+        opts.shared = Some(fakes.clone());
+        opts.env
+            .push(("BOTDISPATCH_STARTS_PER_MINUTE_PER_CALLER", "0".into()));
+        opts.env
+            .push(("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0".into()));
+        TestEnv::with(opts)
+    };
+    let (a, b) = (replica().await, replica().await);
+    for i in 0..25 {
+        let key = format!("race-{i}");
+        let (one, two) = tokio::join!(
+            start_with_key(&a, "alice", &key, start_body()),
+            start_with_key(&b, "alice", &key, start_body())
+        );
+        assert_eq!(one.0, StatusCode::OK, "attempt {i}: {}", one.1);
+        assert_eq!(two.0, StatusCode::OK, "attempt {i}: {}", two.1);
+        assert_eq!(one.1["sessionId"], two.1["sessionId"], "attempt {i}");
+    }
+    assert_eq!(fakes.0.live_machines().len(), 25, "one machine per key");
+}
