@@ -810,6 +810,7 @@ fn task_status(task: &Task, container_name: &str, region: &str, deployment: &str
         address: None,
         detail,
         failure: None,
+        held: None,
     }
 }
 

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use crate::config::{check_url, is_slug, required, BuildContext, ConfigError, ProviderSettings};
 use crate::env::Env;
 use crate::http::{self, CallFailure, ErrorShape};
-use crate::labels::{key, MANAGED_BY, ROLE_RESERVE, ROLE_SESSION};
+use crate::labels::{key, MANAGED_BY, ROLE_SESSION};
 use crate::retry::{Op, RateLimit};
 use crate::{
     Deadline, HttpHandoff, Launched, MachineProvider, MachineState, MachineStatus, MachineTemplate,
@@ -930,24 +930,65 @@ impl Reserve for FlyProvider {
         if labels.tier == Tier::Stopped {
             body["skip_launch"] = json!(true);
         }
+        if labels.recycle {
+            // Kept (stopped) when its bot exits, to be started again from its image; the root
+            // filesystem is never persisted, so every start is as clean as a new machine.
+            body["config"]["auto_destroy"] = json!(false);
+            body["config"]["rootfs"] = json!({ "persist": "never" });
+        }
         self.create(body, name).await
     }
 
+    /// One listing of the deployment's machines (Fly's filters cannot ask for "reserve or
+    /// held"), kept to the reserve's.
     async fn list_reserve(&self) -> Result<Vec<MachineStatus>, ProviderError> {
         let machines = self
             .list(
                 &[
                     (key::MANAGED_BY, MANAGED_BY),
                     (key::DEPLOYMENT, &self.deployment),
-                    (key::ROLE, ROLE_RESERVE),
                 ],
                 false,
             )
             .await?;
         Ok(machines
             .into_iter()
-            .filter(|m| m.reserve.is_some() && m.provider_state != "destroyed")
+            .filter(|m| {
+                (m.reserve.is_some() || m.held.is_some()) && m.provider_state != "destroyed"
+            })
             .collect())
+    }
+
+    /// Lease, check it is a held machine whose session is over (`stopped`), relabel it as an
+    /// unclaimed reserve machine and start it (hot and suspended tiers) under the lease,
+    /// release.
+    async fn recycle(&self, handle: &str, labels: &ReserveLabels) -> Result<(), ProviderError> {
+        let nonce = self.lease(handle).await?;
+        let result = async {
+            let spent = self
+                .get_machine(handle)
+                .await?
+                .map(|m| m.into_status(&self.deployment));
+            let over = spent
+                .as_ref()
+                .is_some_and(|m| m.held.is_some() && m.provider_state == "stopped");
+            if !over {
+                return Err(ProviderError::Conflict {
+                    provider: NAME,
+                    name: handle.to_owned(),
+                });
+            }
+            let map = labels.recycled_map(&self.deployment);
+            self.patch_metadata(handle, &map, Some(&nonce)).await?;
+            if labels.tier != Tier::Stopped {
+                self.act(handle, "/start", None, Some(&nonce), "start machine")
+                    .await?;
+            }
+            Ok(())
+        }
+        .await;
+        self.release_lease(handle, &nonce).await;
+        result
     }
 
     async fn mark_ready(&self, handle: &str) -> Result<(), ProviderError> {
@@ -1182,6 +1223,7 @@ impl FlyMachine {
             address: self.private_ip,
             detail,
             failure: metadata.and_then(crate::labels::failure_of),
+            held: metadata.and_then(|m| ReserveLabels::held_of(m, deployment)),
         }
     }
 }

@@ -38,6 +38,11 @@ pub mod key {
     pub const SLOT: &str = "botdispatch_slot";
     /// Why a session failed after its machine started (its bot refused the session later).
     pub const FAILURE: &str = "botdispatch_failure";
+    /// A reserve machine that is recycled after its session (started again from its image)
+    /// instead of destroyed.
+    pub const RECYCLE: &str = "botdispatch_recycle";
+    /// When a recycled machine was last put back into the reserve (unix seconds).
+    pub const RECYCLED_AT: &str = "botdispatch_recycled_at";
     /// Milliseconds the start waited for capacity.
     pub const QUEUE_MS: &str = "botdispatch_queue_ms";
     /// Milliseconds from the start request until the bot could talk.
@@ -171,16 +176,32 @@ impl ReserveLabels {
         if self.ready {
             map.insert(key::READY.to_owned(), "1".to_owned());
         }
+        if self.recycle {
+            map.insert(key::RECYCLE.to_owned(), "1".to_owned());
+        }
+        if let Some(at) = self.recycled_at {
+            map.insert(key::RECYCLED_AT.to_owned(), at.to_string());
+        }
         map
     }
 
     /// Reads a reserve machine's labels back; `None` unless it is one of `deployment`'s and
     /// still waits for a session.
     pub fn from_map_of(map: &BTreeMap<String, String>, deployment: &str) -> Option<Self> {
+        Self::of_role(map, deployment, ROLE_RESERVE)
+    }
+
+    /// The reserve labels of a recycled agent's machine that a session holds or held (it keeps
+    /// its slot); `None` for any other machine.
+    pub fn held_of(map: &BTreeMap<String, String>, deployment: &str) -> Option<Self> {
+        Self::of_role(map, deployment, ROLE_SESSION).filter(|l| l.recycle)
+    }
+
+    fn of_role(map: &BTreeMap<String, String>, deployment: &str, role: &str) -> Option<Self> {
         let is = |k: &str, v: &str| map.get(k).map(String::as_str) == Some(v);
         if !(is(key::MANAGED_BY, MANAGED_BY)
             && is(key::DEPLOYMENT, deployment)
-            && is(key::ROLE, ROLE_RESERVE))
+            && is(key::ROLE, role))
         {
             return None;
         }
@@ -191,7 +212,35 @@ impl ReserveLabels {
             fingerprint: map.get(key::FINGERPRINT)?.clone(),
             tier: Tier::parse(map.get(key::TIER)?)?,
             ready: is(key::READY, "1"),
+            recycle: is(key::RECYCLE, "1"),
+            recycled_at: map.get(key::RECYCLED_AT).and_then(|t| t.parse().ok()),
         })
+    }
+
+    /// The labels that put a recycled machine back into the reserve: its reserve labels (not
+    /// ready) and every session label cleared (an empty value removes a key).
+    pub fn recycled_map(&self, deployment: &str) -> BTreeMap<String, String> {
+        let mut map: BTreeMap<String, String> = [
+            key::SESSION,
+            key::OWNER,
+            key::ROOM,
+            key::START,
+            key::DEADLINE,
+            key::FAILURE,
+            key::QUEUE_MS,
+            key::READY_MS,
+            key::READY,
+        ]
+        .iter()
+        .map(|k| ((*k).to_owned(), String::new()))
+        .collect();
+        let reserve = Self {
+            ready: false,
+            recycled_at: Some(chrono::Utc::now().timestamp()),
+            ..self.clone()
+        };
+        map.extend(reserve.to_map(deployment));
+        map
     }
 }
 
@@ -304,6 +353,8 @@ mod tests {
             fingerprint: "0123456789".into(),
             tier: Tier::Stopped,
             ready: true,
+            recycle: false,
+            recycled_at: None,
         };
         let map = reserve.to_map("staging");
         assert_eq!(ReserveLabels::from_map_of(&map, "staging"), Some(reserve));

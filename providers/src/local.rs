@@ -198,6 +198,7 @@ impl Entry {
             address: self.port.map(|p| format!("127.0.0.1:{p}")),
             detail: self.detail.clone(),
             failure: crate::labels::failure_of(&self.labels),
+            held: ReserveLabels::held_of(&self.labels, deployment),
         }
     }
 }
@@ -627,8 +628,65 @@ impl Reserve for LocalProvider {
         self.add(name, command, port, labels.to_map(&self.deployment), spawn)
     }
 
+    /// Unclaimed reserve processes, and held ones (running a session, or exited after it and
+    /// waiting to be recycled).
     async fn list_reserve(&self) -> Result<Vec<MachineStatus>, ProviderError> {
-        Ok(self.statuses(|m| m.reserve.is_some()))
+        Ok(self
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.deployment() == Some(&self.deployment))
+            .map(|(h, e)| e.status(h, &self.deployment))
+            .filter(|m| (m.reserve.is_some() && !m.state.is_terminal()) || m.held.is_some())
+            .collect())
+    }
+
+    /// A fresh process (a fresh boot) under the table's lock, so a second recycle finds it
+    /// unheld; the stopped tier waits for its claim to spawn one.
+    async fn recycle(&self, handle: &str, labels: &ReserveLabels) -> Result<(), ProviderError> {
+        let mut table = self.lock();
+        let deployment = self.deployment.clone();
+        let Some(entry) = table
+            .get_mut(handle)
+            .filter(|e| e.state.is_terminal())
+            .filter(|e| ReserveLabels::held_of(&e.labels, &deployment).is_some())
+        else {
+            return Err(ProviderError::Conflict {
+                provider: NAME,
+                name: handle.to_owned(),
+            });
+        };
+        for (k, v) in labels.recycled_map(&deployment) {
+            if v.is_empty() {
+                entry.labels.remove(&k);
+            } else {
+                entry.labels.insert(k, v);
+            }
+        }
+        entry.stopping = false;
+        entry.ended_after_session = false;
+        entry.detail = None;
+        entry.ended_at = None;
+        entry.created_at = Utc::now();
+        let child = if labels.tier == Tier::Stopped {
+            entry.phase = Phase::NotSpawned;
+            entry.state = MachineState::Starting;
+            entry.started_at = None;
+            entry.pid = None;
+            None
+        } else {
+            let child = Self::spawn(&entry.command)?;
+            entry.pid = child.id();
+            entry.phase = Phase::Running;
+            entry.state = MachineState::Started;
+            entry.started_at = Some(Utc::now());
+            Some(child)
+        };
+        drop(table);
+        if let Some(child) = child {
+            self.reap_on_exit(handle.to_owned(), child);
+        }
+        self.notify();
+        Ok(())
     }
 
     async fn mark_ready(&self, handle: &str) -> Result<(), ProviderError> {

@@ -154,6 +154,11 @@ pub struct ReserveLabels {
     pub tier: Tier,
     /// Its bot answered `/readyz` (and, for the suspended tier, it was suspended afterwards).
     pub ready: bool,
+    /// After its session it is started again from its image and put back (not destroyed).
+    pub recycle: bool,
+    /// When it was last put back after a session (unix seconds): its preparation time counts
+    /// from then, not from its creation.
+    pub recycled_at: Option<i64>,
 }
 
 /// What every machine of one agent has in common, whatever session it serves.
@@ -275,6 +280,9 @@ pub struct MachineStatus {
     /// Why the session failed after its machine took it (a bot that refused its session
     /// after the handoff), as the dispatcher recorded it on the machine.
     pub failure: Option<String>,
+    /// A recycled agent's reserve machine that a session holds or held: its reserve labels
+    /// (it keeps its slot, and goes back to the reserve once its session is over).
+    pub held: Option<ReserveLabels>,
 }
 
 impl MachineStatus {

@@ -165,7 +165,9 @@ pub trait Reserve: Send + Sync {
         env: &BTreeMap<String, String>,
     ) -> Result<Launched, ProviderError>;
 
-    /// This deployment's reserve machines that no session has claimed.
+    /// This deployment's reserve machines that no session has claimed
+    /// ([`MachineStatus::reserve`]), and the machines of recycled reserves that a session
+    /// holds or held ([`MachineStatus::held`]): they keep their slot.
     async fn list_reserve(&self) -> Result<Vec<MachineStatus>, ProviderError>;
 
     /// Marks a reserve machine ready (its bot answered `/readyz`; suspended, for that tier).
@@ -196,6 +198,15 @@ pub trait Reserve: Send + Sync {
         lease: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<(), ProviderError>;
+
+    /// Puts a held machine whose session is over (stopped, not destroyed: recycled reserves
+    /// are created without auto-destroy) back into the reserve: atomically with respect to
+    /// other replicas, its session labels are cleared and its reserve labels restored (not
+    /// ready), and for the hot and suspended tiers it is started again from its image — a
+    /// fresh boot: new memory, the root filesystem reset. The stopped tier boots on its next
+    /// claim. [`ProviderError::Conflict`] when another replica is recycling it or it is not a
+    /// held machine whose session is over.
+    async fn recycle(&self, handle: &str, labels: &ReserveLabels) -> Result<(), ProviderError>;
 
     /// Destroys a reserve machine only if no session has claimed it, atomically with respect
     /// to [`Reserve::claim`] (under the same lease): a listing may be older than a claim.

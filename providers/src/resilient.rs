@@ -371,6 +371,16 @@ impl Reserve for Resilient {
             .await
     }
 
+    async fn recycle(&self, handle: &str, labels: &ReserveLabels) -> Result<(), ProviderError> {
+        let inner = self.inner_reserve()?;
+        // One attempt: the next replenishment pass tries again.
+        self.guard
+            .once(Op::Start, handle, self.guard.budget(), self, || {
+                inner.recycle(handle, labels)
+            })
+            .await
+    }
+
     async fn retire(&self, handle: &str) -> Result<(), ProviderError> {
         let inner = self.inner_reserve()?;
         self.guard

@@ -117,6 +117,8 @@ fn reserve_labels(name: &str, slot: u32) -> ReserveLabels {
         fingerprint: "f00d1".to_owned(),
         tier: Tier::Stopped,
         ready: false,
+        recycle: false,
+        recycled_at: None,
     }
 }
 

@@ -39,8 +39,14 @@ impl FromEnv for Handoff {
 pub struct ReserveConfig {
     /// `hot`, `suspended` or `stopped`. `BOTDISPATCH_RESERVE_TIER` for the default agent.
     pub tier: TierName,
-    /// Unclaimed machines to keep. `BOTDISPATCH_RESERVE_SIZE` for the default agent.
+    /// Machines to keep: unclaimed ones, plus (with `recycle`) those in a session or being
+    /// recycled. `BOTDISPATCH_RESERVE_SIZE` for the default agent.
     pub size: u32,
+    /// After its session a machine is started again from its image (a fresh boot: new memory,
+    /// root filesystem reset) and put back, instead of destroyed: no create call per session.
+    /// `BOTDISPATCH_RESERVE_RECYCLE` for the default agent.
+    #[serde(default)]
+    pub recycle: bool,
     /// Keep a per-replica pool of Daily rooms created ahead too (default: on).
     #[serde(default = "default_true")]
     pub rooms: bool,
@@ -130,6 +136,7 @@ impl AgentConfig {
                 tier: TierName(Tier::Hot),
                 size: 2,
                 rooms: true,
+                recycle: false,
             }),
             ..Self::default()
         }
@@ -143,11 +150,14 @@ impl AgentConfig {
         let mut size: Option<u32> = None;
         env.apply("BOTDISPATCH_RESERVE_TIER", &mut tier)?;
         env.apply("BOTDISPATCH_RESERVE_SIZE", &mut size)?;
+        let mut recycle: Option<bool> = None;
+        env.apply("BOTDISPATCH_RESERVE_RECYCLE", &mut recycle)?;
         if tier.is_some() || size.is_some() {
             let reserve = self.reserve.get_or_insert(ReserveConfig {
                 tier: TierName(Tier::Hot),
                 size: 0,
                 rooms: true,
+                recycle: false,
             });
             if let Some(tier) = tier {
                 reserve.tier = tier;
@@ -155,6 +165,9 @@ impl AgentConfig {
             if let Some(size) = size {
                 reserve.size = size;
             }
+        }
+        if let (Some(recycle), Some(reserve)) = (recycle, self.reserve.as_mut()) {
+            reserve.recycle = recycle;
         }
         if self.reserve.as_ref().is_some_and(|r| r.size == 0) {
             self.reserve = None;

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use providers::{
-    MachineProvider, MachineStatus, MachineTemplate, ProviderError, SessionLabels, Tier,
+    MachineProvider, MachineStatus, MachineTemplate, ProviderError, ReserveLabels, SessionLabels,
+    Tier,
 };
 use rand::seq::SliceRandom;
 use tokio::time::Instant;
@@ -37,8 +38,10 @@ const LISTING_TTL: Duration = Duration::from_secs(1);
 pub struct ReserveSet {
     pub agent: String,
     pub tier: Tier,
-    /// Unclaimed machines to keep.
+    /// Machines to keep: unclaimed, plus (recycled) those in a session or being recycled.
     pub size: u32,
+    /// Machines go back into the reserve after their session.
+    pub recycle: bool,
     pub template: Arc<MachineTemplate>,
     /// The template's fingerprint: machines of another are stale.
     pub fingerprint: String,
@@ -47,6 +50,13 @@ pub struct ReserveSet {
 }
 
 impl ReserveSet {
+    /// Whether reserve labels are this set's current ones (agent, template, tier).
+    fn owns(&self, labels: &ReserveLabels) -> bool {
+        labels.agent == self.agent
+            && labels.fingerprint == self.fingerprint
+            && labels.tier == self.tier
+    }
+
     /// Whether `machine` is one of this set's and could serve a session now.
     fn claimable(&self, machine: &MachineStatus) -> bool {
         let Some(reserve) = &machine.reserve else {
@@ -139,6 +149,7 @@ impl Reserves {
                     agent: name.clone(),
                     tier: reserve.tier.0,
                     size: reserve.size,
+                    recycle: reserve.recycle,
                     fingerprint: template.fingerprint(),
                     template,
                     rooms: pool,
@@ -291,10 +302,23 @@ impl Reserves {
         now: DateTime<Utc>,
         grace: Duration,
     ) -> Vec<(String, &'static str)> {
+        // A recycled machine prepares anew from when it was put back.
         let age = |m: &MachineStatus| {
-            m.created_at
-                .map_or(Duration::MAX, |c| (now - c).to_std().unwrap_or_default())
+            let since = m
+                .reserve
+                .as_ref()
+                .and_then(|r| r.recycled_at)
+                .and_then(|t| DateTime::from_timestamp(t, 0))
+                .or(m.created_at);
+            since.map_or(Duration::MAX, |c| (now - c).to_std().unwrap_or_default())
         };
+        // Held machines (a session's, or being recycled) keep their slots.
+        let mut held: BTreeMap<&str, usize> = BTreeMap::new();
+        for m in machines {
+            if let Some(h) = &m.held {
+                *held.entry(h.agent.as_str()).or_default() += 1;
+            }
+        }
         let mut doomed = Vec::new();
         let mut keep: BTreeMap<&str, Vec<&MachineStatus>> = BTreeMap::new();
         for m in machines {
@@ -316,6 +340,7 @@ impl Reserves {
         }
         for (agent, mut machines) in keep {
             let size = self.sets.get(agent).map_or(0, |s| s.size as usize);
+            let size = size.saturating_sub(held.get(agent).copied().unwrap_or(0));
             // Ready ones first, then the oldest: the surplus is the youngest unready.
             machines.sort_by_key(|m| (!is_ready(m), m.created_at));
             doomed.extend(
@@ -364,6 +389,20 @@ impl Reserves {
             let (ready, preparing): (Vec<_>, Vec<_>) = mine.partition(|m| is_ready(m));
             metrics::reserve_machines(&set.agent, set.tier.as_str(), "ready", ready.len());
             metrics::reserve_machines(&set.agent, set.tier.as_str(), "preparing", preparing.len());
+            if set.recycle {
+                let held = machines
+                    .iter()
+                    .filter(|m| m.held.as_ref().is_some_and(|h| set.owns(h)));
+                let (over, in_session): (Vec<_>, Vec<_>) =
+                    held.partition(|m| m.state.is_terminal());
+                metrics::reserve_machines(
+                    &set.agent,
+                    set.tier.as_str(),
+                    "in_session",
+                    in_session.len(),
+                );
+                metrics::reserve_machines(&set.agent, set.tier.as_str(), "recycling", over.len());
+            }
             if let Some(pool) = &set.rooms {
                 metrics::pooled_rooms(&set.agent, pool.len());
             }

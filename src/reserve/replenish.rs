@@ -35,6 +35,8 @@ pub struct Replenished {
     pub made_ready: usize,
     pub created: usize,
     pub taken_by_others: usize,
+    /// Machines put back into the reserve after their session.
+    pub recycled: usize,
     pub errors: usize,
 }
 
@@ -85,8 +87,13 @@ impl Reserves {
                     })
                 })
                 .collect();
+            let held: Vec<&MachineStatus> = machines
+                .iter()
+                .filter(|m| m.held.as_ref().is_some_and(|h| h.agent == set.agent))
+                .collect();
+            self.recycle(set, &held, &mut report).await;
             self.make_ready(set, &mine, &mut report).await;
-            self.fill_slots(set, &mine, &mut report).await;
+            self.fill_slots(set, &mine, &held, &mut report).await;
             if let Some(pool) = &set.rooms {
                 pool.refill().await;
             }
@@ -151,11 +158,39 @@ impl Reserves {
         }
     }
 
-    /// Creates machines for the slots no machine fills.
+    /// Puts the agent's machines whose session is over back into the reserve (a fresh boot);
+    /// those of a stale template, or of an agent that no longer recycles, are destroyed.
+    async fn recycle(&self, set: &ReserveSet, held: &[&MachineStatus], report: &mut Replenished) {
+        let Some(reserve) = self.provider.reserve() else {
+            return;
+        };
+        let over = held.iter().filter(|m| m.state.is_terminal());
+        let work = over.map(|m| async move {
+            let labels = m.held.as_ref().expect("held machines have reserve labels");
+            if set.recycle && set.owns(labels) {
+                reserve.recycle(&m.handle, labels).await.map(|()| true)
+            } else {
+                self.provider.terminate(&m.handle).await.map(|()| false)
+            }
+        });
+        for result in futures_util::future::join_all(work).await {
+            match result {
+                Ok(true) => report.recycled += 1,
+                Ok(false) | Err(ProviderError::Conflict { .. }) => {}
+                Err(e) => {
+                    report.errors += 1;
+                    warn!(error = %e, "cannot recycle a reserve machine; trying again next pass");
+                }
+            }
+        }
+    }
+
+    /// Creates machines for the slots no machine fills (held machines keep theirs).
     async fn fill_slots(
         &self,
         set: &ReserveSet,
         mine: &[&MachineStatus],
+        held: &[&MachineStatus],
         report: &mut Replenished,
     ) {
         let Some(reserve) = self.provider.reserve() else {
@@ -164,6 +199,12 @@ impl Reserves {
         let taken: BTreeSet<u32> = mine
             .iter()
             .filter_map(|m| m.reserve.as_ref().map(|r| r.slot))
+            .chain(
+                held.iter()
+                    .filter_map(|m| m.held.as_ref())
+                    .filter(|h| set.owns(h))
+                    .map(|h| h.slot),
+            )
             .collect();
         let window = Utc::now().timestamp().max(0) as u64 / WINDOW;
         for slot in (0..set.size).filter(|s| !taken.contains(s)) {
@@ -175,6 +216,8 @@ impl Reserves {
                 fingerprint: set.fingerprint.clone(),
                 tier: set.tier,
                 ready: false,
+                recycle: set.recycle,
+                recycled_at: None,
             };
             let env = [(
                 HANDOFF_SECRET_ENV.to_owned(),

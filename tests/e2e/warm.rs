@@ -667,3 +667,73 @@ async fn the_reaper_deletes_a_pool_room_after_its_session() {
         "the used pool room is deleted"
     );
 }
+
+/// Recycling (issue 11 §1): a reserve machine whose session ended is started again from its
+/// image and put back — no create per session — and never gets a session without a fresh
+/// boot since its previous one (the fake checks every delivery).
+async fn recycles(tier: &str) {
+    let mut opts = Options::default();
+    opts.fly_warm.session_duration = Some(Duration::from_millis(300));
+    opts.env
+        .push(("BOTDISPATCH_RESERVE_RECYCLE", "true".to_owned()));
+    let env = warm_env(tier, 1, opts).await;
+    let first = wait_reserve_ready(&env, 1).await.remove(0);
+    assert_eq!(
+        first.config["auto_destroy"], false,
+        "{tier}: kept to be recycled"
+    );
+    assert_eq!(first.config["rootfs"]["persist"], "never", "{tier}");
+    for round in 1..=3 {
+        let (status, resp) = env.post_start(&format!("user{round}"), start_body()).await;
+        assert_eq!(status, StatusCode::OK, "{tier} round {round}: {resp}");
+        assert_eq!(resp["startType"], tier, "{tier} round {round}: {resp}");
+        let handle = session_handle(resp["sessionId"].as_str().unwrap());
+        assert_eq!(
+            handle, first.id,
+            "{tier} round {round}: the same machine, recycled"
+        );
+        // The session ends by itself; the machine stops (no auto_destroy) and is recycled.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let ready = ready_reserve(&env);
+            let deliveries = env.fly.deliveries(&handle).len();
+            if deliveries == round && ready.iter().any(|m| m.id == handle) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{tier} round {round}: not back in the reserve: {:#?}",
+                env.fly.machine(&handle)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(env.fly.machines().len(), 1, "{tier}: no create per session");
+    let boots = env.fly.boot_log(&first.id);
+    println!(
+        "{tier}: {:?}",
+        boots.iter().map(|b| b.kind).collect::<Vec<_>>()
+    );
+    assert!(
+        env.fly.violations().is_empty(),
+        "{tier}: {:?}",
+        env.fly.violations()
+    );
+    env.assert_spec_clean();
+}
+
+#[tokio::test]
+async fn hot_reserve_recycles_its_machines() {
+    recycles("hot").await;
+}
+
+#[tokio::test]
+async fn suspended_reserve_recycles_its_machines() {
+    recycles("suspended").await;
+}
+
+#[tokio::test]
+async fn stopped_reserve_recycles_its_machines() {
+    recycles("stopped").await;
+}

@@ -852,6 +852,7 @@ impl Execution {
             address: None,
             detail,
             failure: None,
+            held: None,
             handle: self.name,
         }
     }

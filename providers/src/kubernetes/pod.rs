@@ -587,5 +587,6 @@ pub(crate) fn status_of(pod: &Pod, deployment: &str) -> MachineStatus {
         address: pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
         detail,
         failure: crate::labels::failure_of(&from_pod_labels(pod, &[key::FAILURE])),
+        held: None,
     }
 }
