@@ -43,6 +43,8 @@ pub struct PassReport {
     pub rooms_deleted: usize,
     /// Unclaimed reserve machines retired (stale, broken, surplus).
     pub reserve_retired: usize,
+    /// Machines of recycled reserves whose session is over and that no reserve takes back.
+    pub spent: usize,
     pub errors: usize,
 }
 
@@ -138,6 +140,17 @@ impl Reaper {
         for m in &machines {
             let Some(labels) = &m.labels else { continue };
             if m.state.is_terminal() {
+                if self.spent(m) {
+                    report.spent += 1;
+                    self.destroy(
+                        m,
+                        labels,
+                        "session over, not recycled",
+                        "spent",
+                        &mut report,
+                    )
+                    .await;
+                }
                 continue;
             }
             match self.verdict(m, labels, room_names.as_ref(), now, &mut report) {
@@ -227,6 +240,18 @@ impl Reaper {
                 }
             }
         }
+    }
+
+    /// Whether `m` is a recycled reserve's machine whose session is over and that no reserve
+    /// here takes back (its agent stopped recycling or is gone, or its template is stale): it
+    /// was created without auto-destroy, so it would stay, stopped, for ever.
+    fn spent(&self, m: &MachineStatus) -> bool {
+        m.held.as_ref().is_some_and(|held| {
+            !self
+                .reserves
+                .as_ref()
+                .is_some_and(|reserves| reserves.recycles(held))
+        })
     }
 
     /// Whether something created at `created` is past the start timeout plus the grace (and

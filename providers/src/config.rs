@@ -92,6 +92,12 @@ pub trait ProviderSettings: Send + Sync {
     fn reserve_tiers(&self) -> &'static [Tier] {
         &[]
     }
+
+    /// Whether a reserve machine can be started again from its image after its session
+    /// (`reserve.recycle`): a fresh boot on the same machine, with nothing of the session left.
+    fn recycles(&self) -> bool {
+        false
+    }
 }
 
 /// The provider this deployment uses, with its settings.

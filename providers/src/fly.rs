@@ -211,6 +211,10 @@ impl ProviderSettings for FlyConfig {
         &[Tier::Hot, Tier::Suspended, Tier::Stopped]
     }
 
+    fn recycles(&self) -> bool {
+        true
+    }
+
     async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn MachineProvider>, ProviderError> {
         Ok(Arc::new(FlyProvider::new(ctx, self.clone())?))
     }

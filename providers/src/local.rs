@@ -94,6 +94,10 @@ impl ProviderSettings for LocalConfig {
         &[Tier::Hot, Tier::Suspended, Tier::Stopped]
     }
 
+    fn recycles(&self) -> bool {
+        true
+    }
+
     async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn MachineProvider>, ProviderError> {
         Ok(Arc::new(
             LocalProvider::new(self.clone()).with_deployment(&ctx.deployment),

@@ -166,8 +166,15 @@ impl AgentConfig {
                 reserve.size = size;
             }
         }
-        if let (Some(recycle), Some(reserve)) = (recycle, self.reserve.as_mut()) {
-            reserve.recycle = recycle;
+        match (recycle, self.reserve.as_mut()) {
+            (Some(recycle), Some(reserve)) => reserve.recycle = recycle,
+            // A reserve switched off with size 0 keeps its other settings for later.
+            (Some(true), None) if size != Some(0) => {
+                return Err(ConfigError::new(
+                    "BOTDISPATCH_RESERVE_RECYCLE=true needs a reserve to recycle: set BOTDISPATCH_RESERVE_SIZE (and BOTDISPATCH_HANDOFF=http)",
+                ))
+            }
+            _ => {}
         }
         if self.reserve.as_ref().is_some_and(|r| r.size == 0) {
             self.reserve = None;
@@ -261,6 +268,12 @@ impl AgentConfig {
         if self.handoff != Handoff::Http {
             return Err(ConfigError::new(format!(
                 "agents.{name}.reserve needs handoff = \"http\" (BOTDISPATCH_HANDOFF=http): a machine booted ahead cannot get its session through its environment"
+            )));
+        }
+        if reserve.recycle && !settings.recycles() {
+            return Err(ConfigError::new(format!(
+                "agents.{name}.reserve.recycle (BOTDISPATCH_RESERVE_RECYCLE) = true: the {} provider cannot start a machine again after its session; every session gets a new one",
+                provider.name()
             )));
         }
         let tier = reserve.tier.0;

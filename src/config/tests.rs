@@ -401,3 +401,53 @@ fn warm_start_settings_are_checked_against_the_provider() {
         assert!(m.contains("cloudrun"), "{m}");
     }
 }
+
+/// Recycling (issue 11 §1) needs a reserve, and a provider that can boot a machine again.
+#[test]
+fn recycling_settings_are_checked() {
+    let fly = [
+        ("BOTDISPATCH_PROVIDER", "fly"),
+        ("FLY_API_TOKEN", "t"),
+        ("FLY_APP_NAME", "bots"),
+        ("BOTDISPATCH_BOT_IMAGE", "registry.fly.io/bots:1"),
+        ("BOTDISPATCH_HANDOFF", "http"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut env = fly.to_vec();
+        env.extend_from_slice(extra);
+        load("", &env)
+    };
+    let c = with(&[
+        ("BOTDISPATCH_RESERVE_SIZE", "4"),
+        ("BOTDISPATCH_RESERVE_RECYCLE", "true"),
+    ])
+    .unwrap();
+    assert!(c.agents["default"].reserve.as_ref().unwrap().recycle);
+    // Nothing to recycle: a clear error, not a setting silently ignored.
+    let m = message(with(&[("BOTDISPATCH_RESERVE_RECYCLE", "true")]));
+    assert!(m.contains("BOTDISPATCH_RESERVE_SIZE"), "{m}");
+    // A reserve switched off with size 0 may keep its recycle setting.
+    let c = with(&[
+        ("BOTDISPATCH_RESERVE_SIZE", "0"),
+        ("BOTDISPATCH_RESERVE_RECYCLE", "true"),
+    ])
+    .unwrap();
+    assert!(c.agents["default"].reserve.is_none());
+    let m = message(with(&[
+        ("BOTDISPATCH_RESERVE_SIZE", "4"),
+        ("BOTDISPATCH_RESERVE_RECYCLE", "maybe"),
+    ]));
+    assert!(m.contains("BOTDISPATCH_RESERVE_RECYCLE"), "{m}");
+    if cfg!(feature = "kubernetes") {
+        // A pod runs once (restartPolicy Never): every session gets a new one.
+        let m = message(load(
+            "provider = \"kubernetes\"\n[kubernetes]\nnamespace = \"bots\"\n[agents.default]\nimage = \"bot:1\"\nhandoff = \"http\"\nreserve = { tier = \"hot\", size = 2, recycle = true }\n",
+            &[],
+        ));
+        assert!(
+            m.contains("agents.default.reserve.recycle (BOTDISPATCH_RESERVE_RECYCLE)"),
+            "{m}"
+        );
+        assert!(m.contains("kubernetes"), "{m}");
+    }
+}

@@ -288,6 +288,14 @@ impl Reserves {
         self.listing().machines.retain(|m| m.handle != handle);
     }
 
+    /// Whether a machine held under these reserve labels goes back into its reserve after its
+    /// session here (its agent recycles, and it is of the agent's current template and tier).
+    pub fn recycles(&self, labels: &ReserveLabels) -> bool {
+        self.sets
+            .get(&labels.agent)
+            .is_some_and(|s| s.recycle && s.owns(labels))
+    }
+
     /// A room from `agent`'s pool on this replica, if it has one ready.
     pub fn take_room(&self, agent: &str) -> Option<PooledRoom> {
         self.sets.get(agent)?.rooms.as_ref()?.take()
@@ -315,7 +323,7 @@ impl Reserves {
         // Held machines (a session's, or being recycled) keep their slots.
         let mut held: BTreeMap<&str, usize> = BTreeMap::new();
         for m in machines {
-            if let Some(h) = &m.held {
+            if let Some(h) = m.held.as_ref().filter(|h| self.recycles(h)) {
                 *held.entry(h.agent.as_str()).or_default() += 1;
             }
         }

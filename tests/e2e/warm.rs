@@ -737,3 +737,53 @@ async fn suspended_reserve_recycles_its_machines() {
 async fn stopped_reserve_recycles_its_machines() {
     recycles("stopped").await;
 }
+
+/// A recycled reserve's machine is created without auto-destroy: when no reserve takes it back
+/// after its session (here the reserve was switched off), the reaper destroys it rather than
+/// leave it stopped for ever.
+#[tokio::test]
+async fn the_reaper_destroys_a_recycled_machine_no_reserve_takes_back() {
+    let mut opts = Options::default();
+    opts.fly_warm.session_duration = Some(Duration::from_millis(1500));
+    opts.env
+        .push(("BOTDISPATCH_RESERVE_RECYCLE", "true".to_owned()));
+    let a = warm_env("hot", 1, opts).await;
+    let machine = wait_reserve_ready(&a, 1).await.remove(0);
+    let (status, resp) = a.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["startType"], "hot", "{resp}");
+    // The recycling dispatcher goes; its successor keeps no reserve.
+    a.app.shutdown.cancel();
+    let mut opts = Options::default();
+    opts.shared = Some((a.fly.clone(), a.daily.clone()));
+    opts.env.push(("BOTDISPATCH_HANDOFF", "http".to_owned()));
+    let b = TestEnv::with(opts).await;
+    // While the session runs, the machine is a live session's: left alone.
+    let report = b.app.reaper.pass().await;
+    assert_eq!(report.spent, 0, "{report:?}");
+    assert!(b
+        .fly
+        .machine(&machine.id)
+        .is_some_and(|m| m.state == "started"));
+    // Its session over, the machine stops (no auto-destroy) and the reaper destroys it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b
+        .fly
+        .machine(&machine.id)
+        .is_some_and(|m| m.state != "stopped")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:#?}",
+            b.fly.machine(&machine.id)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = b.app.reaper.pass().await;
+    assert_eq!(report.spent, 1, "{report:?}");
+    assert_eq!(
+        b.fly.machine(&machine.id).map(|m| m.state),
+        Some("destroyed".to_owned())
+    );
+    assert!(b.fly.violations().is_empty(), "{:?}", b.fly.violations());
+}
