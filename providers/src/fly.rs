@@ -288,6 +288,26 @@ fn is_machine_id(handle: &str) -> bool {
 }
 
 impl FlyProvider {
+    /// This deployment's machines (in every app) that are not destroyed and pass `keep`.
+    async fn list_deployment(
+        &self,
+        keep: impl Fn(&MachineStatus) -> bool,
+    ) -> Result<Vec<MachineStatus>, ProviderError> {
+        let machines = self
+            .list(
+                &[
+                    (key::MANAGED_BY, MANAGED_BY),
+                    (key::DEPLOYMENT, &self.deployment),
+                ],
+                false,
+            )
+            .await?;
+        Ok(machines
+            .into_iter()
+            .filter(|m| m.provider_state != "destroyed" && keep(m))
+            .collect())
+    }
+
     /// Validates `config` (no I/O) and builds the client on the context's shared HTTP client.
     pub fn new(ctx: &BuildContext, config: FlyConfig) -> Result<Self, ProviderError> {
         config
@@ -820,19 +840,7 @@ impl MachineProvider for FlyProvider {
     }
 
     async fn list_managed(&self) -> Result<Vec<MachineStatus>, ProviderError> {
-        let machines = self
-            .list(
-                &[
-                    (key::MANAGED_BY, MANAGED_BY),
-                    (key::DEPLOYMENT, &self.deployment),
-                ],
-                false,
-            )
-            .await?;
-        Ok(machines
-            .into_iter()
-            .filter(|m| m.labels.is_some() && m.provider_state != "destroyed")
-            .collect())
+        self.list_deployment(|m| m.labels.is_some()).await
     }
 
     /// Reads every app (concurrently): each must exist and the token must reach it.
@@ -946,21 +954,8 @@ impl Reserve for FlyProvider {
     /// One listing of the deployment's machines (Fly's filters cannot ask for "reserve or
     /// held"), kept to the reserve's.
     async fn list_reserve(&self) -> Result<Vec<MachineStatus>, ProviderError> {
-        let machines = self
-            .list(
-                &[
-                    (key::MANAGED_BY, MANAGED_BY),
-                    (key::DEPLOYMENT, &self.deployment),
-                ],
-                false,
-            )
-            .await?;
-        Ok(machines
-            .into_iter()
-            .filter(|m| {
-                (m.reserve.is_some() || m.held.is_some()) && m.provider_state != "destroyed"
-            })
-            .collect())
+        self.list_deployment(|m| m.reserve.is_some() || m.held.is_some())
+            .await
     }
 
     /// Lease, check it is a held machine whose session is over (`stopped`), relabel it as an
