@@ -46,10 +46,16 @@ pub struct ReserveView {
     /// `hot`, `suspended` or `stopped`.
     #[schema(value_type = String, example = "hot")]
     pub tier: &'static str,
-    /// Unclaimed machines it keeps.
+    /// Machines it keeps: unclaimed ones, and with `recycle` those in a session or recycling.
     pub size: u32,
+    /// Machines go back into the reserve after their session (a fresh boot).
+    pub recycle: bool,
     pub ready: usize,
     pub preparing: usize,
+    /// Recycled machines running a session (0 without `recycle`).
+    pub in_session: usize,
+    /// Recycled machines whose session is over, waiting to boot again (0 without `recycle`).
+    pub recycling: usize,
     /// Rooms created ahead in this replica's pool.
     pub pooled_rooms: usize,
 }
@@ -84,8 +90,11 @@ pub async fn get(
                 view.reserve = Some(ReserveView {
                     tier: r.tier.as_str(),
                     size: r.size,
+                    recycle: r.recycle,
                     ready: r.ready,
                     preparing: r.preparing,
+                    in_session: r.in_session,
+                    recycling: r.recycling,
                     pooled_rooms: r.pooled_rooms,
                 });
             }

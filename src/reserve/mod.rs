@@ -57,6 +57,43 @@ impl ReserveSet {
             && labels.tier == self.tier
     }
 
+    /// This set's machines in `machines` by phase.
+    fn census(&self, machines: &[MachineStatus]) -> ReserveSummary {
+        let mut census = ReserveSummary {
+            agent: self.agent.clone(),
+            tier: self.tier,
+            size: self.size,
+            recycle: self.recycle,
+            ready: 0,
+            preparing: 0,
+            in_session: 0,
+            recycling: 0,
+            pooled_rooms: self.rooms.as_ref().map_or(0, RoomPool::len),
+        };
+        for m in machines {
+            if let Some(r) = &m.reserve {
+                if r.agent == self.agent && r.fingerprint == self.fingerprint {
+                    if is_ready(m) {
+                        census.ready += 1;
+                    } else {
+                        census.preparing += 1;
+                    }
+                }
+            } else if m
+                .held
+                .as_ref()
+                .is_some_and(|h| self.recycle && self.owns(h))
+            {
+                if m.state.is_terminal() {
+                    census.recycling += 1;
+                } else {
+                    census.in_session += 1;
+                }
+            }
+        }
+        census
+    }
+
     /// Whether `machine` is one of this set's and could serve a session now.
     fn claimable(&self, machine: &MachineStatus) -> bool {
         let Some(reserve) = &machine.reserve else {
@@ -90,8 +127,13 @@ pub struct ReserveSummary {
     pub agent: String,
     pub tier: Tier,
     pub size: u32,
+    pub recycle: bool,
     pub ready: usize,
     pub preparing: usize,
+    /// Recycled machines running a session.
+    pub in_session: usize,
+    /// Recycled machines whose session is over, waiting to boot again.
+    pub recycling: usize,
     pub pooled_rooms: usize,
 }
 
@@ -367,49 +409,20 @@ impl Reserves {
         let machines = self.listing().machines.clone();
         self.sets
             .values()
-            .map(|set| {
-                let mine = machines.iter().filter(|m| {
-                    m.reserve
-                        .as_ref()
-                        .is_some_and(|r| r.agent == set.agent && r.fingerprint == set.fingerprint)
-                });
-                let (ready, preparing): (Vec<_>, Vec<_>) = mine.partition(|m| is_ready(m));
-                ReserveSummary {
-                    agent: set.agent.clone(),
-                    tier: set.tier,
-                    size: set.size,
-                    ready: ready.len(),
-                    preparing: preparing.len(),
-                    pooled_rooms: set.rooms.as_ref().map_or(0, RoomPool::len),
-                }
-            })
+            .map(|set| set.census(&machines))
             .collect()
     }
 
     /// Publishes the reserve's size by agent, tier and state.
     fn report(&self, machines: &[MachineStatus]) {
         for set in self.sets.values() {
-            let mine = machines.iter().filter(|m| {
-                m.reserve
-                    .as_ref()
-                    .is_some_and(|r| r.agent == set.agent && r.fingerprint == set.fingerprint)
-            });
-            let (ready, preparing): (Vec<_>, Vec<_>) = mine.partition(|m| is_ready(m));
-            metrics::reserve_machines(&set.agent, set.tier.as_str(), "ready", ready.len());
-            metrics::reserve_machines(&set.agent, set.tier.as_str(), "preparing", preparing.len());
+            let census = set.census(machines);
+            let tier = set.tier.as_str();
+            metrics::reserve_machines(&set.agent, tier, "ready", census.ready);
+            metrics::reserve_machines(&set.agent, tier, "preparing", census.preparing);
             if set.recycle {
-                let held = machines
-                    .iter()
-                    .filter(|m| m.held.as_ref().is_some_and(|h| set.owns(h)));
-                let (over, in_session): (Vec<_>, Vec<_>) =
-                    held.partition(|m| m.state.is_terminal());
-                metrics::reserve_machines(
-                    &set.agent,
-                    set.tier.as_str(),
-                    "in_session",
-                    in_session.len(),
-                );
-                metrics::reserve_machines(&set.agent, set.tier.as_str(), "recycling", over.len());
+                metrics::reserve_machines(&set.agent, tier, "in_session", census.in_session);
+                metrics::reserve_machines(&set.agent, tier, "recycling", census.recycling);
             }
             if let Some(pool) = &set.rooms {
                 metrics::pooled_rooms(&set.agent, pool.len());

@@ -752,6 +752,22 @@ async fn the_reaper_destroys_a_recycled_machine_no_reserve_takes_back() {
     let (status, resp) = a.post_start("alice", start_body()).await;
     assert_eq!(status, StatusCode::OK, "{resp}");
     assert_eq!(resp["startType"], "hot", "{resp}");
+    // GET /capacity counts the machine in its session as part of the reserve.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let (status, capacity) = a
+            .call("GET", "/capacity", Some(&a.token("ops")), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{capacity}");
+        let reserve = &capacity["agents"]["default"]["reserve"];
+        assert_eq!(reserve["recycle"], true, "{capacity}");
+        if reserve["inSession"] == 1 {
+            assert_eq!(reserve["size"], 1, "{capacity}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{capacity}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The recycling dispatcher goes; its successor keeps no reserve.
     a.app.shutdown.cancel();
     let mut opts = Options::default();
