@@ -109,8 +109,9 @@ pub enum ProviderConfig {
     Fargate(crate::fargate::FargateConfig),
     #[cfg(feature = "cloudrun")]
     CloudRun(crate::cloudrun::CloudRunConfig),
+    /// Boxed: the largest settings by far (the pod template's many optional parts).
     #[cfg(feature = "kubernetes")]
-    Kubernetes(crate::kubernetes::KubernetesConfig),
+    Kubernetes(Box<crate::kubernetes::KubernetesConfig>),
 }
 
 impl Default for ProviderConfig {
@@ -206,7 +207,7 @@ impl ProviderConfig {
             #[cfg(feature = "cloudrun")]
             "cloudrun" => Self::CloudRun(chosen(file.cloudrun, env)?),
             #[cfg(feature = "kubernetes")]
-            "kubernetes" => Self::Kubernetes(chosen(file.kubernetes, env)?),
+            "kubernetes" => Self::Kubernetes(Box::new(chosen(file.kubernetes, env)?)),
             other => {
                 let key = if from_env {
                     format!("BOTDISPATCH_PROVIDER={other:?}")
@@ -232,7 +233,7 @@ impl ProviderConfig {
             #[cfg(feature = "cloudrun")]
             Self::CloudRun(c) => c,
             #[cfg(feature = "kubernetes")]
-            Self::Kubernetes(c) => c,
+            Self::Kubernetes(c) => c.as_ref(),
         }
     }
 }

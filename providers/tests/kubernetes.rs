@@ -1,8 +1,10 @@
 //! The `kubernetes` provider against the fake API server: the contract suite (through an
 //! explicit API URL and through a kubeconfig), the shape of what a session creates, the
 //! failure modes (image pulls, unschedulable pods, 410 Gone, 429, stale resourceVersions,
-//! name conflicts), the bot token's Secret and its garbage collection, and the deploy/kubernetes
-//! manifests (typed, no unknown fields, a Role that covers exactly the calls made).
+//! name conflicts), the bot token's Secret and its garbage collection, the `http` handoff and
+//! the hot reserve (claims racing across replicas, the drain after a handoff, retiring,
+//! claim latency), and the deploy/kubernetes manifests (typed, no unknown fields, a Role that
+//! covers exactly the calls made).
 
 #![cfg(all(feature = "kubernetes", feature = "testkit"))]
 
@@ -22,7 +24,8 @@ use providers::testkit::contract::{
 use providers::testkit::kube_fake::{FakeKube, FakeKubeConfig, KubeOp};
 use providers::testkit::Fault;
 use providers::{
-    BuildContext, Deadline, MachineProvider, MachineState, ProviderError, Secret, Workload,
+    BuildContext, Deadline, MachineProvider, MachineState, MachineTemplate, ProviderError,
+    ReserveLabels, Secret, SessionLabels, StartType, Tier, Workload,
 };
 use serde_json::{json, Value};
 
@@ -807,7 +810,8 @@ async fn the_manifests_are_valid_and_the_role_allows_exactly_what_the_provider_c
         })
         .collect();
 
-    // Everything the provider does: the contract suite plus relabelling and checking.
+    // Everything the provider does: the contract suite plus relabelling, checking and the
+    // reserve.
     let (fake, provider) = start(|_| {}).await;
     let peer = KubePeer {
         fake: fake.clone(),
@@ -827,9 +831,669 @@ async fn the_manifests_are_valid_and_the_role_allows_exactly_what_the_provider_c
         .unwrap();
     provider.check().await.unwrap();
     provider.terminate(&launched.handle).await.unwrap();
+    // And the warm side: reserve pods made, listed, marked, one claimed and handed off (its
+    // drain shortened by the confirmed deadline), one retired.
+    let warm = replica(&fake).await;
+    let handles = ready_reserve(&warm, 2).await;
+    let reserve = warm.reserve().unwrap();
+    reserve.list_reserve().await.unwrap();
+    reserve
+        .claim(&handles[0], &session_labels("rbac"))
+        .await
+        .unwrap();
+    warm.handoff()
+        .unwrap()
+        .end_after_session(&handles[0], None)
+        .await
+        .unwrap();
+    warm.relabel()
+        .unwrap()
+        .set_deadline(&handles[0], Deadline::after(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    reserve.retire(&handles[1]).await.unwrap();
     let used = fake.verbs_used();
     assert_eq!(
         allowed, used,
         "the Role allows exactly the calls the provider makes"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The `http` handoff and the hot reserve.
+
+const SECRET: &str = "handoff-secret-0123";
+
+/// The agent's template with the `http` handoff on port 8080.
+fn http_template() -> MachineTemplate {
+    MachineTemplate {
+        workload: Workload::Image(IMAGE.into()),
+        cmd: None,
+        guest: providers::Guest::default(),
+        region: None,
+        env: BTreeMap::from([("PORT".to_owned(), "8080".to_owned())]),
+        handoff_port: Some(8080),
+    }
+}
+
+/// Reserve labels of `slot`, under a name no other call gives (its "window" counts up).
+fn reserve_labels(slot: u32, tier: Tier) -> ReserveLabels {
+    static WINDOW: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let window = WINDOW.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ReserveLabels {
+        name: format!("bd-default-r{slot}-0123456789-{window}"),
+        slot,
+        agent: "default".into(),
+        fingerprint: "0123456789".into(),
+        tier,
+        ready: false,
+        recycle: false,
+        recycled_at: None,
+    }
+}
+
+/// A provider (a dispatcher replica) whose pods' bots are reached on the fake's bot servers.
+async fn replica(fake: &FakeKube) -> Arc<KubernetesProvider> {
+    let config = KubernetesConfig {
+        pod_url: fake.pod_url_template(),
+        ..config(fake)
+    };
+    Arc::new(KubernetesProvider::connect(&ctx(), &config).await.unwrap())
+}
+
+/// Prepares `n` reserve pods, waits until the kubelet says they are Ready and marks them
+/// (the dispatcher's own probe), as replenishment does. Their handles.
+async fn ready_reserve(provider: &KubernetesProvider, n: u32) -> Vec<String> {
+    let reserve = provider.reserve().unwrap();
+    let env = BTreeMap::from([(providers::HANDOFF_SECRET_ENV.to_owned(), SECRET.to_owned())]);
+    let mut handles = Vec::new();
+    for slot in 0..n {
+        let labels = reserve_labels(slot, Tier::Hot);
+        let launched = reserve
+            .prepare(&http_template(), &labels.name, &labels, &env)
+            .await
+            .expect("prepare");
+        handles.push(launched.handle);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = reserve.list_reserve().await.unwrap();
+        let up = listed
+            .iter()
+            .filter(|m| m.provider_state == "running")
+            .count();
+        if up == n as usize {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reserve not up: {listed:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for h in &handles {
+        reserve.mark_ready(h).await.unwrap();
+    }
+    handles
+}
+
+fn session_labels(key: &str) -> SessionLabels {
+    SessionLabels {
+        session_key: key.into(),
+        owner: "auth0|5f7c8ec7c33c6c004bbafe82".into(),
+        room: format!("bd-{key}"),
+        agent: "default".into(),
+        deployment: "default".into(),
+        start: StartType::Warm(Tier::Hot),
+        deadline: Deadline::from_unix_secs(chrono::Utc::now().timestamp() + 60).unwrap(),
+        timings: None,
+    }
+}
+
+async fn post_bot(url: &url::Url, secret: &str, key: &str) -> reqwest::Result<reqwest::Response> {
+    reqwest::Client::new()
+        .post(format!("{}/bot", url.as_str().trim_end_matches('/')))
+        .bearer_auth(secret)
+        .header("x-daily-session-id", key)
+        .header("x-daily-room-url", "https://x.daily.co/bd-k")
+        .json(&json!({"hello": "world"}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+}
+
+/// Two replicas claim the same pods at once, each from its own listing: every pod goes to
+/// exactly one of them, the other gets `Conflict` (and would try its next candidate).
+#[tokio::test]
+async fn two_replicas_claiming_one_pod_never_both_win() {
+    const PODS: u32 = 12;
+    let fake = FakeKube::start(FakeKubeConfig::default()).await;
+    let (a, b) = (replica(&fake).await, replica(&fake).await);
+    let handles = ready_reserve(&a, PODS).await;
+    a.reserve().unwrap().list_reserve().await.unwrap();
+    b.reserve().unwrap().list_reserve().await.unwrap();
+    let races = handles.iter().map(|h| {
+        let (a, b) = (a.clone(), b.clone());
+        async move {
+            let (la, lb) = (
+                session_labels(&format!("a{h}")),
+                session_labels(&format!("b{h}")),
+            );
+            let (ra, rb) = tokio::join!(
+                a.reserve().unwrap().claim(h, &la),
+                b.reserve().unwrap().claim(h, &lb),
+            );
+            (h.clone(), ra, rb)
+        }
+    });
+    for (h, ra, rb) in futures_util::future::join_all(races).await {
+        let won: Vec<&str> = [("a", &ra), ("b", &rb)]
+            .into_iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(who, _)| who)
+            .collect();
+        assert_eq!(won.len(), 1, "pod {h}: {ra:?} / {rb:?}");
+        let lost = if won[0] == "a" { rb } else { ra };
+        assert!(
+            matches!(lost, Err(ProviderError::Conflict { .. })),
+            "pod {h}: the loser gets Conflict: {lost:?}"
+        );
+        // The pod carries the winner's session, and is no reserve pod any more.
+        let status = a.status(&h).await.unwrap().unwrap();
+        let labels = status.labels.expect("a session's");
+        assert_eq!(labels.session_key, format!("{}{h}", won[0]));
+        assert_eq!(labels.start, StartType::Warm(Tier::Hot));
+        assert!(status.reserve.is_none());
+        let pod = fake.pod(NS, &h).unwrap();
+        assert_eq!(
+            pod.metadata.labels.as_ref().unwrap()[label::ROLE],
+            "session"
+        );
+    }
+    assert!(a
+        .reserve()
+        .unwrap()
+        .list_reserve()
+        .await
+        .unwrap()
+        .is_empty());
+    // A claim on a pod that is a session's already is a Conflict, whatever the listing said.
+    let err = b
+        .reserve()
+        .unwrap()
+        .claim(&handles[0], &session_labels("late"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProviderError::Conflict { .. }), "{err:?}");
+    assert_clean(&fake);
+}
+
+/// The claim itself: one patch from the listing; after only the pod's status moved, one read
+/// and a second patch; a pod not marked ready or not a reserve pod is never taken.
+#[tokio::test]
+async fn a_claim_is_one_conditional_patch_and_survives_a_status_change() {
+    let fake = FakeKube::start(FakeKubeConfig::default()).await;
+    let provider = replica(&fake).await;
+    let reserve = provider.reserve().unwrap();
+    let handles = ready_reserve(&provider, 3).await;
+    reserve.list_reserve().await.unwrap();
+
+    let n = fake.requests().len();
+    reserve
+        .claim(&handles[0], &session_labels("k0"))
+        .await
+        .unwrap();
+    let calls = requests_after(&fake, n);
+    assert_eq!(
+        calls,
+        [(
+            "PATCH".into(),
+            format!("/api/v1/namespaces/{NS}/pods/{}", handles[0])
+        )],
+        "one call on the critical path"
+    );
+    let patch = fake.requests().last().unwrap().body.clone().unwrap();
+    assert!(
+        patch["metadata"]["resourceVersion"].is_string(),
+        "conditional on the listed version: {patch}"
+    );
+    // The claimed pod's deadline comes down to a cold pod's backstop.
+    let pod = fake.pod(NS, &handles[0]).unwrap();
+    let ads = pod.spec.as_ref().unwrap().active_deadline_seconds.unwrap();
+    assert!(ads <= 86_400 + 5, "{ads}");
+    assert_eq!(
+        pod.metadata.annotations.as_ref().unwrap()["botdispatch.io/owner"],
+        "auth0|5f7c8ec7c33c6c004bbafe82"
+    );
+
+    // Another replica touches the pod after this one listed it (its resourceVersion moves):
+    // the claim reads it again and still takes it.
+    let other = replica(&fake).await;
+    other
+        .reserve()
+        .unwrap()
+        .mark_ready(&handles[1])
+        .await
+        .unwrap();
+    let n = fake.requests().len();
+    reserve
+        .claim(&handles[1], &session_labels("k1"))
+        .await
+        .unwrap();
+    let methods: Vec<String> = requests_after(&fake, n)
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect();
+    assert_eq!(methods, ["PATCH", "GET", "PATCH"]);
+    assert_eq!(fake.requests()[fake.requests().len() - 2].status, 200);
+
+    // Not marked ready by any dispatcher: not claimable.
+    let labels = reserve_labels(7, Tier::Hot);
+    let env = BTreeMap::new();
+    let fresh = reserve
+        .prepare(&http_template(), &labels.name, &labels, &env)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = reserve
+        .claim(&fresh.handle, &session_labels("k7"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProviderError::Conflict { .. }), "{err:?}");
+    // A pod that does not exist: Conflict (try the next).
+    let err = reserve
+        .claim("bd-nope", &session_labels("kx"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProviderError::Conflict { .. }), "{err:?}");
+    assert_clean(&fake);
+}
+
+/// After the claim: the session goes to the pod's IP, the pod is deleted with a long grace
+/// (SIGTERM: the bot finishes its call) and reported started meanwhile, the confirmed
+/// deadline shortens that grace, no second session reaches the pod, and the pod goes once its
+/// session is over.
+#[tokio::test]
+async fn the_handoff_reaches_the_pod_ip_and_the_pod_drains_after_its_one_session() {
+    let fake = FakeKube::start(FakeKubeConfig::default()).await;
+    let provider = replica(&fake).await;
+    let reserve = provider.reserve().unwrap();
+    let handoff = provider
+        .handoff()
+        .expect("kubernetes hands sessions over HTTP");
+    let handles = ready_reserve(&provider, 1).await;
+    let listed = reserve.list_reserve().await.unwrap();
+    let machine = listed[0].clone();
+    let h = handles[0].clone();
+    reserve.claim(&h, &session_labels("k1")).await.unwrap();
+
+    let url = handoff.bot_url(&machine.as_launched(), 8080).unwrap();
+    let ip = machine.address.clone().unwrap();
+    assert!(ip.starts_with("10.244."), "{ip}");
+    assert_eq!(url.as_str(), format!("{}/_pods/{ip}/8080", fake.api_url()));
+    let ready = reqwest::get(format!("{url}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let session = tokio::spawn({
+        let url = url.clone();
+        async move { post_bot(&url, SECRET, "k1").await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fake.deliveries().is_empty() {
+        assert!(Instant::now() < deadline, "no delivery");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let d = &fake.deliveries()[0];
+    assert_eq!((d.pod.as_str(), d.refused), (h.as_str(), None));
+    assert!(d.secret_matched);
+    assert_eq!(d.session_id.as_deref(), Some("k1"));
+
+    handoff.end_after_session(&h, None).await.unwrap();
+    let pod = fake.pod(NS, &h).unwrap();
+    assert!(pod.metadata.deletion_timestamp.is_some());
+    assert_eq!(pod.metadata.deletion_grace_period_seconds, Some(86_400));
+    let status = provider.status(&h).await.unwrap().unwrap();
+    assert_eq!(status.state, MachineState::Started, "{status:?}");
+    assert_eq!(status.provider_state, "Terminating");
+    assert!(
+        provider
+            .list_managed()
+            .await
+            .unwrap()
+            .iter()
+            .any(|m| m.handle == h && m.state == MachineState::Started),
+        "capacity counts it"
+    );
+    // No second session: the bot takes no new connection after SIGTERM.
+    let second = post_bot(&url, SECRET, "k2").await;
+    assert!(second.is_err(), "{second:?}");
+
+    // The session's real deadline: the drain ends there at the latest.
+    let end = chrono::Utc::now().timestamp() + 30;
+    provider
+        .relabel()
+        .unwrap()
+        .set_deadline(&h, Deadline::from_unix_secs(end).unwrap())
+        .await
+        .unwrap();
+    let pod = fake.pod(NS, &h).unwrap();
+    let grace = pod.metadata.deletion_grace_period_seconds.unwrap();
+    assert!((29..=31).contains(&grace), "{grace}");
+    assert_eq!(
+        pod.metadata.labels.as_ref().unwrap()[label::DEADLINE],
+        end.to_string()
+    );
+    let ads = pod.spec.as_ref().unwrap().active_deadline_seconds.unwrap();
+    assert!(ads <= 60, "activeDeadlineSeconds lowered too: {ads}");
+
+    // The call ends: the bot exits and the pod goes; the session's /bot is answered.
+    assert_eq!(fake.end_sessions(NS, &h), 1);
+    let answer = session.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fake.pod(NS, &h).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the pod stayed after its session"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fake.deliveries().len(), 1);
+    assert!(
+        fake.bot_violations().is_empty(),
+        "{:?}",
+        fake.bot_violations()
+    );
+    handoff
+        .end_after_session(&h, None)
+        .await
+        .expect("404 is success");
+    assert_clean(&fake);
+}
+
+/// A cold `http` pod: its launch answers before the pod has an IP; the wait on this replica
+/// sees it, and the handoff goes there. Another replica knows no IP for it.
+#[tokio::test]
+async fn a_cold_http_pod_is_reached_at_the_ip_its_wait_saw() {
+    let fake = FakeKube::start(FakeKubeConfig::default()).await;
+    let provider = replica(&fake).await;
+    let mut spec = peer_spec("coldhttp");
+    spec.template = http_template();
+    spec.session.env =
+        BTreeMap::from([(providers::HANDOFF_SECRET_ENV.to_owned(), SECRET.to_owned())]);
+    let launched = launch(&provider, &spec).await;
+    assert!(launched.address.is_none());
+    let pod = fake.pod(NS, &launched.handle).unwrap();
+    let container = &pod.spec.as_ref().unwrap().containers[0];
+    assert!(
+        container.readiness_probe.is_none(),
+        "a cold start polls /readyz itself"
+    );
+    assert!(fake.secrets().is_empty(), "no room token, no Secret");
+    let handoff = provider.handoff().unwrap();
+    provider
+        .wait_started(&launched, Deadline::after(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let url = handoff.bot_url(&launched, 8080).unwrap();
+    let ip = fake
+        .pod(NS, &launched.handle)
+        .unwrap()
+        .status
+        .unwrap()
+        .pod_ip
+        .unwrap();
+    assert!(url.as_str().contains(&format!("/_pods/{ip}/8080")), "{url}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = reqwest::get(format!("{url}/readyz")).await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let other = replica(&fake).await;
+    let err = other
+        .handoff()
+        .unwrap()
+        .bot_url(&launched, 8080)
+        .unwrap_err();
+    assert!(matches!(err, ProviderError::Unavailable { .. }), "{err:?}");
+    // A handle that is no pod name never reaches the URL.
+    let mut bad = launched.clone();
+    bad.handle = "../../x".into();
+    assert!(handoff.bot_url(&bad, 8080).is_err());
+    assert_clean(&fake);
+}
+
+/// Retiring deletes an unclaimed reserve pod, conditionally on the version it read; a pod
+/// claimed since the listing is left alone.
+#[tokio::test]
+async fn retire_deletes_only_unclaimed_reserve_pods() {
+    let fake = FakeKube::start(FakeKubeConfig::default()).await;
+    let provider = replica(&fake).await;
+    let reserve = provider.reserve().unwrap();
+    let handles = ready_reserve(&provider, 2).await;
+    reserve.list_reserve().await.unwrap();
+    reserve
+        .claim(&handles[0], &session_labels("k0"))
+        .await
+        .unwrap();
+    let err = reserve.retire(&handles[0]).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Conflict { .. }), "{err:?}");
+    assert!(fake
+        .pod(NS, &handles[0])
+        .unwrap()
+        .metadata
+        .deletion_timestamp
+        .is_none());
+
+    reserve.retire(&handles[1]).await.unwrap();
+    let delete = fake
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.method == "DELETE")
+        .unwrap();
+    let body = delete.body.unwrap();
+    assert!(
+        body["preconditions"]["resourceVersion"].is_string(),
+        "{body}"
+    );
+    assert_eq!(body["gracePeriodSeconds"], 2, "the stop grace");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fake.pod(NS, &handles[1]).is_some() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    reserve.retire(&handles[1]).await.expect("gone is success");
+
+    // The precondition itself, as the API server applies it: a stale version is a 409.
+    let labels = reserve_labels(5, Tier::Hot);
+    let env = BTreeMap::new();
+    let p = reserve
+        .prepare(&http_template(), &labels.name, &labels, &env)
+        .await
+        .unwrap();
+    let resp = reqwest::Client::new()
+        .delete(format!(
+            "{}/api/v1/namespaces/{NS}/pods/{}",
+            fake.api_url(),
+            p.handle
+        ))
+        .bearer_auth(TOKEN)
+        .json(&json!({"preconditions": {"resourceVersion": "1"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    let status: Value = resp.json().await.unwrap();
+    assert_eq!(status["reason"], "Conflict");
+    assert!(fake.pod(NS, &p.handle).is_some());
+    assert_clean(&fake);
+}
+
+/// What a pod cannot do is refused before any call: other tiers, suspending, starting,
+/// recycling.
+#[tokio::test]
+async fn kubernetes_keeps_hot_pods_only_and_never_recycles() {
+    let fake = FakeKube::start(FakeKubeConfig::default()).await;
+    let provider = replica(&fake).await;
+    let reserve = provider.reserve().unwrap();
+    assert_eq!(reserve.tiers(), [Tier::Hot]);
+    let env = BTreeMap::new();
+    for tier in [Tier::Suspended, Tier::Stopped] {
+        let labels = reserve_labels(0, tier);
+        let err = reserve
+            .prepare(&http_template(), &labels.name, &labels, &env)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+    }
+    let mut recycled = reserve_labels(0, Tier::Hot);
+    recycled.recycle = true;
+    let err = reserve
+        .prepare(&http_template(), &recycled.name, &recycled, &env)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+    assert!(reserve.suspend("bd-x").await.is_err());
+    assert!(reserve.start("bd-x", None).await.is_err());
+    let err = reserve
+        .recycle("bd-x", &reserve_labels(0, Tier::Hot))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("never recycled"), "{err}");
+    assert!(fake.requests().is_empty(), "{:?}", fake.requests());
+}
+
+/// The fake's kubelet: a readiness probe passes only once the bot answers it on its port; pods
+/// get IPs of their own.
+#[tokio::test]
+async fn the_fake_kubelet_probes_readiness_and_gives_each_pod_its_ip() {
+    let fake = FakeKube::start(FakeKubeConfig {
+        bot_boot_delay: Duration::from_millis(400),
+        ..FakeKubeConfig::default()
+    })
+    .await;
+    let provider = replica(&fake).await;
+    let reserve = provider.reserve().unwrap();
+    let env = BTreeMap::new();
+    let t0 = Instant::now();
+    let mut names = Vec::new();
+    for slot in 0..2 {
+        let labels = reserve_labels(slot, Tier::Hot);
+        names.push(
+            reserve
+                .prepare(&http_template(), &labels.name, &labels, &env)
+                .await
+                .unwrap()
+                .handle,
+        );
+    }
+    // A probe on a port the bot does not listen on never passes.
+    let mut wrong = http_template();
+    wrong.env.insert("PORT".into(), "9000".into());
+    let labels = reserve_labels(2, Tier::Hot);
+    let deaf = reserve
+        .prepare(&wrong, &labels.name, &labels, &env)
+        .await
+        .unwrap()
+        .handle;
+    let ready = |name: &str| {
+        fake.pod(NS, name)
+            .and_then(|p| p.status)
+            .and_then(|s| s.conditions)
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !names.iter().all(|n| ready(n)) {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "Ready before the bot booted"
+    );
+    assert!(!ready(&deaf));
+    let ip = |name: &str| fake.pod(NS, name).unwrap().status.unwrap().pod_ip.unwrap();
+    assert_ne!(ip(&names[0]), ip(&names[1]));
+    assert_clean(&fake);
+}
+
+/// How long a claim takes against the fake: the listing, then one patch per claim. Printed,
+/// with a generous bound (the fake answers in well under a millisecond).
+#[tokio::test]
+async fn claim_latency_of_the_hot_reserve() {
+    const PODS: u32 = 60;
+    let fake = FakeKube::start(FakeKubeConfig::default()).await;
+    let provider = replica(&fake).await;
+    let reserve = provider.reserve().unwrap();
+    let handles = ready_reserve(&provider, PODS).await;
+    reserve.list_reserve().await.unwrap();
+    let mut took = Vec::new();
+    for (i, h) in handles.iter().enumerate() {
+        let t = Instant::now();
+        reserve
+            .claim(h, &session_labels(&format!("k{i}")))
+            .await
+            .unwrap();
+        took.push(t.elapsed());
+    }
+    took.sort();
+    let pct = |p: usize| took[(took.len() * p / 100).min(took.len() - 1)];
+    println!(
+        "kubernetes hot reserve claim against the fake, {PODS} sequential claims: p50 {:?}, p95 {:?}, max {:?}",
+        pct(50),
+        pct(95),
+        took[took.len() - 1]
+    );
+    assert!(pct(95) < Duration::from_millis(500), "{took:?}");
+
+    // Worst-case contention: two replicas walk the same listing in the same order, each taking
+    // the next pod when it loses one, until the reserve is empty. Per claim that succeeded:
+    // the time from its first attempt, lost races included.
+    let (a, b) = (replica(&fake).await, replica(&fake).await);
+    let handles = ready_reserve(&a, PODS).await;
+    a.reserve().unwrap().list_reserve().await.unwrap();
+    b.reserve().unwrap().list_reserve().await.unwrap();
+    let t0 = Instant::now();
+    let walk = |p: Arc<KubernetesProvider>, who: &'static str| {
+        let handles = handles.clone();
+        async move {
+            let mut took = Vec::new();
+            let mut lost = 0;
+            let mut t = Instant::now();
+            for h in &handles {
+                match p
+                    .reserve()
+                    .unwrap()
+                    .claim(h, &session_labels(&format!("{who}{h}")))
+                    .await
+                {
+                    Ok(_) => {
+                        took.push(t.elapsed());
+                        t = Instant::now();
+                    }
+                    Err(ProviderError::Conflict { .. }) => lost += 1,
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            (took, lost)
+        }
+    };
+    let ((mut took, lost_a), (took_b, lost_b)) = tokio::join!(walk(a, "a"), walk(b, "b"));
+    let elapsed = t0.elapsed();
+    assert_eq!(
+        took.len() + took_b.len(),
+        PODS as usize,
+        "every pod claimed once"
+    );
+    took.extend(took_b);
+    took.sort();
+    let pct = |p: usize| took[(took.len() * p / 100).min(took.len() - 1)];
+    println!(
+        "kubernetes hot reserve claim against the fake, 2 replicas racing over {PODS} pods in the same order: p50 {:?}, p95 {:?}, {} lost races, {:.0} claims/s",
+        pct(50),
+        pct(95),
+        lost_a + lost_b,
+        PODS as f64 / elapsed.as_secs_f64()
     );
 }

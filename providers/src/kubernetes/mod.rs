@@ -48,14 +48,22 @@
 //! backstop (`max_pod_secs`, or the session deadline if later) and `relabel` lowers it to the
 //! session's own deadline, counted from the pod's `startTime`, along with the deadline label.
 //!
+//! **The `http` handoff and the hot reserve** (`reserve.rs`): a pod's bot is reached at
+//! `kubernetes.pod_url` (default the pod IP and the handoff port); a hot reserve of pods
+//! (`botdispatch.io/role=reserve`, a readiness probe on `/readyz`) is claimed with one label patch
+//! conditional on the listed `resourceVersion`; after the handoff the pod is deleted with a long
+//! grace, which is how a bot gets SIGTERM on Kubernetes: it finishes its session and the pod goes.
+//! Only the `hot` tier, never a recycle.
+//!
 //! **Limits.** No outbound rate limits are declared: the API server's limits are its Priority and
 //! Fairness settings, not constants; its 429s carry `Retry-After` (and `retryAfterSeconds` in the
 //! `Status`, which is what the client reads) and are retried by the resilient wrapper. kube's own
 //! retries are off so that every call is counted and bounded by the start deadline once.
 
 mod pod;
+mod reserve;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -77,11 +85,11 @@ use crate::env::Env;
 use crate::http::error_chain;
 use crate::retry::{retry, RetryPolicy};
 use crate::{
-    Deadline, Launched, MachineProvider, MachineStatus, MachineTemplate, ProviderError, Relabel,
-    Secret, SessionBinding, Workload,
+    Deadline, HttpHandoff, Launched, MachineProvider, MachineStatus, MachineTemplate,
+    ProviderError, Relabel, Reserve, Secret, SessionBinding, Tier, Workload,
 };
-pub use pod::{annotation, label, REGION_LABEL, TOKEN_ENV, TOKEN_GATE};
-use pod::{PodSettings, Progress};
+pub use pod::{annotation, label, READYZ, REGION_LABEL, TOKEN_ENV, TOKEN_GATE};
+use pod::{PodSettings, Progress, Reading};
 
 const NAME: &str = "kubernetes";
 /// Default `activeDeadlineSeconds` of a pod whose deadline was not confirmed yet (a day).
@@ -93,6 +101,10 @@ pub const DEFAULT_STOP_GRACE_SECS: u32 = 5;
 const MAX_ENV_BYTES: usize = 1024 * 1024;
 /// How often a relabel re-reads the pod when its patch loses a `resourceVersion` race.
 const RELABEL_ATTEMPTS: usize = 3;
+/// Default `kubernetes.pod_url`: the pod's IP on the cluster network.
+pub const DEFAULT_POD_URL: &str = "http://{pod_ip}:{port}";
+/// Default longest wait of a reserve pod for its session (an hour).
+pub const DEFAULT_RESERVE_MAX_IDLE_SECS: u32 = 3600;
 
 /// Settings of the `kubernetes` provider: the `[kubernetes]` section of the configuration file.
 ///
@@ -143,6 +155,16 @@ pub struct KubernetesConfig {
     /// `activeDeadlineSeconds` of a pod until its deadline is confirmed (default 86400); must
     /// be at least the longest session. `BOTDISPATCH_K8S_MAX_POD_SECS`.
     pub max_pod_secs: u32,
+    /// Where a pod's bot server is reached for the `http` handoff: a URL template with
+    /// `{pod_ip}`, `{port}`, `{pod_name}` and `{namespace}`; `/readyz` and `/bot` are appended
+    /// to its path. `BOTDISPATCH_K8S_POD_URL`, default `http://{pod_ip}:{port}` (the
+    /// dispatcher runs in the cluster, or on its pod network).
+    pub pod_url: String,
+    /// How long a hot reserve pod waits for a session before it is rotated (default 3600):
+    /// older unclaimed pods are no longer claimed and the reaper replaces them. A reserve pod's
+    /// `activeDeadlineSeconds` is this plus `max_pod_secs`.
+    /// `BOTDISPATCH_K8S_RESERVE_MAX_IDLE_SECS`.
+    pub reserve_max_idle_secs: u32,
 }
 
 impl Default for KubernetesConfig {
@@ -166,6 +188,8 @@ impl Default for KubernetesConfig {
             termination_grace_period_secs: None,
             stop_grace_secs: DEFAULT_STOP_GRACE_SECS,
             max_pod_secs: DEFAULT_MAX_POD_SECS as u32,
+            pod_url: DEFAULT_POD_URL.to_owned(),
+            reserve_max_idle_secs: DEFAULT_RESERVE_MAX_IDLE_SECS,
         }
     }
 }
@@ -281,6 +305,11 @@ impl ProviderSettings for KubernetesConfig {
         )?;
         env.apply("BOTDISPATCH_K8S_STOP_GRACE_SECS", &mut self.stop_grace_secs)?;
         env.apply("BOTDISPATCH_K8S_MAX_POD_SECS", &mut self.max_pod_secs)?;
+        env.apply("BOTDISPATCH_K8S_POD_URL", &mut self.pod_url)?;
+        env.apply(
+            "BOTDISPATCH_K8S_RESERVE_MAX_IDLE_SECS",
+            &mut self.reserve_max_idle_secs,
+        )?;
         if let Some(v) = env.get("BOTDISPATCH_K8S_NODE_SELECTOR") {
             self.node_selector = parse_pairs("BOTDISPATCH_K8S_NODE_SELECTOR", &v)?;
         }
@@ -413,6 +442,14 @@ impl ProviderSettings for KubernetesConfig {
                     .to_owned(),
             );
         }
+        if self.reserve_max_idle_secs < 60 {
+            return err(
+                "kubernetes.reserve_max_idle_secs (BOTDISPATCH_K8S_RESERVE_MAX_IDLE_SECS) must be at least 60"
+                    .to_owned(),
+            );
+        }
+        let example = reserve::expand_pod_url(&self.pod_url, "10.244.0.17", "bd-x", "bots", 8080);
+        check_url("kubernetes.pod_url (BOTDISPATCH_K8S_POD_URL)", &example)?;
         Ok(())
     }
 
@@ -433,6 +470,17 @@ impl ProviderSettings for KubernetesConfig {
                 "agents.{agent}.image is required (or BOTDISPATCH_BOT_IMAGE for the default agent)"
             ))),
         }
+    }
+
+    /// Pods are reached on the cluster network ([`KubernetesConfig::pod_url`]).
+    fn http_handoff(&self) -> bool {
+        true
+    }
+
+    /// Running, ready pods only: Kubernetes can neither suspend a pod nor create one without
+    /// running it, and a pod runs once (`restartPolicy: Never`), so it is never recycled.
+    fn reserve_tiers(&self) -> &'static [Tier] {
+        &[Tier::Hot]
     }
 
     async fn build(&self, ctx: &BuildContext) -> Result<Arc<dyn MachineProvider>, ProviderError> {
@@ -522,6 +570,7 @@ impl KubernetesConfig {
             env_from_secrets: self.env_from_secrets.clone(),
             termination_grace_period_secs: self.termination_grace_period_secs.map(i64::from),
             max_pod_secs: i64::from(self.max_pod_secs),
+            reserve_max_idle_secs: i64::from(self.reserve_max_idle_secs),
         }
     }
 }
@@ -535,6 +584,15 @@ pub struct KubernetesProvider {
     settings: PodSettings,
     stop_grace_secs: u32,
     request_timeout: Duration,
+    /// [`KubernetesConfig::pod_url`].
+    pod_url: String,
+    /// The reserve's pods as last listed, by name: a claim names the `resourceVersion` it saw
+    /// without reading the pod again. Only a cache: a stale entry costs a 409 and a read.
+    reserve_pods: Mutex<HashMap<String, Pod>>,
+    /// Pod IPs this replica saw while waiting for pods to start, by name: a cold start's
+    /// [`Launched`] comes back from the create, before the pod has an IP, and the handoff
+    /// follows the wait on the same replica.
+    addresses: Mutex<HashMap<String, (String, tokio::time::Instant)>>,
 }
 
 impl KubernetesProvider {
@@ -570,7 +628,24 @@ impl KubernetesProvider {
             settings: config.pod_settings(),
             stop_grace_secs: config.stop_grace_secs,
             request_timeout: ctx.request_timeout,
+            pod_url: config.pod_url.clone(),
+            reserve_pods: Mutex::default(),
+            addresses: Mutex::default(),
         }
+    }
+
+    /// How pods are read back, now.
+    fn reading(&self) -> Reading<'_> {
+        Reading {
+            deployment: &self.deployment,
+            stop_grace_secs: i64::from(self.stop_grace_secs),
+            reserve_max_idle_secs: self.settings.reserve_max_idle_secs,
+            now: Utc::now(),
+        }
+    }
+
+    fn status_of(&self, pod: &Pod) -> MachineStatus {
+        pod::status_of(pod, &self.reading())
     }
 
     /// The namespace the pods run in.
@@ -830,7 +905,11 @@ impl MachineProvider for KubernetesProvider {
                 Ok(Ok(None)) => return Err(failed("the pod disappeared while starting".into())),
                 Ok(Ok(Some(pod))) => {
                     return match pod::progress(&pod) {
-                        Progress::Ready | Progress::Over => Ok(()),
+                        Progress::Ready => {
+                            self.remember_address(&pod);
+                            Ok(())
+                        }
+                        Progress::Over => Ok(()),
                         Progress::Failed(why) => Err(failed(why)),
                         Progress::Deleting => Err(failed("the pod is being deleted".into())),
                         Progress::Pending { .. } | Progress::Running => {
@@ -861,14 +940,12 @@ impl MachineProvider for KubernetesProvider {
     }
 
     async fn status(&self, handle: &str) -> Result<Option<MachineStatus>, ProviderError> {
-        Ok(self
-            .get_pod(handle)
-            .await?
-            .map(|p| pod::status_of(&p, &self.deployment)))
+        Ok(self.get_pod(handle).await?.map(|p| self.status_of(&p)))
     }
 
     async fn terminate(&self, handle: &str) -> Result<(), ProviderError> {
         self.check_handle(handle)?;
+        self.forget_address(handle);
         let params = DeleteParams {
             grace_period_seconds: Some(self.stop_grace_secs),
             ..DeleteParams::background()
@@ -886,7 +963,7 @@ impl MachineProvider for KubernetesProvider {
         let pods = self.list(&[(label::SESSION, session_key)]).await?;
         let mut ours: Vec<MachineStatus> = pods
             .iter()
-            .map(|p| pod::status_of(p, &self.deployment))
+            .map(|p| self.status_of(p))
             .filter(|m| {
                 m.labels
                     .as_ref()
@@ -904,7 +981,7 @@ impl MachineProvider for KubernetesProvider {
             .list(&[])
             .await?
             .iter()
-            .map(|p| pod::status_of(p, &self.deployment))
+            .map(|p| self.status_of(p))
             .filter(|m| m.labels.is_some())
             .collect())
     }
@@ -927,6 +1004,14 @@ impl MachineProvider for KubernetesProvider {
     fn relabel(&self) -> Option<&dyn Relabel> {
         Some(self)
     }
+
+    fn handoff(&self) -> Option<&dyn HttpHandoff> {
+        Some(self)
+    }
+
+    fn reserve(&self) -> Option<&dyn Reserve> {
+        Some(self)
+    }
 }
 
 #[async_trait]
@@ -934,7 +1019,9 @@ impl Relabel for KubernetesProvider {
     /// The labels (and, for the owner and room, annotations) in one merge patch that names the
     /// `resourceVersion` it was computed from. A new deadline also lowers
     /// `activeDeadlineSeconds` to end at it (counted from the pod's `startTime`, or from now
-    /// before it has one).
+    /// before it has one), and, for a pod that is draining after its handoff
+    /// ([`HttpHandoff::end_after_session`]) with a longer grace, shortens that grace to end at
+    /// the deadline too (a second DELETE).
     async fn set_labels(
         &self,
         handle: &str,
@@ -985,7 +1072,13 @@ impl Relabel for KubernetesProvider {
                 )
                 .await
             {
-                Ok(_) | Err(ProviderError::Rejected { status: 404, .. }) => return Ok(()),
+                Ok(patched) => {
+                    if let Some(deadline) = deadline {
+                        self.drain_until(&patched, deadline).await?;
+                    }
+                    return Ok(());
+                }
+                Err(ProviderError::Rejected { status: 404, .. }) => return Ok(()),
                 // Someone (the kubelet) updated the pod in between: read it again.
                 Err(ProviderError::Unavailable { message, .. })
                     if message.contains("HTTP 409") && attempt < RELABEL_ATTEMPTS => {}

@@ -1,21 +1,23 @@
-//! A session's Pod and Secret as the `kubernetes` provider writes them, and how it reads a Pod
-//! back: its session labels, its progress towards "started", and its [`MachineStatus`]. Pure
-//! functions, no I/O.
+//! A session's Pod and Secret, and a reserve pod, as the `kubernetes` provider writes them, and
+//! how it reads a Pod back: its session or reserve labels, its progress towards "started", and
+//! its [`MachineStatus`]. Pure functions, no I/O.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerStatus, EnvFromSource, EnvVar, EnvVarSource, LocalObjectReference, Pod,
-    PodSchedulingGate, PodSpec, ResourceRequirements, Secret, SecretEnvSource, SecretKeySelector,
-    Toleration,
+    Container, ContainerPort, ContainerStatus, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction,
+    LocalObjectReference, Pod, PodSchedulingGate, PodSpec, Probe, ResourceRequirements, Secret,
+    SecretEnvSource, SecretKeySelector, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::labels::{key, LabelCodec, MANAGED_BY};
+use crate::labels::{key, LabelCodec, MANAGED_BY, ROLE_RESERVE};
 use crate::{
-    MachineState, MachineStatus, MachineTemplate, SessionBinding, SessionLabels, Workload,
+    MachineState, MachineStatus, MachineTemplate, ReserveLabels, SessionBinding, SessionLabels,
+    Tier, Workload,
 };
 
 /// Label keys of a session's pod. Only what a selector may need is a label (values are
@@ -31,6 +33,10 @@ pub mod label {
     pub const AGENT: &str = "botdispatch.io/agent";
     /// The session deadline, unix seconds (digits are a valid label value).
     pub const DEADLINE: &str = "botdispatch.io/deadline";
+    /// `reserve` on a reserve pod that waits for a session, `session` once claimed.
+    pub const ROLE: &str = "botdispatch.io/role";
+    /// `1` once the dispatcher's own `/readyz` probe reached a reserve pod's bot.
+    pub const READY: &str = "botdispatch.io/ready";
     /// Prefix of botdispatch's own label and annotation keys.
     pub const PREFIX: &str = "botdispatch.io/";
 }
@@ -117,6 +123,14 @@ pub const TOKEN_GATE: &str = "botdispatch.io/bot-token";
 pub const TOKEN_ENV: &str = "DAILY_ROOM_TOKEN";
 /// The node label a start's region hint selects on.
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+/// Path of the bot's readiness endpoint (DESIGN §4), probed by the kubelet on reserve pods.
+pub const READYZ: &str = "/readyz";
+/// `provider_state` of a reserve pod that is `Running` and `Ready`: what the service's reserve
+/// reads as "up" (the other providers' word for it).
+pub(crate) const RESERVE_UP: &str = "running";
+/// `provider_state` of a reserve pod that waited longer than the reserve lets a pod wait: no
+/// claim takes it, and the reaper retires it.
+pub(crate) const RESERVE_EXPIRED: &str = "expired";
 /// Suffix of a session Secret's name (`<pod>-bot-token`).
 const SECRET_SUFFIX: &str = "-bot-token";
 /// The longest pod name: a DNS subdomain (253) that still leaves room for the Secret's suffix.
@@ -149,6 +163,8 @@ pub(crate) struct PodSettings {
     pub env_from_secrets: Vec<String>,
     pub termination_grace_period_secs: Option<i64>,
     pub max_pod_secs: i64,
+    /// How long a reserve pod may wait for its session before it is rotated.
+    pub reserve_max_idle_secs: i64,
 }
 
 /// A session's objects, before they exist.
@@ -223,25 +239,9 @@ impl PodSettings {
         session: &SessionBinding,
         now: DateTime<Utc>,
     ) -> Result<SessionObjects, String> {
-        let Workload::Image(image) = &template.workload else {
-            return Err(format!(
-                "kubernetes runs container images, not {:?}",
-                template.workload
-            ));
-        };
         let name = pod_name(&session.name)?;
         let l = &session.labels;
-        let (own_labels, own_annotations) = to_pod_labels(&l.to_map())?;
-        let mut labels = self.labels.clone();
-        labels.extend(own_labels);
-        let mut annotations = self.annotations.clone();
-        annotations.extend(own_annotations);
         let codec = LabelCodec::KUBERNETES_LABELS;
-
-        let mut node_selector = self.node_selector.clone();
-        if let Some(region) = &template.region {
-            node_selector.insert(REGION_LABEL.to_owned(), region.clone());
-        }
         let secret_name = secret_name(&name);
         let machine_env = session.machine_env(template);
         let token = machine_env.get(TOKEN_ENV).copied();
@@ -260,85 +260,20 @@ impl PodSettings {
                     }),
                     ..EnvVar::default()
                 },
-                _ => EnvVar {
-                    name: (*k).to_owned(),
-                    value: Some((*v).to_owned()),
-                    ..EnvVar::default()
-                },
+                _ => plain_env(k, v),
             })
             .collect();
-        let resources = BTreeMap::from([
-            ("cpu".to_owned(), Quantity(template.guest.cpus.to_string())),
-            (
-                "memory".to_owned(),
-                Quantity(format!("{}Mi", template.guest.memory_mb)),
-            ),
-        ]);
-        let container = Container {
-            name: self.container_name.clone(),
-            image: Some(image.clone()),
-            image_pull_policy: self.image_pull_policy.clone(),
-            command: template.cmd.clone(),
-            env: Some(env),
-            env_from: non_empty(
-                self.env_from_secrets
-                    .iter()
-                    .map(|s| EnvFromSource {
-                        secret_ref: Some(SecretEnvSource {
-                            name: s.clone(),
-                            optional: Some(false),
-                        }),
-                        ..EnvFromSource::default()
-                    })
-                    .collect(),
-            ),
-            // Requests equal to limits: the Guaranteed QoS class, so a voice bot's CPU is not
-            // taken by noisy neighbours mid-call.
-            resources: Some(ResourceRequirements {
-                limits: Some(resources.clone()),
-                requests: Some(resources),
-                ..ResourceRequirements::default()
-            }),
-            ..Container::default()
-        };
+        let container = self.container(template, env)?;
         // A hard backstop for a pod whose deadline is never confirmed; `relabel` lowers it to
         // the session's own deadline (Kubernetes lets it decrease, never increase).
         let active_deadline = secs_until(l.deadline.wall(), now).max(self.max_pod_secs.max(1));
-        let pod = Pod {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(namespace.to_owned()),
-                labels: Some(labels),
-                annotations: Some(annotations),
-                ..ObjectMeta::default()
-            },
-            spec: Some(PodSpec {
-                containers: vec![container],
-                restart_policy: Some("Never".to_owned()),
-                active_deadline_seconds: Some(active_deadline),
-                termination_grace_period_seconds: self.termination_grace_period_secs,
-                service_account_name: self.service_account.clone(),
-                // A bot has no business with the Kubernetes API, and service links add an env
-                // var per Service of the namespace to every pod.
-                automount_service_account_token: Some(false),
-                enable_service_links: Some(false),
-                image_pull_secrets: non_empty(
-                    self.image_pull_secrets
-                        .iter()
-                        .map(|n| LocalObjectReference { name: n.clone() })
-                        .collect(),
-                ),
-                node_selector: (!node_selector.is_empty()).then_some(node_selector),
-                tolerations: non_empty(self.tolerations.clone()),
-                scheduling_gates: token.map(|_| {
-                    vec![PodSchedulingGate {
-                        name: TOKEN_GATE.to_owned(),
-                    }]
-                }),
-                ..PodSpec::default()
-            }),
-            status: None,
-        };
+        let mut spec = self.spec(template, container, active_deadline);
+        spec.scheduling_gates = token.map(|_| {
+            vec![PodSchedulingGate {
+                name: TOKEN_GATE.to_owned(),
+            }]
+        });
+        let pod = self.pod(namespace, &name, &l.to_map(), spec)?;
         let secret = token.map(|token| Secret {
             metadata: ObjectMeta {
                 name: Some(secret_name),
@@ -358,6 +293,191 @@ impl PodSettings {
             ..Secret::default()
         });
         Ok(SessionObjects { pod, secret })
+    }
+
+    /// A hot reserve pod named after `name`, of `deployment`, from `template` alone plus `env`
+    /// (its handoff secret): no session, no Secret, no scheduling gate. The kubelet probes its
+    /// bot's `/readyz` (the pod turns `Ready` once the bot can take a session), and its
+    /// `activeDeadlineSeconds` covers the longest wait in the reserve plus the longest pod life
+    /// after a claim (a claim lowers it; an unclaimed pod ends by itself if every dispatcher is
+    /// gone).
+    pub(crate) fn reserve_pod(
+        &self,
+        namespace: &str,
+        template: &MachineTemplate,
+        name: &str,
+        labels: &ReserveLabels,
+        deployment: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Pod, String> {
+        let Some(port) = template.handoff_port else {
+            return Err(
+                "a reserve pod takes its session over HTTP: the agent needs handoff = \"http\""
+                    .to_owned(),
+            );
+        };
+        if labels.tier != Tier::Hot {
+            return Err(format!(
+                "kubernetes keeps hot reserves only, not {:?}",
+                labels.tier.as_str()
+            ));
+        }
+        if labels.recycle {
+            return Err(
+                "kubernetes never reuses a pod (restartPolicy Never): reserve.recycle is not supported"
+                    .to_owned(),
+            );
+        }
+        let pod_name = pod_name(name)?;
+        let env: Vec<EnvVar> = template
+            .env
+            .iter()
+            .chain(env)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .map(|(k, v)| plain_env(k, v))
+            .collect();
+        let mut container = self.container(template, env)?;
+        container.readiness_probe = Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some(READYZ.to_owned()),
+                port: IntOrString::Int(i32::from(port)),
+                scheme: Some("HTTP".to_owned()),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(1),
+            timeout_seconds: Some(1),
+            ..Probe::default()
+        });
+        let active_deadline = self
+            .reserve_max_idle_secs
+            .saturating_add(self.max_pod_secs)
+            .max(1);
+        let spec = self.spec(template, container, active_deadline);
+        self.pod(namespace, &pod_name, &labels.to_map(deployment), spec)
+    }
+
+    /// The bot's container: the template's image, command, env and size.
+    fn container(&self, template: &MachineTemplate, env: Vec<EnvVar>) -> Result<Container, String> {
+        let Workload::Image(image) = &template.workload else {
+            return Err(format!(
+                "kubernetes runs container images, not {:?}",
+                template.workload
+            ));
+        };
+        let resources = BTreeMap::from([
+            ("cpu".to_owned(), Quantity(template.guest.cpus.to_string())),
+            (
+                "memory".to_owned(),
+                Quantity(format!("{}Mi", template.guest.memory_mb)),
+            ),
+        ]);
+        Ok(Container {
+            name: self.container_name.clone(),
+            image: Some(image.clone()),
+            image_pull_policy: self.image_pull_policy.clone(),
+            command: template.cmd.clone(),
+            env: Some(env),
+            env_from: non_empty(
+                self.env_from_secrets
+                    .iter()
+                    .map(|s| EnvFromSource {
+                        secret_ref: Some(SecretEnvSource {
+                            name: s.clone(),
+                            optional: Some(false),
+                        }),
+                        ..EnvFromSource::default()
+                    })
+                    .collect(),
+            ),
+            // The `http` handoff's port, named for operators (a NetworkPolicy may select it).
+            ports: template.handoff_port.map(|port| {
+                vec![ContainerPort {
+                    container_port: i32::from(port),
+                    name: Some("handoff".to_owned()),
+                    protocol: Some("TCP".to_owned()),
+                    ..ContainerPort::default()
+                }]
+            }),
+            // Requests equal to limits: the Guaranteed QoS class, so a voice bot's CPU is not
+            // taken by noisy neighbours mid-call.
+            resources: Some(ResourceRequirements {
+                limits: Some(resources.clone()),
+                requests: Some(resources),
+                ..ResourceRequirements::default()
+            }),
+            ..Container::default()
+        })
+    }
+
+    /// A pod spec around `container`: one run, never restarted, ending by `active_deadline`
+    /// seconds after its start at the latest.
+    fn spec(
+        &self,
+        template: &MachineTemplate,
+        container: Container,
+        active_deadline: i64,
+    ) -> PodSpec {
+        let mut node_selector = self.node_selector.clone();
+        if let Some(region) = &template.region {
+            node_selector.insert(REGION_LABEL.to_owned(), region.clone());
+        }
+        PodSpec {
+            containers: vec![container],
+            restart_policy: Some("Never".to_owned()),
+            active_deadline_seconds: Some(active_deadline),
+            termination_grace_period_seconds: self.termination_grace_period_secs,
+            service_account_name: self.service_account.clone(),
+            // A bot has no business with the Kubernetes API, and service links add an env
+            // var per Service of the namespace to every pod.
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            image_pull_secrets: non_empty(
+                self.image_pull_secrets
+                    .iter()
+                    .map(|n| LocalObjectReference { name: n.clone() })
+                    .collect(),
+            ),
+            node_selector: (!node_selector.is_empty()).then_some(node_selector),
+            tolerations: non_empty(self.tolerations.clone()),
+            ..PodSpec::default()
+        }
+    }
+
+    /// The pod `name` with `spec`, carrying the configured labels and annotations and
+    /// botdispatch's own (`generic`: keys of [`crate::labels::key`]).
+    fn pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        generic: &BTreeMap<String, String>,
+        spec: PodSpec,
+    ) -> Result<Pod, String> {
+        let (own_labels, own_annotations) = to_pod_labels(generic)?;
+        let mut labels = self.labels.clone();
+        labels.extend(own_labels);
+        let mut annotations = self.annotations.clone();
+        annotations.extend(own_annotations);
+        Ok(Pod {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some(namespace.to_owned()),
+                labels: Some(labels),
+                annotations: Some(annotations),
+                ..ObjectMeta::default()
+            },
+            spec: Some(spec),
+            status: None,
+        })
+    }
+}
+
+fn plain_env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_owned()),
+        ..EnvVar::default()
     }
 }
 
@@ -405,6 +525,34 @@ pub(crate) fn session_labels(pod: &Pod, deployment: &str) -> Option<SessionLabel
         ],
     );
     SessionLabels::from_map_of(&map, deployment)
+}
+
+/// The pod's reserve labels, if it is an unclaimed reserve pod of `deployment`. `ready` is the
+/// dispatcher's own probe's mark (the `botdispatch.io/ready` label); the kubelet's readiness is
+/// the pod's `Ready` condition, read by [`status_of`].
+pub(crate) fn reserve_labels(pod: &Pod, deployment: &str) -> Option<ReserveLabels> {
+    let labels = pod.metadata.labels.as_ref()?;
+    labels.get(label::DEPLOYMENT)?;
+    if labels.get(label::ROLE).map(String::as_str) != Some(ROLE_RESERVE) {
+        return None;
+    }
+    let map = from_pod_labels(
+        pod,
+        &[
+            key::MANAGED_BY,
+            key::DEPLOYMENT,
+            key::ROLE,
+            key::NAME,
+            key::SLOT,
+            key::AGENT,
+            key::FINGERPRINT,
+            key::TIER,
+            key::READY,
+            key::RECYCLE,
+            key::RECYCLED_AT,
+        ],
+    );
+    ReserveLabels::from_map_of(&map, deployment)
 }
 
 /// Where a pod is on its way to "started".
@@ -524,8 +672,37 @@ fn at(t: &Time) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(t.0.as_second(), t.0.subsec_nanosecond().max(0) as u32)
 }
 
-/// The pod as botdispatch reports it; labels only when it is `deployment`'s.
-pub(crate) fn status_of(pod: &Pod, deployment: &str) -> MachineStatus {
+/// How a pod is read back: whose pods are ours, and the rules that depend on settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reading<'a> {
+    pub deployment: &'a str,
+    /// A deletion whose grace is at most this is a stop: the pod counts as over at once. A
+    /// longer one (the SIGTERM after a handoff, a node drain) lets the bot finish its call:
+    /// while its container runs, the pod still serves its session.
+    pub stop_grace_secs: i64,
+    /// A reserve pod older than this is expired: no claim takes it, the reaper retires it.
+    pub reserve_max_idle_secs: i64,
+    pub now: DateTime<Utc>,
+}
+
+/// Whether a pod being deleted still runs its session: a graceful deletion longer than a
+/// stop's, and a container that has not terminated.
+fn draining(pod: &Pod, stop_grace_secs: i64) -> bool {
+    let long_grace = pod
+        .metadata
+        .deletion_grace_period_seconds
+        .is_some_and(|g| g > stop_grace_secs);
+    let running = containers(pod)
+        .iter()
+        .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
+    pod.metadata.deletion_timestamp.is_some() && long_grace && running
+}
+
+/// The pod as botdispatch reports it; labels only when it is `deployment`'s. A reserve pod's
+/// `provider_state` is the reserve's word: [`RESERVE_UP`] once `Running` and `Ready` (the
+/// kubelet's probe of `/readyz`), [`RESERVE_EXPIRED`] past the reserve's idle limit.
+pub(crate) fn status_of(pod: &Pod, reading: &Reading<'_>) -> MachineStatus {
+    let deployment = reading.deployment;
     let progress = progress(pod);
     let phase = pod
         .status
@@ -563,7 +740,25 @@ pub(crate) fn status_of(pod: &Pod, deployment: &str) -> MachineStatus {
             (MachineState::Ended, phase, Some(why.clone()))
         }
         Progress::Failed(why) => (MachineState::Failed, phase, Some(why.clone())),
+        Progress::Deleting if draining(pod, reading.stop_grace_secs) => (
+            MachineState::Started,
+            "Terminating".to_owned(),
+            Some("SIGTERM sent: the bot finishes its session, then the pod goes".to_owned()),
+        ),
         Progress::Deleting => (MachineState::Ended, "Terminating".to_owned(), None),
+    };
+    let created_at = pod.metadata.creation_timestamp.as_ref().and_then(at);
+    let reserve = reserve_labels(pod, deployment);
+    let provider_state = match &reserve {
+        Some(_) if progress == Progress::Ready => {
+            let age = created_at.map_or(i64::MAX, |c| (reading.now - c).num_seconds());
+            if age > reading.reserve_max_idle_secs {
+                RESERVE_EXPIRED.to_owned()
+            } else {
+                RESERVE_UP.to_owned()
+            }
+        }
+        _ => provider_state,
     };
     let ended_at = match state {
         MachineState::Ended | MachineState::Failed => {
@@ -579,11 +774,11 @@ pub(crate) fn status_of(pod: &Pod, deployment: &str) -> MachineStatus {
             .spec
             .as_ref()
             .and_then(|s| s.node_selector.as_ref()?.get(REGION_LABEL).cloned()),
-        created_at: pod.metadata.creation_timestamp.as_ref().and_then(at),
+        created_at,
         started_at,
         ended_at,
         labels: session_labels(pod, deployment),
-        reserve: None,
+        reserve,
         address: pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
         detail,
         failure: crate::labels::failure_of(&from_pod_labels(pod, &[key::FAILURE])),

@@ -80,6 +80,16 @@ fn now() -> chrono::DateTime<Utc> {
     Utc.timestamp_opt(1_800_000_000, 0).unwrap()
 }
 
+/// Reading pods of the `prod` deployment with a stop grace of 5 s, now.
+fn reading() -> pod::Reading<'static> {
+    pod::Reading {
+        deployment: "prod",
+        stop_grace_secs: 5,
+        reserve_max_idle_secs: 3600,
+        now: now(),
+    }
+}
+
 #[test]
 fn a_session_is_one_gated_pod_and_an_immutable_token_secret() {
     let objects = settings()
@@ -276,7 +286,7 @@ fn progress_and_states_follow_phase_conditions_and_container_reasons() {
         pod::progress(&pending_ungated),
         Progress::Pending { stuck: None }
     );
-    let s = pod::status_of(&pending_ungated, "prod");
+    let s = pod::status_of(&pending_ungated, &reading());
     assert_eq!(
         (s.state, s.provider_state.as_str()),
         (MachineState::Starting, "Pending")
@@ -299,7 +309,10 @@ fn progress_and_states_follow_phase_conditions_and_container_reasons() {
         pod::progress(&pull),
         Progress::Failed("ErrImagePull: not found".into())
     );
-    assert_eq!(pod::status_of(&pull, "prod").state, MachineState::Failed);
+    assert_eq!(
+        pod::status_of(&pull, &reading()).state,
+        MachineState::Failed
+    );
 
     let running = with_status(
         json!({"phase": "Running", "podIP": "10.1.2.3", "conditions": [
@@ -309,7 +322,7 @@ fn progress_and_states_follow_phase_conditions_and_container_reasons() {
     );
     assert_eq!(pod::progress(&running), Progress::Running);
     assert_eq!(
-        pod::status_of(&running, "prod").state,
+        pod::status_of(&running, &reading()).state,
         MachineState::Starting
     );
 
@@ -320,7 +333,7 @@ fn progress_and_states_follow_phase_conditions_and_container_reasons() {
         "state": {"running": {"startedAt": "2027-01-15T08:00:05Z"}}}]}),
     );
     assert_eq!(pod::progress(&ready), Progress::Ready);
-    let s = pod::status_of(&ready, "prod");
+    let s = pod::status_of(&ready, &reading());
     assert_eq!(s.state, MachineState::Started);
     assert_eq!(s.address.as_deref(), Some("10.1.2.3"));
     assert_eq!(s.started_at.unwrap().timestamp() % 60, 5);
@@ -331,7 +344,7 @@ fn progress_and_states_follow_phase_conditions_and_container_reasons() {
         "state": {"terminated": {"exitCode": 0, "reason": "Completed",
             "startedAt": "2027-01-15T08:00:05Z", "finishedAt": "2027-01-15T08:10:00Z"}}}]}),
     );
-    let s = pod::status_of(&done, "prod");
+    let s = pod::status_of(&done, &reading());
     assert_eq!(
         (s.state, s.provider_state.as_str()),
         (MachineState::Ended, "Succeeded")
@@ -344,7 +357,7 @@ fn progress_and_states_follow_phase_conditions_and_container_reasons() {
         "state": {"terminated": {"exitCode": 3, "reason": "Error",
             "startedAt": "2027-01-15T08:00:05Z", "finishedAt": "2027-01-15T08:00:09Z"}}}]}),
     );
-    let s = pod::status_of(&crashed, "prod");
+    let s = pod::status_of(&crashed, &reading());
     assert_eq!(s.state, MachineState::Failed);
     assert_eq!(
         s.detail.as_deref(),
@@ -357,11 +370,14 @@ fn progress_and_states_follow_phase_conditions_and_container_reasons() {
         "containerStatuses": [{"name": "bot", "image": "x", "imageID": "", "ready": false,
         "restartCount": 0, "state": {"terminated": {"exitCode": 137,
             "startedAt": "2027-01-15T08:00:05Z", "finishedAt": "2027-01-15T09:00:05Z"}}}]}));
-    assert_eq!(pod::status_of(&expired, "prod").state, MachineState::Ended);
+    assert_eq!(
+        pod::status_of(&expired, &reading()).state,
+        MachineState::Ended
+    );
 
     let mut deleting = ready.clone();
     deleting.metadata.deletion_timestamp = deleting.metadata.creation_timestamp.clone();
-    let s = pod::status_of(&deleting, "prod");
+    let s = pod::status_of(&deleting, &reading());
     assert_eq!(
         (s.state, s.provider_state.as_str()),
         (MachineState::Ended, "Terminating")
@@ -525,4 +541,231 @@ fn deadlines_round_up() {
         601
     );
     assert_eq!(pod::secs_until(now - chrono::Duration::seconds(5), now), 1);
+}
+
+fn http_template() -> MachineTemplate {
+    let mut t = template();
+    t.handoff_port = Some(8080);
+    t.env.insert("PORT".into(), "8080".into());
+    t
+}
+
+fn reserve(tier: crate::Tier) -> crate::ReserveLabels {
+    crate::ReserveLabels {
+        name: "bd-prod-r3-0123456789-360000".into(),
+        slot: 3,
+        agent: "default".into(),
+        fingerprint: "0123456789".into(),
+        tier,
+        ready: false,
+        recycle: false,
+        recycled_at: None,
+    }
+}
+
+fn reserve_pod() -> Pod {
+    let env = BTreeMap::from([(crate::HANDOFF_SECRET_ENV.to_owned(), "s3cret".to_owned())]);
+    settings()
+        .reserve_pod(
+            "bots",
+            &http_template(),
+            "bd-prod-r3-0123456789-360000",
+            &reserve(crate::Tier::Hot),
+            "prod",
+            &env,
+        )
+        .unwrap()
+}
+
+#[test]
+fn a_reserve_pod_is_hot_probed_labelled_and_holds_no_session() {
+    let pod = reserve_pod();
+    let v = serde_json::to_value(&pod).unwrap();
+    let labels = &v["metadata"]["labels"];
+    assert_eq!(labels[label::ROLE], "reserve");
+    assert_eq!(labels[label::MANAGED_BY], "botdispatch");
+    assert_eq!(labels[label::DEPLOYMENT], "prod");
+    assert_eq!(labels["botdispatch.io/slot"], "3");
+    assert_eq!(labels["botdispatch.io/tier"], "hot");
+    assert_eq!(labels["botdispatch.io/fingerprint"], "0123456789");
+    assert_eq!(labels["team"], "voice", "the configured labels too");
+    assert!(labels.get(label::SESSION).is_none());
+    let spec = &v["spec"];
+    assert_eq!(spec["restartPolicy"], "Never");
+    assert!(spec.get("schedulingGates").is_none(), "nothing to wait for");
+    // Waits up to an hour, then lives up to max_pod_secs after its claim.
+    assert_eq!(spec["activeDeadlineSeconds"], 3600 + 86_400);
+    let c = &spec["containers"][0];
+    assert_eq!(
+        c["readinessProbe"],
+        json!({"httpGet": {"path": "/readyz", "port": 8080, "scheme": "HTTP"},
+               "periodSeconds": 1, "timeoutSeconds": 1})
+    );
+    assert_eq!(
+        c["ports"],
+        json!([{"containerPort": 8080, "name": "handoff", "protocol": "TCP"}])
+    );
+    let env: BTreeMap<&str, &Value> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), &e["value"]))
+        .collect();
+    assert_eq!(
+        env.keys().copied().collect::<Vec<_>>(),
+        ["BOTDISPATCH_HANDOFF_SECRET", "LOG_LEVEL", "PORT"]
+    );
+    assert_eq!(env["PORT"], "8080");
+    // Read back: a reserve pod, not a session's.
+    let read = pod::reserve_labels(&pod, "prod").unwrap();
+    assert_eq!(read, reserve(crate::Tier::Hot));
+    assert!(pod::reserve_labels(&pod, "staging").is_none());
+    assert!(pod::session_labels(&pod, "prod").is_none());
+
+    // What Kubernetes cannot keep is refused before any call.
+    let env = BTreeMap::new();
+    let refused = |t: &MachineTemplate, l: &crate::ReserveLabels| {
+        settings()
+            .reserve_pod("bots", t, "bd-prod-r0-x-1", l, "prod", &env)
+            .unwrap_err()
+    };
+    assert!(refused(&http_template(), &reserve(crate::Tier::Suspended)).contains("hot"));
+    let mut recycled = reserve(crate::Tier::Hot);
+    recycled.recycle = true;
+    assert!(refused(&http_template(), &recycled).contains("never reuses"));
+    assert!(refused(&template(), &reserve(crate::Tier::Hot)).contains("handoff"));
+}
+
+fn with_pod_status(pod: &Pod, status: Value) -> Pod {
+    let mut v = serde_json::to_value(pod).unwrap();
+    v["metadata"]["creationTimestamp"] = json!("2027-01-15T08:00:00Z");
+    v["status"] = status;
+    serde_json::from_value(v).unwrap()
+}
+
+fn running_status(ready: bool) -> Value {
+    json!({"phase": "Running", "podIP": "10.1.2.3", "startTime": "2027-01-15T08:00:01Z",
+        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+        "containerStatuses": [{"name": "bot", "image": "x", "imageID": "", "ready": ready,
+            "restartCount": 0, "state": {"running": {"startedAt": "2027-01-15T08:00:05Z"}}}]})
+}
+
+#[test]
+fn a_reserve_pod_is_up_once_running_and_ready_and_expires_after_its_idle_limit() {
+    let created = Utc.with_ymd_and_hms(2027, 1, 15, 8, 0, 0).unwrap();
+    let at = |secs: i64| pod::Reading {
+        now: created + chrono::Duration::seconds(secs),
+        ..reading()
+    };
+    let unready = with_pod_status(&reserve_pod(), running_status(false));
+    let s = pod::status_of(&unready, &at(10));
+    assert!(s.reserve.is_some());
+    assert!(s.labels.is_none(), "no session's");
+    assert_ne!(
+        s.provider_state, "running",
+        "the kubelet's probe did not pass"
+    );
+    let ready = with_pod_status(&reserve_pod(), running_status(true));
+    let s = pod::status_of(&ready, &at(10));
+    assert_eq!(s.provider_state, "running");
+    assert_eq!(s.address.as_deref(), Some("10.1.2.3"));
+    assert!(!s.reserve.unwrap().ready, "not yet marked by a dispatcher");
+    assert_eq!(pod::status_of(&ready, &at(3601)).provider_state, "expired");
+    let mut marked = ready.clone();
+    marked
+        .metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert(label::READY.into(), "1".into());
+    assert!(pod::status_of(&marked, &at(10)).reserve.unwrap().ready);
+    // A session pod in a Running, Ready state keeps Kubernetes' word.
+    let session = with_pod_status(&created_pod("alice"), running_status(true));
+    assert_eq!(pod::status_of(&session, &at(10)).provider_state, "Running");
+}
+
+#[test]
+fn a_pod_draining_after_its_handoff_still_serves_its_session_but_a_stop_ends_it() {
+    let ready = with_pod_status(&created_pod("alice"), running_status(true));
+    let deleted = |grace: i64| {
+        let mut pod = ready.clone();
+        pod.metadata.deletion_timestamp = pod.metadata.creation_timestamp.clone();
+        pod.metadata.deletion_grace_period_seconds = Some(grace);
+        pod
+    };
+    // SIGTERM with a grace longer than a stop's: the bot finishes its call.
+    let s = pod::status_of(&deleted(86_400), &reading());
+    assert_eq!(
+        (s.state, s.provider_state.as_str()),
+        (MachineState::Started, "Terminating")
+    );
+    assert!(s.labels.is_some());
+    // A stop (the stop grace, 5 s) is over at once.
+    let s = pod::status_of(&deleted(5), &reading());
+    assert_eq!(s.state, MachineState::Ended);
+    // Once its container stopped, a draining pod is over too.
+    let mut exited = with_pod_status(
+        &created_pod("alice"),
+        json!({"phase": "Running", "containerStatuses": [{"name": "bot", "image": "x",
+            "imageID": "", "ready": false, "restartCount": 0, "state": {"terminated": {
+            "exitCode": 0, "startedAt": "2027-01-15T08:00:05Z", "finishedAt": "2027-01-15T08:10:00Z"}}}]}),
+    );
+    exited.metadata.deletion_timestamp = exited.metadata.creation_timestamp.clone();
+    exited.metadata.deletion_grace_period_seconds = Some(86_400);
+    assert!(pod::status_of(&exited, &reading()).state.is_terminal());
+}
+
+#[test]
+fn pod_urls_fill_their_placeholders() {
+    assert_eq!(
+        reserve::expand_pod_url(DEFAULT_POD_URL, "10.244.1.7", "bd-a", "bots", 8080),
+        "http://10.244.1.7:8080"
+    );
+    assert_eq!(
+        reserve::expand_pod_url(DEFAULT_POD_URL, "fd00::7", "bd-a", "bots", 8080),
+        "http://[fd00::7]:8080"
+    );
+    assert_eq!(
+        reserve::expand_pod_url(
+            "http://127.0.0.1:8001/api/v1/namespaces/{namespace}/pods/{pod_name}:{port}/proxy",
+            "",
+            "bd-a",
+            "bots",
+            7860
+        ),
+        "http://127.0.0.1:8001/api/v1/namespaces/bots/pods/bd-a:7860/proxy"
+    );
+}
+
+#[test]
+fn warm_settings_are_read_and_validated() {
+    let c = load(
+        &[
+            (
+                "BOTDISPATCH_K8S_POD_URL",
+                "http://gw.internal/{pod_ip}/{port}",
+            ),
+            ("BOTDISPATCH_K8S_RESERVE_MAX_IDLE_SECS", "600"),
+        ],
+        None,
+    )
+    .unwrap();
+    assert_eq!(c.pod_url, "http://gw.internal/{pod_ip}/{port}");
+    assert_eq!(c.reserve_max_idle_secs, 600);
+    assert_eq!(c.pod_settings().reserve_max_idle_secs, 600);
+    let d = KubernetesConfig::default();
+    assert_eq!(d.pod_url, "http://{pod_ip}:{port}");
+    assert_eq!(d.reserve_max_idle_secs, 3600);
+    let m = load(&[("BOTDISPATCH_K8S_POD_URL", "{pod_ip}:{port}")], None)
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("BOTDISPATCH_K8S_POD_URL"), "{m}");
+    let m = load(&[("BOTDISPATCH_K8S_RESERVE_MAX_IDLE_SECS", "5")], None)
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("BOTDISPATCH_K8S_RESERVE_MAX_IDLE_SECS"), "{m}");
+    // Pods are reached over HTTP; the reserve is hot only, never recycled.
+    assert!(d.http_handoff());
+    assert_eq!(d.reserve_tiers(), [crate::Tier::Hot]);
+    assert!(!d.recycles());
 }

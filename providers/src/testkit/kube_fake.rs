@@ -13,15 +13,31 @@
 //! * `GET / PATCH / DELETE /api/v1/namespaces/{ns}/pods/{name}`: merge patches (strategic ones
 //!   read as merge patches), with the pod update rules that matter here (`activeDeadlineSeconds`
 //!   may only be set or lowered, scheduling gates only removed, a stale `resourceVersion` is a
-//!   409 `Conflict`); deletes honour `gracePeriodSeconds` (bounded by `termination_delay`)
+//!   409 `Conflict`); deletes honour `gracePeriodSeconds` (only a shorter one than a deletion
+//!   already under way) and `preconditions` (`resourceVersion`, `uid`: 409 `Conflict`)
 //! * `POST /api/v1/namespaces/{ns}/secrets`, `GET …/secrets/{name}`
+//! * each running pod's bot server (the Pipecat base image's, as the Fly fake has it), at
+//!   `/_pods/{podIP}/{port}/readyz` and `…/bot`: the provider's `pod_url` template is
+//!   [`FakeKube::pod_url_template`], so a handoff reaches the pod whose IP and port it names
+//!   (pods get distinct IPs). A pod listens only on its `PORT` (8080 without one), only while its
+//!   container runs and it is not being deleted (a bot refuses new connections after SIGTERM);
+//!   otherwise the connection is reset. `/readyz` is 200 once the bot booted
+//!   ([`FakeKubeConfig::bot_boot_delay`]), 503 before; `POST /bot` (a JSON object, the
+//!   `X-Daily-*` headers, `Authorization: Bearer <BOTDISPATCH_HANDOFF_SECRET>`) runs a session
+//!   and answers 200 `{}` when it ends, or resets the connection when the pod dies. A second
+//!   session in one pod is accepted, as the base image does, and recorded as a violation.
 //!
 //! Pods go `Pending` (gated while they carry scheduling gates; `Unschedulable` when no node
 //! matches their `nodeSelector`, or on demand) → scheduled → `Running` → `Ready` after the
-//! configured delays. The kubelet part refuses to start a container whose `secretKeyRef` /
+//! configured delays; a pod with an HTTP `readinessProbe` turns `Ready` only once its bot's
+//! server answers the probe's path and port with 200 (probed every
+//! [`FakeKubeConfig::probe_period`]). The kubelet part refuses to start a container whose
+//! `secretKeyRef` /
 //! `envFrom` Secret is missing (`CreateContainerConfigError`, looked for again every
 //! `kubelet_retry`), fails pulls of images named with [`FakeKube::refuse_image`] (`ErrImagePull`
 //! → `ImagePullBackOff`), and enforces `activeDeadlineSeconds` (`Failed`, `DeadlineExceeded`).
+//! A graceful delete sends SIGTERM: a bot in a session finishes it (until the grace ends, then
+//! it is killed), an idle one exits; the pod goes once its container stopped.
 //! The garbage collector deletes a Secret once no pod with an `ownerReferences` uid of it
 //! exists (after the owner's deletion, or at once for an owner that never existed).
 //!
@@ -30,10 +46,12 @@
 //! `k8s-openapi` types do not know are recorded as spec violations (the API server would warn).
 //!
 //! Not modelled: other resources, multiple containers' separate fates (all containers of a pod
-//! share one), init containers, probes (Ready follows the container), `generateName`, dry runs,
-//! server-side apply, JSON patches, label changes that move a pod out of a watch's selector.
+//! share one), init containers, liveness and exec probes, probe periods and thresholds (an HTTP
+//! readiness probe decides `Ready` once, when it first succeeds), `generateName`, dry runs,
+//! server-side apply, JSON patches, label changes that move a pod out of a watch's selector,
+//! pod IPs reused after a pod is gone.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -47,9 +65,10 @@ use k8s_openapi::api::core::v1::{
     ContainerStatus, Pod, PodCondition, PodStatus, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use serde_json::{json, Value};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 
 use super::faults::{self, FakeCore};
 use super::server::{self, FakeServer, Reply, Request};
@@ -85,6 +104,14 @@ pub struct FakeKubeConfig {
     pub event_window: usize,
     /// Most items per list page (and the page size when the request names none).
     pub max_page_size: usize,
+    /// Time from a container's start until its bot's `/readyz` answers 200.
+    pub bot_boot_delay: Duration,
+    /// How often the kubelet runs an HTTP readiness probe until it succeeds (the spec's
+    /// `periodSeconds` would make tests wait whole seconds).
+    pub probe_period: Duration,
+    /// If set, a session delivered with `POST /bot` ends by itself this long after delivery;
+    /// otherwise on [`FakeKube::end_sessions`], or when its pod dies.
+    pub session_duration: Option<Duration>,
 }
 
 impl Default for FakeKubeConfig {
@@ -113,6 +140,9 @@ impl Default for FakeKubeConfig {
             bookmark_interval: Duration::from_millis(500),
             event_window: 1000,
             max_page_size: 500,
+            bot_boot_delay: Duration::from_millis(30),
+            probe_period: Duration::from_millis(20),
+            session_duration: None,
         }
     }
 }
@@ -172,12 +202,68 @@ struct Store {
     unschedulable: bool,
     missing_images: HashSet<String>,
     open_watches: usize,
+    /// Pod IPs handed out so far.
+    ips: u32,
+    /// The bot server of each pod whose container runs, by pod uid.
+    bots: HashMap<String, Bot>,
+    deliveries: Vec<PodDelivery>,
+    sessions: u64,
+    bot_violations: Vec<String>,
+}
+
+/// A running bot's server.
+#[derive(Debug)]
+struct Bot {
+    up_at: tokio::time::Instant,
+    /// Sessions it runs, with who waits for each one's end.
+    sessions: Vec<(u64, oneshot::Sender<bool>)>,
+}
+
+/// One `POST /bot` a pod's bot server received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodDelivery {
+    pub namespace: String,
+    pub pod: String,
+    pub pod_ip: String,
+    /// The pod's uid: one per pod, never reused.
+    pub uid: String,
+    pub session_id: Option<String>,
+    pub room_url: Option<String>,
+    pub room_token: Option<String>,
+    /// `Authorization: Bearer` carried the pod's `BOTDISPATCH_HANDOFF_SECRET`.
+    pub secret_matched: bool,
+    pub body: Option<Value>,
+    /// `None`: accepted (a session runs); else the status it was refused with.
+    pub refused: Option<u16>,
+    pub at: chrono::DateTime<Utc>,
 }
 
 impl Store {
     fn next_rv(&mut self) -> u64 {
         self.rv += 1;
         self.rv
+    }
+
+    fn next_ip(&mut self) -> String {
+        self.ips += 1;
+        format!("10.244.{}.{}", self.ips / 250, self.ips % 250 + 2)
+    }
+
+    /// The pod's bot server goes away (its container stopped): sessions still running are cut.
+    fn kill_bot(&mut self, pod: &Pod) {
+        let bot = pod.metadata.uid.as_ref().and_then(|u| self.bots.remove(u));
+        for (_, done) in bot.into_iter().flat_map(|b| b.sessions) {
+            let _ = done.send(false);
+        }
+    }
+
+    /// Whether the pod's bot runs a session.
+    fn in_session(&self, pod: &Pod) -> bool {
+        pod.metadata
+            .uid
+            .as_ref()
+            .and_then(|u| self.bots.get(u))
+            .is_some_and(|b| !b.sessions.is_empty())
     }
 }
 
@@ -697,9 +783,47 @@ impl FakeKube {
     pub fn spec_violations(&self) -> Vec<String> {
         self.server.core.violations()
     }
+
+    /// The `kubernetes.pod_url` that reaches the fake pods' bot servers.
+    pub fn pod_url_template(&self) -> String {
+        format!("{}/_pods/{{pod_ip}}/{{port}}", self.api_url())
+    }
+
+    /// Every `POST /bot` the pods' bots received, oldest first.
+    pub fn deliveries(&self) -> Vec<PodDelivery> {
+        self.server.lock().deliveries.clone()
+    }
+
+    /// What no dispatcher may ever cause: a second session in one pod.
+    pub fn bot_violations(&self) -> Vec<String> {
+        self.server.lock().bot_violations.clone()
+    }
+
+    /// Ends the sessions the pod's bot runs (the call is over). A bot that got SIGTERM then
+    /// exits; one that did not stays up, as the Pipecat base image does. Returns how many ended.
+    pub fn end_sessions(&self, namespace: &str, name: &str) -> usize {
+        let mut state = self.server.lock();
+        let uid = state
+            .pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .and_then(|p| p.metadata.uid.clone());
+        let sessions = uid
+            .and_then(|u| state.bots.get_mut(&u))
+            .map(|b| std::mem::take(&mut b.sessions))
+            .unwrap_or_default();
+        let ended = sessions.len();
+        for (_, done) in sessions {
+            let _ = done.send(true);
+        }
+        ended
+    }
 }
 
 async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    if let Some(rest) = request.path.strip_prefix("/_pods/") {
+        let reply = shared.serve_bot(&request, rest).await;
+        return request.respond(reply);
+    }
     let body = request.json_body().ok().flatten();
     if let Some(response) = shared.clone().watch_if_asked(&request).await {
         return response;
@@ -965,6 +1089,7 @@ impl Shared {
         let Some(mut pod) = state.pods.remove(key) else {
             return;
         };
+        state.kill_bot(&pod);
         let rv = state.next_rv();
         pod.metadata.resource_version = Some(rv.to_string());
         self.publish(state, rv, "DELETED", key, pod);
@@ -1192,6 +1317,33 @@ impl Shared {
         let Some(pod) = state.pods.get(&key) else {
             return not_found("pods", name);
         };
+        let precondition = |field: &str| {
+            body.and_then(|b| b.pointer(&format!("/preconditions/{field}")))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let failed = [
+            ("resourceVersion", pod.metadata.resource_version.clone()),
+            ("uid", pod.metadata.uid.clone()),
+        ]
+        .into_iter()
+        .find(|(field, actual)| precondition(field).is_some_and(|wanted| Some(wanted) != *actual));
+        if let Some((field, actual)) = failed {
+            let message = format!(
+                "Operation cannot be fulfilled on pods \"{name}\": Precondition failed: {field}: {:?}, {field} in object meta: {}",
+                precondition(field).unwrap_or_default(),
+                actual.unwrap_or_default()
+            );
+            return Reply::json(
+                409,
+                status_body(
+                    409,
+                    "Conflict",
+                    &message,
+                    Some(json!({"name": name, "kind": "pods"})),
+                ),
+            );
+        }
         let grace = grace
             .or_else(|| spec_of(pod).termination_grace_period_seconds)
             .unwrap_or(30)
@@ -1227,15 +1379,34 @@ impl Shared {
                 .min(Duration::from_secs(grace as u64));
             let this = self.clone();
             let key2 = key.clone();
+            let kill_at = tokio::time::Instant::now() + Duration::from_secs(grace as u64);
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
+                // SIGTERM: a bot in a session finishes it first, until the grace ends.
+                let busy = loop {
+                    let busy = {
+                        let state = this.lock();
+                        match state.pods.get(&key2) {
+                            Some(p) if p.metadata.uid == uid => state.in_session(p),
+                            _ => return,
+                        }
+                    };
+                    if !busy || tokio::time::Instant::now() >= kill_at {
+                        break busy;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                };
                 let mut state = this.lock();
                 if state.pods.get(&key2).and_then(|p| p.metadata.uid.clone()) != uid {
                     return;
                 }
-                // SIGTERM: the bot finishes and exits 0, then the kubelet removes the pod.
+                // The bot exits (0), or is killed at the grace's end; then the kubelet removes
+                // the pod.
                 if let Some(pod) = state.pods.get_mut(&key2) {
-                    terminate_containers(pod, 0, "Completed");
+                    match busy {
+                        false => terminate_containers(pod, 0, "Completed"),
+                        true => terminate_containers(pod, 137, "Error"),
+                    }
                 }
                 this.emit(&mut state, "MODIFIED", &key2);
                 this.remove_pod(&mut state, &key2);
@@ -1479,10 +1650,20 @@ impl Shared {
             tokio::time::sleep(self.config.kubelet_retry).await;
         }
         tokio::time::sleep(self.config.start_delay).await;
-        let running = self.step(&key, &uid, |pod, _| {
+        let running = self.step(&key, &uid, |pod, state| {
+            if let Some(uid) = pod.metadata.uid.clone() {
+                state.bots.insert(
+                    uid,
+                    Bot {
+                        up_at: tokio::time::Instant::now(),
+                        sessions: Vec::new(),
+                    },
+                );
+            }
+            let ip = state.next_ip();
             let status = pod.status.get_or_insert_with(PodStatus::default);
             status.phase = Some("Running".to_owned());
-            status.pod_ip = Some("10.244.0.17".to_owned());
+            status.pod_ip = Some(ip);
             set_condition(pod, "PodReadyToStartContainers", "True", None, None);
             set_state(
                 pod,
@@ -1499,6 +1680,22 @@ impl Shared {
             return;
         }
         tokio::time::sleep(self.config.ready_delay).await;
+        // An HTTP readiness probe passes once the bot answers it.
+        loop {
+            let passes = {
+                let state = self.lock();
+                match state.pods.get(&key) {
+                    Some(p) if p.metadata.uid == uid && p.metadata.deletion_timestamp.is_none() => {
+                        self.probe_passes(&state, p)
+                    }
+                    _ => return,
+                }
+            };
+            if passes {
+                break;
+            }
+            tokio::time::sleep(self.config.probe_period).await;
+        }
         let ready = self.step(&key, &uid, |pod, _| {
             if pod.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running") {
                 return;
@@ -1539,7 +1736,7 @@ impl Shared {
             };
             let wait = (due - Utc::now().timestamp()).max(0) as u64;
             tokio::time::sleep(Duration::from_secs(wait)).await;
-            self.step(&key, &uid, |pod, _| {
+            self.step(&key, &uid, |pod, state| {
                 let still_due = pod
                     .status
                     .as_ref()
@@ -1550,6 +1747,7 @@ impl Shared {
                 if !still_due || matches!(phase.as_deref(), Some("Succeeded" | "Failed")) {
                     return;
                 }
+                state.kill_bot(pod);
                 terminate_containers(pod, 137, "Error");
                 let status = pod.status.get_or_insert_with(PodStatus::default);
                 status.phase = Some("Failed".to_owned());
@@ -1569,7 +1767,8 @@ impl Shared {
             }
             _ => return false,
         };
-        self.step(&key, &uid, |pod, _| {
+        self.step(&key, &uid, |pod, state| {
+            state.kill_bot(pod);
             terminate_containers(pod, code, if code == 0 { "Completed" } else { "Error" });
             let status = pod.status.get_or_insert_with(PodStatus::default);
             status.phase = Some(if code == 0 { "Succeeded" } else { "Failed" }.to_owned());
@@ -1686,6 +1885,203 @@ impl Shared {
                 .body(body)
                 .unwrap_or_default(),
         )
+    }
+}
+
+/// The port a pod's bot listens on: its `PORT` (the bot contract), else 8080.
+fn bot_port(pod: &Pod) -> u16 {
+    spec_of(pod)
+        .containers
+        .first()
+        .and_then(|c| c.env.as_ref())
+        .and_then(|env| env.iter().find(|e| e.name == "PORT"))
+        .and_then(|e| e.value.as_deref())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8080)
+}
+
+/// An env value of the pod's container.
+fn env_value(pod: &Pod, name: &str) -> Option<String> {
+    spec_of(pod)
+        .containers
+        .first()?
+        .env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .clone()
+}
+
+/// What a bot request gets: an answer now, or one when its session ends.
+enum BotAnswer {
+    Now(Reply),
+    Session(oneshot::Receiver<bool>),
+}
+
+impl Shared {
+    /// Whether the bot of `pod` is up and has booted.
+    fn bot_ready(&self, state: &Store, pod: &Pod) -> bool {
+        pod.metadata
+            .uid
+            .as_ref()
+            .and_then(|u| state.bots.get(u))
+            .is_some_and(|b| b.up_at.elapsed() >= self.config.bot_boot_delay)
+    }
+
+    /// Whether the pod's readiness probe passes now: none, or an HTTP one on the bot's port and
+    /// `/readyz`, answered 200.
+    fn probe_passes(&self, state: &Store, pod: &Pod) -> bool {
+        let probe = spec_of(pod)
+            .containers
+            .first()
+            .and_then(|c| c.readiness_probe.clone());
+        let Some(probe) = probe else { return true };
+        let Some(get) = probe.http_get else {
+            // Exec and TCP probes are not modelled: they pass.
+            return true;
+        };
+        let port_matches = match &get.port {
+            IntOrString::Int(p) => u16::try_from(*p).ok() == Some(bot_port(pod)),
+            IntOrString::String(name) => spec_of(pod)
+                .containers
+                .first()
+                .and_then(|c| c.ports.as_ref())
+                .and_then(|ports| ports.iter().find(|p| p.name.as_deref() == Some(name)))
+                .is_some_and(|p| u16::try_from(p.container_port).ok() == Some(bot_port(pod))),
+        };
+        port_matches && get.path.as_deref() == Some("/readyz") && self.bot_ready(state, pod)
+    }
+
+    /// A request to a pod's bot server, `/_pods/{ip}/{port}/{path}`.
+    async fn serve_bot(self: &Arc<Self>, request: &Request, rest: &str) -> Reply {
+        let mut parts = rest.splitn(3, '/');
+        let (ip, port, path) = (
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+        );
+        match self.bot_request(request, ip, port, path) {
+            BotAnswer::Now(reply) => reply,
+            BotAnswer::Session(done) => match done.await {
+                Ok(true) => Reply::json(200, json!({})),
+                Ok(false) | Err(_) => Reply::Reset,
+            },
+        }
+    }
+
+    fn bot_request(
+        self: &Arc<Self>,
+        request: &Request,
+        ip: &str,
+        port: &str,
+        path: &str,
+    ) -> BotAnswer {
+        let mut state = self.lock();
+        let pod = state
+            .pods
+            .values()
+            .find(|p| p.status.as_ref().and_then(|s| s.pod_ip.as_deref()) == Some(ip))
+            .cloned();
+        // Nothing listens: no such pod, another port, a container that does not run, or a bot
+        // that got SIGTERM and takes no new connection.
+        let Some(pod) = pod.filter(|p| {
+            port.parse::<u16>().ok() == Some(bot_port(p))
+                && p.metadata.deletion_timestamp.is_none()
+                && p.metadata
+                    .uid
+                    .as_ref()
+                    .is_some_and(|u| state.bots.contains_key(u))
+        }) else {
+            return BotAnswer::Now(Reply::Reset);
+        };
+        let ready = self.bot_ready(&state, &pod);
+        match (request.method.as_str(), path) {
+            ("GET", "readyz") => {
+                return BotAnswer::Now(if ready {
+                    Reply::json(200, json!({"status": "ok"}))
+                } else {
+                    Reply::json(503, json!({"status": "not ready"}))
+                })
+            }
+            ("POST", "bot") => {}
+            (_, "readyz" | "bot") => {
+                return BotAnswer::Now(Reply::json(405, json!({"detail": "Method Not Allowed"})))
+            }
+            _ => return BotAnswer::Now(Reply::json(404, json!({"detail": "Not Found"}))),
+        }
+        let sent = |name: &str| request.header(name).map(str::to_owned);
+        let body = request.json_body().ok().flatten();
+        let secret = env_value(&pod, "BOTDISPATCH_HANDOFF_SECRET");
+        let secret_matched = secret.is_some_and(|s| {
+            request
+                .header(header::AUTHORIZATION)
+                .and_then(|h| h.strip_prefix("Bearer "))
+                == Some(s.as_str())
+        });
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let mut delivery = PodDelivery {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            pod: pod.metadata.name.clone().unwrap_or_default(),
+            pod_ip: ip.to_owned(),
+            uid: uid.clone(),
+            session_id: sent("x-daily-session-id"),
+            room_url: sent("x-daily-room-url"),
+            room_token: sent("x-daily-room-token"),
+            secret_matched,
+            body: body.clone(),
+            refused: None,
+            at: Utc::now(),
+        };
+        let refusal = if !ready {
+            Some((503, json!({"status": "not ready"})))
+        } else if !body.as_ref().is_some_and(Value::is_object) {
+            Some((
+                422,
+                json!({"detail": [{"type": "dict_type", "loc": ["body"], "msg": "Input should be a valid dictionary"}]}),
+            ))
+        } else {
+            None
+        };
+        if let Some((status, answer)) = refusal {
+            delivery.refused = Some(status);
+            state.deliveries.push(delivery);
+            return BotAnswer::Now(Reply::json(status, answer));
+        }
+        let earlier = state
+            .deliveries
+            .iter()
+            .filter(|d| d.uid == uid && d.refused.is_none())
+            .count();
+        if earlier > 0 {
+            let violation = format!(
+                "pod {} took a second session ({:?}) after {earlier} earlier one(s)",
+                delivery.pod, delivery.session_id
+            );
+            state.bot_violations.push(violation);
+        }
+        state.deliveries.push(delivery);
+        state.sessions += 1;
+        let id = state.sessions;
+        let (done, waiting) = oneshot::channel();
+        if let Some(bot) = state.bots.get_mut(&uid) {
+            bot.sessions.push((id, done));
+        }
+        drop(state);
+        if let Some(duration) = self.config.session_duration {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(duration).await;
+                let mut state = this.lock();
+                if let Some(bot) = state.bots.get_mut(&uid) {
+                    if let Some(i) = bot.sessions.iter().position(|(s, _)| *s == id) {
+                        let (_, done) = bot.sessions.remove(i);
+                        let _ = done.send(true);
+                    }
+                }
+            });
+        }
+        BotAnswer::Session(waiting)
     }
 }
 
