@@ -156,7 +156,9 @@ pub trait Reserve: Send + Sync {
     /// Creates a reserve machine named `name` (deterministic: a name taken by another replica
     /// answers [`ProviderError::Conflict`]) from `template` alone, with `env` (its own
     /// handoff secret) and `labels`: running for the hot and suspended tiers (the dispatcher
-    /// suspends it once ready), created but never started for the stopped tier.
+    /// suspends it once ready), created but never started for the stopped tier. Through the
+    /// resilient wrapper, [`ProviderError::Throttled`] at once when the create limit has no
+    /// token free now.
     async fn prepare(
         &self,
         template: &MachineTemplate,

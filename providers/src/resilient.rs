@@ -295,13 +295,16 @@ impl Reserve for Resilient {
     ) -> Result<Launched, ProviderError> {
         let inner = self.inner_reserve()?;
         // A taken name is another replica's machine for the same slot: not retried, not
-        // adopted (see the reserve's replenishment).
+        // adopted (see the reserve's replenishment). Only a create token free now is taken:
+        // a reserve create never waits in the limiter where sessions' creates wait, and the
+        // pass moves on (Throttled) to try again with its next listing.
         let key = self.inner.launch_key(name);
         self.guard
-            .run(Op::Launch, &key, self.guard.budget(), self, || {
+            .once_if_free(Op::Launch, &key, self.guard.budget(), self, || {
                 inner.prepare(template, name, labels, env)
             })
             .await
+            .unwrap_or_else(|| Err(self.throttled_locally()))
     }
 
     async fn list_reserve(&self) -> Result<Vec<MachineStatus>, ProviderError> {

@@ -311,6 +311,34 @@ impl<O: Copy + PartialEq> Guard<O> {
         result
     }
 
+    /// One attempt of `call` if `op`'s rate-limit tokens are free now (a background call that
+    /// must not queue behind, or take tokens from, calls a client waits for), bounded by
+    /// `deadline`. `None`, with nothing called or reported, when a token is not free.
+    pub async fn once_if_free<T, E, F, Fut>(
+        &self,
+        op: O,
+        key: &str,
+        deadline: Instant,
+        hooks: &impl GuardHooks<O, E>,
+        call: F,
+    ) -> Option<Result<T, E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        // A deadline already reached still lets tokens that are free now be taken: the wait
+        // is polled once before the deadline is.
+        if !self.acquire(op, key, Instant::now()).await {
+            return None;
+        }
+        let result = match tokio::time::timeout_at(deadline, call()).await {
+            Ok(result) => result,
+            Err(_) => Err(hooks.no_answer(op)),
+        };
+        hooks.attempt(op, result.as_ref().map(drop));
+        Some(result)
+    }
+
     /// Runs `call` under `op`'s rate limits, retrying transient errors until `deadline`. Each
     /// attempt is bounded by the deadline too.
     pub async fn run<T, E, F, Fut>(

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures_util::StreamExt;
 use providers::{MachineStatus, ProviderError, ReserveLabels, Tier, HANDOFF_SECRET_ENV};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +26,8 @@ use crate::session_id::reserve_machine_name;
 
 /// Replicas filling a slot within the same window of this many seconds pick the same name.
 pub const WINDOW: u64 = 5;
+/// Creates one pass runs at once (each held to the provider's limit for its app).
+const CREATE_CONCURRENCY: usize = 8;
 /// How long one readiness probe of a booting machine may take.
 const PROBE: Duration = Duration::from_secs(2);
 
@@ -35,9 +38,21 @@ pub struct Replenished {
     pub made_ready: usize,
     pub created: usize,
     pub taken_by_others: usize,
+    /// Empty slots left for a later pass: the create limit had no token free.
+    pub throttled: usize,
     /// Machines put back into the reserve after their session.
     pub recycled: usize,
     pub errors: usize,
+}
+
+/// What became of one slot's create.
+enum Created {
+    Yes,
+    /// Another replica's machine has the slot's name.
+    TakenByOthers,
+    /// No create token free now.
+    NoTokenNow,
+    Failed,
 }
 
 impl Reserves {
@@ -207,35 +222,64 @@ impl Reserves {
             )
             .collect();
         let window = Utc::now().timestamp().max(0) as u64 / WINDOW;
-        for slot in (0..set.size).filter(|s| !taken.contains(s)) {
-            let name = reserve_machine_name(&self.deployment, slot, &set.fingerprint, window);
-            let labels = ReserveLabels {
-                name: name.clone(),
-                slot,
-                agent: set.agent.clone(),
-                fingerprint: set.fingerprint.clone(),
-                tier: set.tier,
-                ready: false,
-                recycle: set.recycle,
-                recycled_at: None,
-            };
-            let env = [(
-                HANDOFF_SECRET_ENV.to_owned(),
-                self.handoff().secrets.for_machine(&name),
-            )]
-            .into();
-            let t = Instant::now();
-            match reserve.prepare(&set.template, &name, &labels, &env).await {
-                Ok(launched) => {
-                    report.created += 1;
-                    debug!(machine.id = %launched.handle, slot, took_ms = t.elapsed().as_millis() as u64, "reserve machine created");
-                }
-                Err(ProviderError::Conflict { .. }) => report.taken_by_others += 1,
-                Err(e) => {
-                    report.errors += 1;
-                    warn!(slot, error = %e, "cannot create a reserve machine; trying again next pass");
-                    return;
-                }
+        // Every empty slot is tried, a few at a time; a create whose token is not free now is
+        // skipped (the wrapper never lets it wait), so a pass takes about one create's time
+        // however large the reserve, recycling and readiness keep their cadence, and no
+        // machine's name comes from an old listing.
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let empty = (0..set.size).filter(|s| !taken.contains(s));
+        let creates = futures_util::stream::iter(empty)
+            .take_while(|_| std::future::ready(!failed.load(std::sync::atomic::Ordering::Relaxed)))
+            .map(|slot| self.create(reserve, set, slot, window, &failed))
+            .buffer_unordered(CREATE_CONCURRENCY);
+        let outcomes: Vec<Created> = creates.collect().await;
+        for outcome in outcomes {
+            match outcome {
+                Created::Yes => report.created += 1,
+                Created::TakenByOthers => report.taken_by_others += 1,
+                Created::NoTokenNow => report.throttled += 1,
+                Created::Failed => report.errors += 1,
+            }
+        }
+    }
+
+    /// Creates slot `slot`'s machine; a failure sets `failed`: no more creates this pass.
+    async fn create(
+        &self,
+        reserve: &dyn providers::Reserve,
+        set: &ReserveSet,
+        slot: u32,
+        window: u64,
+        failed: &std::sync::atomic::AtomicBool,
+    ) -> Created {
+        let name = reserve_machine_name(&self.deployment, slot, &set.fingerprint, window);
+        let labels = ReserveLabels {
+            name: name.clone(),
+            slot,
+            agent: set.agent.clone(),
+            fingerprint: set.fingerprint.clone(),
+            tier: set.tier,
+            ready: false,
+            recycle: set.recycle,
+            recycled_at: None,
+        };
+        let env = [(
+            HANDOFF_SECRET_ENV.to_owned(),
+            self.handoff().secrets.for_machine(&name),
+        )]
+        .into();
+        let t = Instant::now();
+        match reserve.prepare(&set.template, &name, &labels, &env).await {
+            Ok(launched) => {
+                debug!(machine.id = %launched.handle, slot, took_ms = t.elapsed().as_millis() as u64, "reserve machine created");
+                Created::Yes
+            }
+            Err(ProviderError::Conflict { .. }) => Created::TakenByOthers,
+            Err(ProviderError::Throttled { .. }) => Created::NoTokenNow,
+            Err(e) => {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                warn!(slot, error = %e, "cannot create a reserve machine; trying again next pass");
+                Created::Failed
             }
         }
     }
