@@ -57,9 +57,7 @@ impl std::ops::Deref for AppState {
 
 /// The one HTTP client every outbound call shares (pooling, TLS).
 pub fn http_client() -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(60))
+    providers::http::client_builder()
         .user_agent(concat!("botdispatch/", env!("CARGO_PKG_VERSION")))
         .build()
         .context("cannot build the HTTP client")

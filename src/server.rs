@@ -36,6 +36,25 @@ impl Default for ServerLimits {
     }
 }
 
+/// Replaces the request's URI and header values with copies of their own.
+///
+/// hyper parses them as slices of the connection's 8 KiB read buffer, so the whole buffer
+/// lives as long as the request does — for a start, until its machine has booted — and hyper
+/// allocates a second one for the connection's next read. With the head copied (a few hundred
+/// bytes), hyper reads on into the buffer it has: with 1,000 starts in flight that is 8 MB
+/// less.
+fn detach_head<B>(req: &mut hyper::Request<B>) {
+    if let Ok(uri) = hyper::Uri::try_from(req.uri().to_string()) {
+        *req.uri_mut() = uri;
+    }
+    for value in req.headers_mut().values_mut() {
+        if let Ok(mut copy) = hyper::header::HeaderValue::from_bytes(value.as_bytes()) {
+            copy.set_sensitive(value.is_sensitive());
+            *value = copy;
+        }
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and waits for
 /// the open connections' requests to finish, at most `limits.drain`.
 pub async fn serve(
@@ -68,6 +87,7 @@ pub async fn serve(
             move |req: hyper::Request<Incoming>| {
                 // The peer's address, for the session proxy's X-Forwarded-For.
                 let mut req = req.map(axum::body::Body::new);
+                detach_head(&mut req);
                 req.extensions_mut()
                     .insert(axum::extract::ConnectInfo(peer));
                 req
@@ -90,5 +110,28 @@ pub async fn serve(
             drain_secs = limits.drain.as_secs(),
             "connections still open after the drain time: closing them"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_detached_head_reads_the_same() {
+        let mut req = hyper::Request::post("/start?agent=support")
+            .header("authorization", "Bearer abc")
+            .header("x-custom", "é")
+            .body(())
+            .unwrap();
+        req.headers_mut()
+            .get_mut("authorization")
+            .unwrap()
+            .set_sensitive(true);
+        let before = req.headers().clone();
+        detach_head(&mut req);
+        assert_eq!(req.uri(), "/start?agent=support");
+        assert_eq!(req.headers(), &before);
+        assert!(req.headers()["authorization"].is_sensitive());
     }
 }

@@ -46,7 +46,7 @@ pub struct ReserveSet {
     /// The template's fingerprint: machines of another are stale.
     pub fingerprint: String,
     /// This replica's room pool for the agent, when on.
-    pub rooms: Option<RoomPool>,
+    pub rooms: Option<Arc<RoomPool>>,
 }
 
 impl ReserveSet {
@@ -68,7 +68,7 @@ impl ReserveSet {
             preparing: 0,
             in_session: 0,
             recycling: 0,
-            pooled_rooms: self.rooms.as_ref().map_or(0, RoomPool::len),
+            pooled_rooms: self.rooms.as_ref().map_or(0, |p| p.len()),
         };
         for m in machines {
             if let Some(r) = &m.reserve {
@@ -180,12 +180,12 @@ impl Reserves {
                 let reserve = agent.reserve.as_ref()?;
                 let template = Arc::clone(templates.get(name)?);
                 let pool = reserve.rooms.then(|| {
-                    RoomPool::new(
+                    Arc::new(RoomPool::new(
                         Arc::clone(rooms),
                         &config.deployment,
                         reserve.size.clamp(1, 20) as usize,
                         config.max_session(),
-                    )
+                    ))
                 });
                 let set = ReserveSet {
                     agent: name.clone(),

@@ -110,7 +110,7 @@ impl Reserves {
             self.make_ready(set, &mine, &mut report).await;
             self.fill_slots(set, &mine, &held, &mut report).await;
             if let Some(pool) = &set.rooms {
-                pool.refill().await;
+                pool.refill_in_background();
             }
         }
         report

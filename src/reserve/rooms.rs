@@ -33,6 +33,8 @@ pub struct RoomPool {
     target: usize,
     max_session: Duration,
     ready: Mutex<VecDeque<PooledRoom>>,
+    /// A refill runs (at most one at a time).
+    refilling: std::sync::atomic::AtomicBool,
 }
 
 impl RoomPool {
@@ -48,7 +50,22 @@ impl RoomPool {
             target,
             max_session,
             ready: Mutex::default(),
+            refilling: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Refills in a task of its own, unless one runs: room creates wait on Daily's limit
+    /// (20 requests/s for every call), and the reserve's pass must not wait with them.
+    pub fn refill_in_background(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            pool.refill().await;
+            pool.refilling.store(false, Ordering::Release);
+        });
     }
 
     /// How old a pool room may get and still be handed out; older unused ones are debris.
