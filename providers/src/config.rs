@@ -270,6 +270,20 @@ pub fn required<'a>(
         })
 }
 
+/// The bot URL a provider's template (`key`) expanded to, parsed; a configuration error naming
+/// the key when the expansion is not a URL.
+pub(crate) fn expanded_url(
+    provider: &'static str,
+    key: &str,
+    url: &str,
+) -> Result<url::Url, crate::ProviderError> {
+    url::Url::parse(url).map_err(|e| crate::ProviderError::Config {
+        provider,
+        message: format!("{key} gives {url:?}, not a URL"),
+        source: Some(Box::new(e)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -899,11 +899,7 @@ impl HttpHandoff for FlyProvider {
             .unwrap_or_default();
         let private_ip = machine.address.as_deref().unwrap_or_default();
         let url = expand_machine_url(&self.machine_url, id, app, region, private_ip, port);
-        url::Url::parse(&url).map_err(|e| ProviderError::Config {
-            provider: NAME,
-            message: format!("fly.machine_url gives {url:?}, not a URL"),
-            source: Some(Box::new(e)),
-        })
+        crate::config::expanded_url(NAME, "fly.machine_url", &url)
     }
 
     async fn end_after_session(

@@ -262,11 +262,7 @@ impl HttpHandoff for KubernetesProvider {
             &self.namespace,
             port,
         );
-        url::Url::parse(&url).map_err(|e| ProviderError::Config {
-            provider: NAME,
-            message: format!("kubernetes.pod_url gives {url:?}, not a URL"),
-            source: Some(Box::new(e)),
-        })
+        crate::config::expanded_url(NAME, "kubernetes.pod_url", &url)
     }
 
     /// Deletes the pod with a grace of `max_pod_secs`: SIGTERM now, and the bot finishes the
