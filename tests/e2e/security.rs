@@ -4,9 +4,11 @@
 
 use botdispatch::session_id::{new_session_key, SessionIds};
 use hmac::{Hmac, Mac};
+use providers::testkit::fly_fake::FakeFly;
 use reqwest::StatusCode;
 use serde_json::json;
 use sha2::Sha256;
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -21,6 +23,23 @@ fn mutating_since(env: &TestEnv, from: usize) -> Vec<String> {
         .filter(|r| r.method != "GET")
         .map(|r| format!("{} {}", r.method, r.path))
         .collect()
+}
+
+/// Waits until a start's background label update reached the machine.
+async fn confirmed(fly: &FakeFly, machine: &str) {
+    let path = format!("/v1/apps/{FLY_APP}/machines/{machine}/metadata");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !fly
+        .requests()
+        .iter()
+        .any(|r| r.method == "PATCH" && r.path == path)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{machine} never confirmed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn assert_not_found_and_untouched(env: &TestEnv, id: &str, why: &str) {
@@ -85,6 +104,12 @@ async fn forged_session_ids_are_404_and_change_nothing() {
     let (status, resp) = env.post_start("bob", start_body()).await;
     assert_eq!(status, StatusCode::OK, "{resp}");
     let bobs_machine = session_handle(resp["sessionId"].as_str().unwrap());
+
+    // Both starts patch their machine's labels once they answered (off the critical path):
+    // let that land, so the window below sees only what the forged ids cause.
+    for machine in [&staging_machine, &bobs_machine] {
+        confirmed(&fly, machine).await;
+    }
 
     let key = SESSION_SECRET.as_bytes();
     let fresh = new_session_key();
