@@ -183,7 +183,8 @@ impl Reserves {
                     Arc::new(RoomPool::new(
                         Arc::clone(rooms),
                         &config.deployment,
-                        reserve.size.clamp(1, 20) as usize,
+                        // A room for every machine a burst can claim.
+                        reserve.size.max(1) as usize,
                         config.max_session(),
                     ))
                 });

@@ -216,6 +216,12 @@ pub trait RoomService: Send + Sync + 'static {
     /// concurrently with the room creation).
     fn room_url(&self, name: &str) -> String;
     async fn create(&self, req: &RoomRequest) -> Result<Room, RoomError>;
+    /// Creates a room ahead of need (the pool) only if that takes nothing a client waits for:
+    /// `None`, with nothing called, when the rate limit has no token free now. Backends
+    /// without limits just create.
+    async fn create_if_free(&self, req: &RoomRequest) -> Option<Result<Room, RoomError>> {
+        Some(self.create(req).await)
+    }
     /// Deletes a room; a room that does not exist is success.
     async fn delete(&self, name: &str) -> Result<(), RoomError>;
     /// The room, if it still exists (and has not expired).

@@ -84,6 +84,15 @@ impl RoomService for ResilientRooms {
         }
     }
 
+    async fn create_if_free(&self, req: &RoomRequest) -> Option<Result<Room, RoomError>> {
+        let deadline = req.deadline.unwrap_or_else(|| self.guard.budget());
+        self.guard
+            .once_if_free(RoomOp::Create, "", deadline, self, || {
+                self.inner.create(req)
+            })
+            .await
+    }
+
     async fn delete(&self, name: &str) -> Result<(), RoomError> {
         self.run(RoomOp::Delete, self.guard.budget(), || {
             self.inner.delete(name)
@@ -109,5 +118,96 @@ impl RoomService for ResilientRooms {
 
     async fn check(&self) -> Result<(), RoomError> {
         self.inner.check().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use chrono::Utc;
+    use providers::retry::RateLimit;
+    use serde_json::Map;
+
+    use super::*;
+
+    /// Counts creates; limited to 1 a second with bursts of 2.
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    #[async_trait]
+    impl RoomService for Counting {
+        fn kind(&self) -> &'static str {
+            "counting"
+        }
+        fn rate_limits(&self) -> Vec<(Option<RoomOp>, providers::retry::RateLimit)> {
+            vec![(None, RateLimit::app(1.0, 2))]
+        }
+        fn room_url(&self, name: &str) -> String {
+            format!("https://rooms.invalid/{name}")
+        }
+        async fn create(&self, req: &RoomRequest) -> Result<Room, RoomError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(Room {
+                name: req.name.clone(),
+                url: self.room_url(&req.name),
+            })
+        }
+        async fn delete(&self, _: &str) -> Result<(), RoomError> {
+            Ok(())
+        }
+        async fn find(&self, _: &str) -> Result<Option<ListedRoom>, RoomError> {
+            Ok(None)
+        }
+        async fn list_managed(&self) -> Result<RoomListing, RoomError> {
+            Ok(RoomListing {
+                rooms: Vec::new(),
+                complete: true,
+            })
+        }
+        fn mint_token(&self, _: &TokenRequest<'_>) -> Result<String, RoomError> {
+            Ok(String::new())
+        }
+        async fn check(&self) -> Result<(), RoomError> {
+            Ok(())
+        }
+    }
+
+    fn request(name: &str) -> RoomRequest {
+        RoomRequest {
+            name: name.to_owned(),
+            exp: Utc::now(),
+            properties: Map::new(),
+            deadline: None,
+        }
+    }
+
+    /// A pool's create takes only a token free now: it never waits for one, so it never queues
+    /// in front of a start's create; a start's create waits its turn.
+    #[tokio::test]
+    async fn a_create_ahead_takes_only_a_free_token_and_a_start_waits_for_its_own() {
+        let inner = Arc::new(Counting::default());
+        let rooms = ResilientRooms::new(inner.clone(), RetryPolicy::default(), 1.0);
+        for name in ["a", "b"] {
+            let room = rooms.create_if_free(&request(name)).await;
+            assert_eq!(room.unwrap().unwrap().name, name);
+        }
+        let t = Instant::now();
+        assert!(rooms.create_if_free(&request("c")).await.is_none());
+        assert!(t.elapsed() < Duration::from_millis(100), "did not wait");
+        assert_eq!(
+            inner.0.load(Ordering::SeqCst),
+            2,
+            "nothing called without a token"
+        );
+        // A start waits for the next token (1 a second).
+        let room = rooms.create(&request("d")).await.unwrap();
+        assert_eq!(room.name, "d");
+        assert!(
+            t.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(inner.0.load(Ordering::SeqCst), 3);
     }
 }

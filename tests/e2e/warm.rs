@@ -840,3 +840,53 @@ async fn a_pass_creates_what_the_create_limit_allows_and_moves_on() {
     }
     assert_eq!(env.fly.live_machines().len(), 12);
 }
+
+/// The room pool is as large as the machine reserve (before, at most 20 rooms): a burst that
+/// claims every ready machine finds a room created ahead for each, and creates no room while
+/// the client waits. Daily's budget (20 requests/s for every call) is the ceiling of rooms
+/// created on demand; a pool filled while the reserve was idle is what carries a burst past it.
+#[tokio::test]
+async fn a_burst_that_claims_the_whole_reserve_finds_a_pool_room_for_every_start() {
+    const SIZE: usize = 30;
+    let env = warm_env("hot", SIZE as u32, Options::default()).await;
+    wait_reserve_ready(&env, SIZE).await;
+    let pool_rooms = || {
+        env.daily
+            .rooms()
+            .iter()
+            .filter(|r| r.name.starts_with("bd-default-p"))
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while pool_rooms() < SIZE {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} pool rooms of {SIZE}",
+            pool_rooms()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let users: Vec<String> = (0..SIZE).map(|i| format!("user{i}")).collect();
+    let answers = join_all(users.iter().map(|u| env.post_start(u, start_body()))).await;
+    for (status, resp) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{resp}");
+        assert_eq!(resp["startType"], "hot", "{resp}");
+        let room = resp["dailyRoom"].as_str().unwrap();
+        assert!(room.contains("/bd-default-p"), "a pool room: {room}");
+    }
+    let rooms: BTreeSet<&str> = answers
+        .iter()
+        .map(|(_, resp)| resp["dailyRoom"].as_str().unwrap())
+        .collect();
+    assert_eq!(rooms.len(), SIZE, "one room per session");
+    // No session-named room was created for the burst (the pool refills with new names).
+    assert!(
+        env.daily
+            .rooms()
+            .iter()
+            .all(|r| r.name.starts_with("bd-default-p")),
+        "{:?}",
+        env.daily.rooms()
+    );
+}
