@@ -920,6 +920,12 @@ impl Reserve for FlyProvider {
         &[Tier::Hot, Tier::Suspended, Tier::Stopped]
     }
 
+    /// Only a `stopped` machine can be started again; flyd leaves a machine that crashed or
+    /// could not run `failed`.
+    fn unrecyclable(&self, machine: &MachineStatus) -> bool {
+        machine.provider_state == "failed"
+    }
+
     async fn prepare(
         &self,
         template: &MachineTemplate,

@@ -201,6 +201,13 @@ pub trait Reserve: Send + Sync {
         labels: &BTreeMap<String, String>,
     ) -> Result<(), ProviderError>;
 
+    /// Whether a held machine whose session is over can never be recycled (the provider left
+    /// it failed; only a destroy removes it): its slot is freed by destroying it. Machines
+    /// merely between states are not: their recycle is tried again next pass.
+    fn unrecyclable(&self, _machine: &MachineStatus) -> bool {
+        false
+    }
+
     /// Puts a held machine whose session is over (stopped, not destroyed: recycled reserves
     /// are created without auto-destroy) back into the reserve: atomically with respect to
     /// other replicas, its session labels are cleared and its reserve labels restored (not

@@ -286,6 +286,12 @@ impl Reserve for Resilient {
         self.inner.reserve().map_or(&[], |r| r.tiers())
     }
 
+    fn unrecyclable(&self, machine: &MachineStatus) -> bool {
+        self.inner
+            .reserve()
+            .is_some_and(|r| r.unrecyclable(machine))
+    }
+
     async fn prepare(
         &self,
         template: &MachineTemplate,

@@ -182,7 +182,7 @@ impl Reserves {
         let over = held.iter().filter(|m| m.state.is_terminal());
         let work = over.map(|m| async move {
             let labels = m.held.as_ref().expect("held machines have reserve labels");
-            if set.recycle && set.owns(labels) {
+            if set.recycle && set.owns(labels) && !reserve.unrecyclable(m) {
                 reserve.recycle(&m.handle, labels).await.map(|()| true)
             } else {
                 self.provider.terminate(&m.handle).await.map(|()| false)

@@ -890,3 +890,45 @@ async fn a_burst_that_claims_the_whole_reserve_finds_a_pool_room_for_every_start
         env.daily.rooms()
     );
 }
+
+/// A recycled reserve's machine that fails during its session (flyd leaves it `failed`, and
+/// only a stopped machine can be started again) is destroyed and its slot filled anew; before,
+/// each pass tried to recycle it, was refused, and the slot stayed taken for good.
+#[tokio::test]
+async fn a_recycled_machine_that_failed_is_replaced() {
+    let mut opts = Options::default();
+    opts.env
+        .push(("BOTDISPATCH_RESERVE_RECYCLE", "true".to_owned()));
+    let env = warm_env("hot", 1, opts).await;
+    let first = wait_reserve_ready(&env, 1).await.remove(0);
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["startType"], "hot", "{resp}");
+    assert_eq!(
+        session_handle(resp["sessionId"].as_str().unwrap()),
+        first.id
+    );
+
+    assert!(env.fly.fail_machine(&first.id));
+    assert!(
+        env.fly
+            .wait_for_state(&first.id, "destroyed", Duration::from_secs(10))
+            .await,
+        "{:#?}",
+        env.fly.machine(&first.id)
+    );
+    let replacement = wait_reserve_ready(&env, 1).await.remove(0);
+    assert_ne!(replacement.id, first.id);
+    let (status, resp) = env.post_start("bob", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["startType"], "hot", "{resp}");
+    assert_eq!(
+        session_handle(resp["sessionId"].as_str().unwrap()),
+        replacement.id
+    );
+    assert!(
+        env.fly.violations().is_empty(),
+        "{:?}",
+        env.fly.violations()
+    );
+}

@@ -423,6 +423,25 @@ impl Shared {
         true
     }
 
+    /// Machine `id` fails: its process is killed and it stays `failed`.
+    pub(super) fn fail(&self, id: &str) -> bool {
+        {
+            let mut state = self.lock();
+            let Some(record) = state.by_id_mut(id) else {
+                return false;
+            };
+            if !matches!(record.machine.state.as_str(), "starting" | "started") {
+                return false;
+            }
+            record.epoch += 1;
+            record.kill_process();
+            record.snapshot = None;
+            transition(record, "failed", "exit", "flyd", None);
+        }
+        self.notify();
+        true
+    }
+
     /// Ends sessions of machine `id` (see [`MachineRecord::end_sessions`]); a draining process
     /// left without sessions exits 0.
     pub(super) fn end_sessions(&self, id: &str, which: Option<u64>) -> usize {

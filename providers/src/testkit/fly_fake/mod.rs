@@ -462,6 +462,13 @@ impl FakeFly {
         self.server.exit(id, exit_code, None, None)
     }
 
+    /// The host fails machine `id` (as flyd reports a machine that crashed or could not run):
+    /// its process dies, its `/bot` session's connection is reset, and it is left `failed`
+    /// (no `auto_destroy`: only a destroy removes it). Returns whether it was running.
+    pub fn fail_machine(&self, id: &str) -> bool {
+        self.server.fail(id)
+    }
+
     /// Ends the sessions running on machine `id` (their `/bot` requests answer 200 `{}`); a
     /// process that got SIGTERM then exits 0. Returns how many sessions ended.
     pub fn end_session(&self, id: &str) -> usize {
