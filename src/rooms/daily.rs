@@ -14,13 +14,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
-    ListedRoom, Room, RoomError, RoomListing, RoomOp, RoomRequest, RoomService, TokenClaims,
+    ListedRoom, Room, RoomError, RoomOp, RoomPage, RoomRequest, RoomService, TokenClaims,
     TokenRequest,
 };
 use crate::session_id::{room_kind, RoomKind};
-
-/// `GET /rooms` pages of 100 are followed this far; a listing that needs more is incomplete.
-const MAX_LIST_PAGES: usize = 100;
 
 /// At start-up the domain read is retried for at most this many request timeouts.
 pub const BOOT_BUDGET_PER_TIMEOUT: u32 = 4;
@@ -86,7 +83,7 @@ fn parse_time(t: &str) -> Option<chrono::DateTime<chrono::Utc>> {
 }
 
 #[derive(Debug, Deserialize)]
-struct RoomPage {
+struct DailyRoomPage {
     #[serde(default)]
     data: Vec<ListedDailyRoom>,
 }
@@ -245,11 +242,12 @@ impl RoomService for DailyRooms {
     }
 
     /// Daily allows 20 requests/s and 100 per 5 s on most endpoints, and about 2 deletes/s
-    /// (50 per 30 s). These buckets stay inside both windows: 16/s with bursts of 4 for
-    /// everything, and one delete per 625 ms.
+    /// (50 per 30 s). These buckets stay inside both windows with room for the jitter between
+    /// taking a token here and the request reaching Daily: 16/s with bursts of 2 for everything
+    /// (at most 18 in any second, 82 in any 5 s), and one delete per 625 ms.
     fn rate_limits(&self) -> Vec<(Option<RoomOp>, RateLimit)> {
         vec![
-            (None, RateLimit::app(16.0, 4)),
+            (None, RateLimit::app(16.0, 2)),
             (Some(RoomOp::Delete), RateLimit::app(1.6, 1)),
         ]
     }
@@ -309,51 +307,32 @@ impl RoomService for DailyRooms {
         }))
     }
 
-    async fn list_managed(&self) -> Result<RoomListing, RoomError> {
-        // `GET /rooms` pages newest first, 100 at a time, continued with `ending_before`.
-        let mut rooms = Vec::new();
-        let mut ending_before: Option<String> = None;
-        for _ in 0..MAX_LIST_PAGES {
-            let mut req = self
-                .request(Method::GET, "/rooms")
-                .query(&[("limit", "100")]);
-            if let Some(id) = &ending_before {
-                req = req.query(&[("ending_before", id.as_str())]);
-            }
-            let page: RoomPage = self.json(req, RoomOp::List, "list rooms").await?;
-            let last = page.data.last().map(|r| r.id.clone());
-            let full = page.data.len() >= 100;
-            rooms.extend(
-                page.data
-                    .into_iter()
-                    .filter_map(|r| {
-                        let kind = room_kind(&self.deployment, &r.name)?;
-                        Some((r, kind))
-                    })
-                    .map(|(r, kind)| ListedRoom {
-                        pooled: kind == RoomKind::Pooled,
-                        name: r.name,
-                        created_at: r.created_at.as_deref().and_then(parse_time),
-                    }),
-            );
-            match (full, last) {
-                (true, Some(id)) => ending_before = Some(id),
-                _ => {
-                    return Ok(RoomListing {
-                        rooms,
-                        complete: true,
-                    })
-                }
-            }
+    /// `GET /rooms`: newest first, 100 a page, the next page from `ending_before` the last
+    /// room's id. Only this deployment's rooms are kept.
+    async fn list_page(&self, cursor: Option<&str>) -> Result<RoomPage, RoomError> {
+        let mut req = self
+            .request(Method::GET, "/rooms")
+            .query(&[("limit", "100")]);
+        if let Some(id) = cursor {
+            req = req.query(&[("ending_before", id)]);
         }
-        tracing::warn!(
-            pages = MAX_LIST_PAGES,
-            "the Daily room listing has more pages than are read; the reaper skips its room-gone rule"
-        );
-        Ok(RoomListing {
-            rooms,
-            complete: false,
-        })
+        let page: DailyRoomPage = self.json(req, RoomOp::List, "list rooms").await?;
+        let next = (page.data.len() >= 100)
+            .then(|| page.data.last().map(|r| r.id.clone()))
+            .flatten();
+        let rooms = page
+            .data
+            .into_iter()
+            .filter_map(|r| {
+                let kind = room_kind(&self.deployment, &r.name)?;
+                Some(ListedRoom {
+                    pooled: kind == RoomKind::Pooled,
+                    name: r.name,
+                    created_at: r.created_at.as_deref().and_then(parse_time),
+                })
+            })
+            .collect();
+        Ok(RoomPage { rooms, next })
     }
 
     fn mint_token(&self, req: &TokenRequest<'_>) -> Result<String, RoomError> {

@@ -13,7 +13,7 @@ use jsonwebtoken::{EncodingKey, Header};
 use rand::RngCore;
 
 use super::{
-    ListedRoom, Room, RoomError, RoomListing, RoomRequest, RoomService, TokenClaims, TokenRequest,
+    ListedRoom, Room, RoomError, RoomPage, RoomRequest, RoomService, TokenClaims, TokenRequest,
 };
 use crate::session_id::{room_kind, RoomKind};
 
@@ -93,7 +93,7 @@ impl RoomService for LocalRooms {
         }))
     }
 
-    async fn list_managed(&self) -> Result<RoomListing, RoomError> {
+    async fn list_page(&self, _cursor: Option<&str>) -> Result<RoomPage, RoomError> {
         let rooms = self
             .live()
             .iter()
@@ -104,10 +104,7 @@ impl RoomService for LocalRooms {
                 pooled: kind == RoomKind::Pooled,
             })
             .collect();
-        Ok(RoomListing {
-            rooms,
-            complete: true,
-        })
+        Ok(RoomPage { rooms, next: None })
     }
 
     fn mint_token(&self, req: &TokenRequest<'_>) -> Result<String, RoomError> {

@@ -152,6 +152,18 @@ pub struct RoomListing {
     pub complete: bool,
 }
 
+/// One page of a room listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomPage {
+    /// This deployment's rooms on the page.
+    pub rooms: Vec<ListedRoom>,
+    /// Where the next page starts; `None` on the last.
+    pub next: Option<String>,
+}
+
+/// A listing follows this many pages; one that needs more is incomplete.
+pub const MAX_LIST_PAGES: usize = 100;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Room {
     pub name: String,
@@ -226,9 +238,38 @@ pub trait RoomService: Send + Sync + 'static {
     async fn delete(&self, name: &str) -> Result<(), RoomError>;
     /// The room, if it still exists (and has not expired).
     async fn find(&self, name: &str) -> Result<Option<ListedRoom>, RoomError>;
-    /// Every existing room of this deployment (named by
-    /// [`resource_name`](crate::session_id::resource_name) for it), for the reaper.
-    async fn list_managed(&self) -> Result<RoomListing, RoomError>;
+    /// One page of the existing rooms of this deployment (named by
+    /// [`resource_name`](crate::session_id::resource_name) for it), from `cursor` (`None`:
+    /// the first page).
+    async fn list_page(&self, cursor: Option<&str>) -> Result<RoomPage, RoomError>;
+    /// Every existing room of this deployment, for the reaper: page after page, each a call
+    /// of its own (through the resilient wrapper, each under the rate limit), at most
+    /// [`MAX_LIST_PAGES`].
+    async fn list_managed(&self) -> Result<RoomListing, RoomError> {
+        let mut rooms = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..MAX_LIST_PAGES {
+            let page = self.list_page(cursor.as_deref()).await?;
+            rooms.extend(page.rooms);
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => {
+                    return Ok(RoomListing {
+                        rooms,
+                        complete: true,
+                    })
+                }
+            }
+        }
+        tracing::warn!(
+            pages = MAX_LIST_PAGES,
+            "the room listing has more pages than are read; the reaper skips its room-gone rule"
+        );
+        Ok(RoomListing {
+            rooms,
+            complete: false,
+        })
+    }
     fn mint_token(&self, req: &TokenRequest<'_>) -> Result<String, RoomError>;
     /// One cheap read proving the API key works.
     async fn check(&self) -> Result<(), RoomError>;

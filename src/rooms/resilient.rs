@@ -13,7 +13,7 @@ use providers::retry::{Guard, GuardHooks, RetryPolicy};
 use tokio::time::Instant;
 
 use super::{
-    ListedRoom, Room, RoomError, RoomListing, RoomOp, RoomRequest, RoomService, TokenRequest,
+    ListedRoom, Room, RoomError, RoomOp, RoomPage, RoomRequest, RoomService, TokenRequest,
 };
 
 pub struct ResilientRooms {
@@ -105,9 +105,9 @@ impl RoomService for ResilientRooms {
             .await
     }
 
-    async fn list_managed(&self) -> Result<RoomListing, RoomError> {
+    async fn list_page(&self, cursor: Option<&str>) -> Result<RoomPage, RoomError> {
         self.run(RoomOp::List, self.guard.budget(), || {
-            self.inner.list_managed()
+            self.inner.list_page(cursor)
         })
         .await
     }
@@ -159,11 +159,8 @@ mod tests {
         async fn find(&self, _: &str) -> Result<Option<ListedRoom>, RoomError> {
             Ok(None)
         }
-        async fn list_managed(&self) -> Result<RoomListing, RoomError> {
-            Ok(RoomListing {
-                rooms: Vec::new(),
-                complete: true,
-            })
+        async fn list_page(&self, _: Option<&str>) -> Result<RoomPage, RoomError> {
+            Ok(RoomPage::default())
         }
         fn mint_token(&self, _: &TokenRequest<'_>) -> Result<String, RoomError> {
             Ok(String::new())

@@ -741,6 +741,36 @@ async fn an_incomplete_room_listing_condemns_no_machine() {
     );
 }
 
+/// Each page of the reaper's room listing is a request of its own under Daily's limit (20
+/// requests/s for every call): before, the pages of one listing went out back to back under
+/// one token, and a domain holding the room pools' hundreds of rooms passed the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_of_the_room_listing_keeps_to_dailys_limit() {
+    let mut opts = Options::default();
+    // The documented limits at 1/16: Daily's guard lets 1 request a second through.
+    opts.env
+        .push(("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0.0625".to_owned()));
+    let env = TestEnv::with(opts).await;
+    env.daily
+        .insert_rooms((0..250).map(|_| resource_name("default", &new_session_key())));
+    let listings = || {
+        env.daily
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with("/rooms"))
+            .count()
+    };
+    let before = listings();
+    let t = tokio::time::Instant::now();
+    env.app.reaper.pass().await;
+    let took = t.elapsed();
+    assert_eq!(listings() - before, 3, "250 rooms are 3 pages of 100");
+    assert!(
+        took >= Duration::from_millis(1800),
+        "3 pages at 1 request/s took {took:?}"
+    );
+}
+
 /// The same Idempotency-Key on two replicas at once: both get the same session, never a 409.
 /// The second used to find the key's room (created alongside the launch) but not yet its
 /// machine, and took the session for one that had ended.
