@@ -1198,17 +1198,24 @@ fn open_duration(args: &Args) -> f64 {
     }
 }
 
-/// The reserve of the recycle cases, unless given: every machine is held for a session
-/// (`session_secs`) and then for its recycling (`recycle_secs`) before it can be claimed
-/// again, so at `rate` arrivals a second `rate × (session + recycle)` machines are in use at
-/// any time (Little's law); a run shorter than that cycle needs only `rate × duration`. Plus
-/// two seconds of arrivals: a machine made ready is claimable only once the dispatcher's next
+/// The reserve of the recycle cases, unless given: every machine is held for its claim (the
+/// stopped tier boots then: start + app boot; the suspended tier resumes), its session
+/// (`session_secs`) and then its recycling (`recycle_secs`) before it can be claimed again, so
+/// at `rate` arrivals a second `rate × (claim + session + recycle)` machines are in use at any
+/// time (Little's law); a run shorter than that cycle needs only `rate × duration`. Plus two
+/// seconds of arrivals: a machine made ready is claimable only once the dispatcher's next
 /// listing shows it (at most a second) and the arrivals of one pass must find one each.
-fn reserve_size(args: &Args) -> u32 {
+fn reserve_size(args: &Args, tier: &str) -> u32 {
     if let Some(size) = args.reserve_size {
         return size;
     }
-    let cycle = (args.session_secs as f64 + args.recycle_secs).min(open_duration(args));
+    let claim_ms = match tier {
+        "stopped" => args.start_ms + args.app_boot_ms,
+        "suspended" => args.resume_ms,
+        _ => 0,
+    };
+    let held = args.session_secs as f64 + args.recycle_secs + claim_ms as f64 / 1000.0;
+    let cycle = held.min(open_duration(args));
     ((args.rate * (cycle + 2.0)).ceil() as u32).clamp(1, 1000)
 }
 
@@ -1408,7 +1415,7 @@ async fn open_loop_case(case: Case, lat: &Latencies, args: &Args, bin: &Path) ->
         args.reserve_interval_ms.to_string(),
     ));
     env.push(("BOTDISPATCH_MAX_STARTS_IN_FLIGHT".into(), "1000".into()));
-    let reserve = case.tier().map(|_| reserve_size(args));
+    let reserve = case.tier().map(|tier| reserve_size(args, tier));
     if let (Some(tier), Some(size)) = (case.tier(), reserve) {
         env.push(("BOTDISPATCH_HANDOFF".into(), "http".into()));
         env.push(("BOTDISPATCH_RESERVE_TIER".into(), tier.into()));
@@ -1914,7 +1921,7 @@ async fn open_loop_and_memory(args: &Args) {
     let cases = Case::from_args(&args.open_loop);
     if !cases.is_empty() {
         println!(
-            "open loop: {} arrivals/s for {:.0} s, sessions of {} s; Fly and Daily limits enforced in front of the fakes; create {} ms, boot {} ms, start {} ms, resume {} ms, app boot {} ms, room {} ms; recycle cases: reserve {} over {} apps, reserve pass every {} ms{}",
+            "open loop: {} arrivals/s for {:.0} s, sessions of {} s; Fly and Daily limits enforced in front of the fakes; create {} ms, boot {} ms, start {} ms, resume {} ms, app boot {} ms, room {} ms; recycle cases: reserve {} (hot), {} (suspended), {} (stopped) over {} apps, reserve pass every {} ms{}",
             args.rate,
             open_duration(args),
             args.session_secs,
@@ -1924,7 +1931,9 @@ async fn open_loop_and_memory(args: &Args) {
             args.resume_ms,
             args.app_boot_ms,
             args.room_ms,
-            reserve_size(args),
+            reserve_size(args, "hot"),
+            reserve_size(args, "suspended"),
+            reserve_size(args, "stopped"),
             args.reserve_apps,
             args.reserve_interval_ms,
             if args.dispatcher_env.is_empty() {

@@ -162,6 +162,9 @@ pub struct Reserves {
     /// A machine that is not ready this long after it was made is broken.
     prepare_timeout: Duration,
     listing: Mutex<Listing>,
+    /// Held while the reserve is listed: callers that find the listing old while a listing
+    /// runs wait for it instead of listing again.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl Reserves {
@@ -214,6 +217,7 @@ impl Reserves {
                 at: None,
                 machines: Vec::new(),
             }),
+            refreshing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -233,17 +237,26 @@ impl Reserves {
         self.listing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The reserve as last listed; read again when older than [`LISTING_TTL`].
+    /// The reserve as last listed; read again when older than [`LISTING_TTL`], by one caller
+    /// at a time: the others wait for that listing and share it.
     pub async fn machines(&self) -> Result<Vec<MachineStatus>, ProviderError> {
+        let fresh = |listing: &Listing| listing.at.is_some_and(|at| at.elapsed() < LISTING_TTL);
         {
             let listing = self.listing();
-            if listing.at.is_some_and(|at| at.elapsed() < LISTING_TTL) {
+            if fresh(&listing) {
                 return Ok(listing.machines.clone());
             }
         }
         let Some(reserve) = self.provider.reserve() else {
             return Ok(Vec::new());
         };
+        let _refreshing = self.refreshing.lock().await;
+        {
+            let listing = self.listing();
+            if fresh(&listing) {
+                return Ok(listing.machines.clone());
+            }
+        }
         let machines = reserve.list_reserve().await?;
         let mut listing = self.listing();
         listing.at = Some(Instant::now());
@@ -323,6 +336,20 @@ impl Reserves {
             if tier == Tier::Suspended {
                 m.provider_state = "suspended".to_owned();
             }
+        }
+    }
+
+    /// Records in the cached listing that a held machine went back into the reserve under
+    /// `labels` (not marked ready: the stopped tier needs no mark, only its state).
+    fn recycled_stopped(&self, handle: &str, labels: &ReserveLabels) {
+        let mut listing = self.listing();
+        if let Some(m) = listing.machines.iter_mut().find(|m| m.handle == handle) {
+            m.held = None;
+            m.labels = None;
+            m.reserve = Some(ReserveLabels {
+                ready: false,
+                ..labels.clone()
+            });
         }
     }
 

@@ -183,7 +183,13 @@ impl Reserves {
         let work = over.map(|m| async move {
             let labels = m.held.as_ref().expect("held machines have reserve labels");
             if set.recycle && set.owns(labels) && !reserve.unrecyclable(m) {
-                reserve.recycle(&m.handle, labels).await.map(|()| true)
+                reserve.recycle(&m.handle, labels).await?;
+                // A stopped-tier machine is ready as it is: claims need not wait for the
+                // next listing to see it.
+                if set.tier == Tier::Stopped {
+                    self.recycled_stopped(&m.handle, labels);
+                }
+                Ok(true)
             } else {
                 self.provider.terminate(&m.handle).await.map(|()| false)
             }

@@ -932,3 +932,98 @@ async fn a_recycled_machine_that_failed_is_replaced() {
         env.fly.violations()
     );
 }
+
+/// A stopped-tier machine is claimable as soon as the pass that recycled it is over: it needs
+/// no boot, so claims need not wait for the next listing to see it (before, a burst arriving
+/// within that second went cold).
+#[tokio::test]
+async fn a_recycled_stopped_machine_is_claimable_at_once() {
+    let mut opts = Options::default();
+    opts.fly_warm.session_duration = Some(Duration::from_millis(200));
+    opts.env.extend([
+        ("BOTDISPATCH_HANDOFF", "http".to_owned()),
+        ("BOTDISPATCH_RESERVE_TIER", "stopped".to_owned()),
+        ("BOTDISPATCH_RESERVE_SIZE", "1".to_owned()),
+        ("BOTDISPATCH_RESERVE_RECYCLE", "true".to_owned()),
+        // No background passes: this test runs them.
+        ("BOTDISPATCH_RESERVE_INTERVAL_MS", "0".to_owned()),
+        ("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0".to_owned()),
+    ]);
+    let env = TestEnv::with(opts).await;
+    let reserves = env.app.sessions.reserves().unwrap().clone();
+    while ready_reserve(&env).is_empty() {
+        reserves.replenish().await;
+    }
+    reserves.replenish().await;
+    let (status, resp) = env.post_start("alice", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["startType"], "stopped", "{resp}");
+    let handle = session_handle(resp["sessionId"].as_str().unwrap());
+    assert!(
+        env.fly
+            .wait_for_state(&handle, "stopped", Duration::from_secs(10))
+            .await
+    );
+
+    let report = reserves.replenish().await;
+    assert_eq!(report.recycled, 1, "{report:?}");
+    let (status, resp) = env.post_start("bob", start_body()).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["startType"], "stopped", "{resp}");
+    assert_eq!(session_handle(resp["sessionId"].as_str().unwrap()), handle);
+    assert!(
+        env.fly.violations().is_empty(),
+        "{:?}",
+        env.fly.violations()
+    );
+}
+
+/// Claims that find the last listing empty read the reserve again at most once between them:
+/// a burst of starts on a drained reserve shares one listing. Before, every claim listed for
+/// itself, and at Fly's 1 list a second per app a burst queued for as many seconds as it had
+/// starts (in the bench, a 25 s stall with every start waiting).
+#[tokio::test]
+async fn a_burst_on_a_drained_reserve_shares_one_listing() {
+    let mut opts = Options::default();
+    opts.env.extend([
+        ("BOTDISPATCH_HANDOFF", "http".to_owned()),
+        ("BOTDISPATCH_RESERVE_TIER", "hot".to_owned()),
+        ("BOTDISPATCH_RESERVE_SIZE", "1".to_owned()),
+        // No background passes: nothing lists but the claims.
+        ("BOTDISPATCH_RESERVE_INTERVAL_MS", "0".to_owned()),
+        ("BOTDISPATCH_REAPER_INTERVAL_SECS", "0".to_owned()),
+        ("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0".to_owned()),
+    ]);
+    let env = TestEnv::with(opts).await;
+    // The last listing is over a second old when the burst comes.
+    env.app
+        .sessions
+        .reserves()
+        .unwrap()
+        .machines()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let listings = || {
+        env.fly
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == format!("/v1/apps/{FLY_APP}/machines"))
+            .count()
+    };
+    let before = listings();
+    let users: Vec<String> = (0..10).map(|i| format!("user{i}")).collect();
+    let answers = join_all(users.iter().map(|u| env.post_start(u, start_body()))).await;
+    for (status, resp) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{resp}");
+        assert_eq!(resp["startType"], "cold", "{resp}");
+    }
+    // One listing for the ten claims, and admission's count of the running sessions (one
+    // single-flight listing of its own).
+    let during = listings() - before;
+    assert!(
+        during <= 2,
+        "{during} listings: {:#?}",
+        &env.fly.requests()[..]
+    );
+}
