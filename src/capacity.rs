@@ -30,6 +30,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::{Mutex as AsyncMutex, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::config::Config;
 use providers::MachineProvider;
@@ -233,7 +234,7 @@ pub struct Capacity {
     queue_max: usize,
     shared: Arc<Shared>,
     /// One listing at a time; admissions that need a fresh one wait for the one in progress.
-    listing: AsyncMutex<()>,
+    listing: Arc<AsyncMutex<()>>,
 }
 
 impl Capacity {
@@ -250,7 +251,7 @@ impl Capacity {
             queue_timeout: Duration::from_secs(config.queue_timeout_secs),
             queue_max: config.queue_max_length as usize,
             shared: Arc::default(),
-            listing: AsyncMutex::new(()),
+            listing: Arc::default(),
         }
     }
 
@@ -308,9 +309,7 @@ impl Capacity {
             // In the queue from the moment it arrives, so its turn follows arrival order.
             return self.wait_in_queue(key, agent).await;
         }
-        if self.stale() {
-            self.refresh(self.cache_ttl).await;
-        }
+        self.revalidate().await;
         match self.take(key, agent, None, Duration::ZERO) {
             Taken::Admitted(p) => return Ok(p),
             Taken::Busy => return Err(CapacityError::Busy { retry_after: 1 }),
@@ -352,9 +351,7 @@ impl Capacity {
             ticket,
         };
         let deadline = t0 + self.queue_timeout;
-        if self.stale() {
-            self.refresh(self.cache_ttl).await;
-        }
+        self.revalidate().await;
         loop {
             let changed = self.shared.changed.notified();
             match self.take(key, agent, Some(ticket), t0.elapsed()) {
@@ -445,9 +442,59 @@ impl Capacity {
             .is_none_or(|at| at.elapsed() >= self.cache_ttl)
     }
 
+    /// Reads the count again when it is older than `capacity_cache_ms`: an admission waits
+    /// for that read only when the count decides it — near the limit (within the starts this
+    /// replica may have in flight), never read, or its last read failed. Otherwise it goes on
+    /// with the count it has, which its own starts keep current, and the read runs in the
+    /// background: a provider listing held to its rate limit (Fly: 1 a second per app, shared
+    /// with the reserve) would otherwise hold every start for as long as it takes.
+    async fn revalidate(&self) {
+        if !self.stale() {
+            return;
+        }
+        let decides = {
+            let state = self.shared.lock();
+            state.listed_at.is_none()
+                || state.listing_failed
+                || state.total() + self.max_in_flight as usize >= self.max_sessions as usize
+        };
+        if decides {
+            self.refresh(self.cache_ttl).await;
+            return;
+        }
+        // A listing in progress will do.
+        if self.listing.try_lock().is_err() {
+            return;
+        }
+        let reader = self.reader();
+        let fresh = self.cache_ttl;
+        tokio::spawn(async move { reader.refresh(fresh).await }.in_current_span());
+    }
+
     /// Reads the provider's live sessions, unless another admission is reading them: then
     /// waits for that read. Skipped when the listing is younger than `fresh`. A failed read
     /// keeps the last listing.
+    async fn refresh(&self, fresh: Duration) {
+        self.reader().refresh(fresh).await
+    }
+
+    fn reader(&self) -> Reader {
+        Reader {
+            provider: Arc::clone(&self.provider),
+            listing: Arc::clone(&self.listing),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// What reading the provider's count takes, apart from the admission that asks for it.
+struct Reader {
+    provider: Arc<dyn MachineProvider>,
+    listing: Arc<AsyncMutex<()>>,
+    shared: Arc<Shared>,
+}
+
+impl Reader {
     async fn refresh(&self, fresh: Duration) {
         let started = Instant::now();
         let _one = self.listing.lock().await;
