@@ -5,20 +5,29 @@
 //! session key: "already exists" on a retry means the first attempt created it, and the room is
 //! adopted.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use providers::retry::{Guard, GuardHooks, RetryPolicy};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::{
     ListedRoom, Room, RoomError, RoomOp, RoomPage, RoomRequest, RoomService, TokenRequest,
 };
 
+/// Calls open to the backend at once. Each holds a connection (its buffers, its task), and
+/// Daily answers 20 requests a second whatever is sent: with its limits on, the dispatcher
+/// has about 16 × the call's latency open; with them off (`outbound_rate_scale = 0`), a burst
+/// of starts would otherwise open a connection per start.
+pub const CALLS_AT_ONCE: usize = 32;
+
 pub struct ResilientRooms {
     inner: Arc<dyn RoomService>,
     guard: Guard<RoomOp>,
+    calls: Semaphore,
 }
 
 impl ResilientRooms {
@@ -27,15 +36,32 @@ impl ResilientRooms {
         Self {
             guard: Guard::new(inner.rate_limits(), policy, rate_scale),
             inner,
+            calls: Semaphore::new(CALLS_AT_ONCE),
         }
     }
 
     async fn run<T, F, Fut>(&self, op: RoomOp, deadline: Instant, call: F) -> Result<T, RoomError>
     where
         F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<T, RoomError>>,
+        Fut: Future<Output = Result<T, RoomError>>,
     {
-        self.guard.run(op, "", deadline, self, call).await
+        self.guard
+            .run(op, "", deadline, self, || self.bounded(call()))
+            .await
+    }
+
+    /// `call` once one of the [`CALLS_AT_ONCE`] slots is free (the wait counts against the
+    /// attempt's deadline).
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, RoomError>>,
+    ) -> Result<T, RoomError> {
+        let _slot = self
+            .calls
+            .acquire()
+            .await
+            .map_err(|_| RoomError::unavailable("the rooms client is closed"))?;
+        call.await
     }
 }
 
@@ -88,7 +114,7 @@ impl RoomService for ResilientRooms {
         let deadline = req.deadline.unwrap_or_else(|| self.guard.budget());
         self.guard
             .once_if_free(RoomOp::Create, "", deadline, self, || {
-                self.inner.create(req)
+                self.bounded(self.inner.create(req))
             })
             .await
     }
@@ -131,9 +157,10 @@ mod tests {
 
     use super::*;
 
-    /// Counts creates; limited to 1 a second with bursts of 2.
+    /// Counts creates (and how many ran at once, each taking `delay`); limited to 1 a second
+    /// with bursts of 2.
     #[derive(Default)]
-    struct Counting(AtomicUsize);
+    struct Counting(AtomicUsize, AtomicUsize, AtomicUsize, Duration);
 
     #[async_trait]
     impl RoomService for Counting {
@@ -148,6 +175,10 @@ mod tests {
         }
         async fn create(&self, req: &RoomRequest) -> Result<Room, RoomError> {
             self.0.fetch_add(1, Ordering::SeqCst);
+            let now = self.1.fetch_add(1, Ordering::SeqCst) + 1;
+            self.2.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(self.3).await;
+            self.1.fetch_sub(1, Ordering::SeqCst);
             Ok(Room {
                 name: req.name.clone(),
                 url: self.room_url(&req.name),
@@ -206,5 +237,26 @@ mod tests {
             t.elapsed()
         );
         assert_eq!(inner.0.load(Ordering::SeqCst), 3);
+    }
+
+    /// However many rooms are asked for at once (rate limits off), at most
+    /// [`CALLS_AT_ONCE`] calls are open to the backend: each holds a connection, and Daily
+    /// takes 20 requests a second whatever the dispatcher sends.
+    #[tokio::test]
+    async fn calls_at_once_are_bounded() {
+        let inner = Arc::new(Counting(
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            Duration::from_millis(20),
+        ));
+        let rooms = ResilientRooms::new(inner.clone(), RetryPolicy::default(), 0.0);
+        let requests: Vec<RoomRequest> = (0..200).map(|i| request(&format!("r{i}"))).collect();
+        let created =
+            futures_util::future::join_all(requests.iter().map(|r| rooms.create(r))).await;
+        assert!(created.iter().all(Result::is_ok));
+        assert_eq!(inner.0.load(Ordering::SeqCst), 200);
+        let peak = inner.2.load(Ordering::SeqCst);
+        assert!(peak <= CALLS_AT_ONCE, "{peak} calls at once");
     }
 }
