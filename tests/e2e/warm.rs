@@ -29,6 +29,19 @@ async fn warm_env(tier: &str, size: u32, mut opts: Options) -> TestEnv {
     TestEnv::with(opts).await
 }
 
+/// A dispatcher whose default agent hands sessions over HTTP and keeps a reserve of `size`
+/// machines of `tier`, whose passes run only when the test calls them (no reaper either).
+async fn manual_reserve_env(tier: &str, size: u32, mut opts: Options) -> TestEnv {
+    opts.env.extend([
+        ("BOTDISPATCH_HANDOFF", "http".to_owned()),
+        ("BOTDISPATCH_RESERVE_TIER", tier.to_owned()),
+        ("BOTDISPATCH_RESERVE_SIZE", size.to_string()),
+        ("BOTDISPATCH_RESERVE_INTERVAL_MS", "0".to_owned()),
+        ("BOTDISPATCH_REAPER_INTERVAL_SECS", "0".to_owned()),
+    ]);
+    TestEnv::with(opts).await
+}
+
 fn meta(m: &FakeMachine) -> &Value {
     &m.config["metadata"]
 }
@@ -810,15 +823,8 @@ async fn the_reaper_destroys_a_recycled_machine_no_reserve_takes_back() {
 /// comes from a fresh listing. Before, one pass filling 12 slots took 8.5 s.
 #[tokio::test]
 async fn a_pass_creates_what_the_create_limit_allows_and_moves_on() {
-    let mut opts = Options::default();
     // Fly's documented limits on; no background passes: this test runs them.
-    opts.env.extend([
-        ("BOTDISPATCH_HANDOFF", "http".to_owned()),
-        ("BOTDISPATCH_RESERVE_TIER", "hot".to_owned()),
-        ("BOTDISPATCH_RESERVE_SIZE", "12".to_owned()),
-        ("BOTDISPATCH_RESERVE_INTERVAL_MS", "0".to_owned()),
-    ]);
-    let env = TestEnv::with(opts).await;
+    let env = manual_reserve_env("hot", 12, Options::default()).await;
     let reserves = env.app.sessions.reserves().unwrap().clone();
     let t = tokio::time::Instant::now();
     let report = reserves.replenish().await;
@@ -941,15 +947,11 @@ async fn a_recycled_stopped_machine_is_claimable_at_once() {
     let mut opts = Options::default();
     opts.fly_warm.session_duration = Some(Duration::from_millis(200));
     opts.env.extend([
-        ("BOTDISPATCH_HANDOFF", "http".to_owned()),
-        ("BOTDISPATCH_RESERVE_TIER", "stopped".to_owned()),
-        ("BOTDISPATCH_RESERVE_SIZE", "1".to_owned()),
         ("BOTDISPATCH_RESERVE_RECYCLE", "true".to_owned()),
-        // No background passes: this test runs them.
-        ("BOTDISPATCH_RESERVE_INTERVAL_MS", "0".to_owned()),
         ("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0".to_owned()),
     ]);
-    let env = TestEnv::with(opts).await;
+    // No background passes: this test runs them.
+    let env = manual_reserve_env("stopped", 1, opts).await;
     let reserves = env.app.sessions.reserves().unwrap().clone();
     while ready_reserve(&env).is_empty() {
         reserves.replenish().await;
@@ -985,16 +987,10 @@ async fn a_recycled_stopped_machine_is_claimable_at_once() {
 #[tokio::test]
 async fn a_burst_on_a_drained_reserve_shares_one_listing() {
     let mut opts = Options::default();
-    opts.env.extend([
-        ("BOTDISPATCH_HANDOFF", "http".to_owned()),
-        ("BOTDISPATCH_RESERVE_TIER", "hot".to_owned()),
-        ("BOTDISPATCH_RESERVE_SIZE", "1".to_owned()),
-        // No background passes: nothing lists but the claims.
-        ("BOTDISPATCH_RESERVE_INTERVAL_MS", "0".to_owned()),
-        ("BOTDISPATCH_REAPER_INTERVAL_SECS", "0".to_owned()),
-        ("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0".to_owned()),
-    ]);
-    let env = TestEnv::with(opts).await;
+    opts.env
+        .push(("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0".to_owned()));
+    // No background passes: nothing lists but the claims.
+    let env = manual_reserve_env("hot", 1, opts).await;
     // The last listing is over a second old when the burst comes.
     env.app
         .sessions
