@@ -495,6 +495,7 @@ struct Reader {
 }
 
 impl Reader {
+    /// See [`Capacity::refresh`].
     async fn refresh(&self, fresh: Duration) {
         let started = Instant::now();
         let _one = self.listing.lock().await;

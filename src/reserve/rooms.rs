@@ -1,6 +1,7 @@
 //! A replica's pool of Daily rooms created ahead, as many as the reserve has machines, so that
-//! a warm start does not wait for a room, and a burst is not held to Daily's 20 requests/s. Rooms are private and live [`ROOM_TTL_FACTOR`] sessions long; one is handed out only
-//! while its remaining lifetime covers a whole session, and retired otherwise. A room that is
+//! a warm start does not wait for a room, and a burst is not held to Daily's 20 requests/s.
+//! Rooms are private and live [`ROOM_TTL_FACTOR`] sessions long; one is handed out only while
+//! its remaining lifetime covers a whole session, and retired otherwise. A room that is
 //! handed out is named in its session machine's labels, so the reaper's room rules keep
 //! working; the pool rooms of a replica that died are deleted by the reaper once too old to
 //! be handed out.
