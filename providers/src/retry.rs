@@ -299,16 +299,17 @@ impl<O: Copy + PartialEq> Guard<O> {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
     {
-        let result = if !self.acquire(op, key, deadline).await {
-            Err(hooks.throttled_locally())
-        } else {
-            match tokio::time::timeout_at(deadline, call()).await {
-                Ok(result) => result,
-                Err(_) => Err(hooks.no_answer(op)),
+        match self
+            .try_once(op, key, deadline, deadline, hooks, call)
+            .await
+        {
+            Some(result) => result,
+            None => {
+                let result = Err(hooks.throttled_locally());
+                hooks.attempt(op, result.as_ref().map(drop));
+                result
             }
-        };
-        hooks.attempt(op, result.as_ref().map(drop));
-        result
+        }
     }
 
     /// One attempt of `call` if `op`'s rate-limit tokens are free now (a background call that
@@ -328,7 +329,26 @@ impl<O: Copy + PartialEq> Guard<O> {
     {
         // A deadline already reached still lets tokens that are free now be taken: the wait
         // is polled once before the deadline is.
-        if !self.acquire(op, key, Instant::now()).await {
+        self.try_once(op, key, Instant::now(), deadline, hooks, call)
+            .await
+    }
+
+    /// `call` once `op`'s tokens were taken by `tokens_by`, bounded by `deadline` and reported
+    /// to `hooks`; `None`, with nothing called or reported, when they were not.
+    async fn try_once<T, E, F, Fut>(
+        &self,
+        op: O,
+        key: &str,
+        tokens_by: Instant,
+        deadline: Instant,
+        hooks: &impl GuardHooks<O, E>,
+        call: F,
+    ) -> Option<Result<T, E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        if !self.acquire(op, key, tokens_by).await {
             return None;
         }
         let result = match tokio::time::timeout_at(deadline, call()).await {
