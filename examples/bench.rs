@@ -349,19 +349,33 @@ async fn fakes(boot: Duration) -> (FakeFly, FakeDaily) {
 
 /// Fakes with the warm-start latencies.
 async fn warm_fakes(lat: &Latencies) -> (FakeFly, FakeDaily) {
+    warm_fakes_with(lat, vec!["bots".into()], None, None).await
+}
+
+/// Fakes with the warm-start latencies, Fly's over `apps`: an `env`-handoff bot lives
+/// `bot_lifetime` from its boot, an `http`-handoff session lasts `session` (both: until
+/// stopped, when `None`).
+async fn warm_fakes_with(
+    lat: &Latencies,
+    apps: Vec<String>,
+    bot_lifetime: Option<Duration>,
+    session: Option<Duration>,
+) -> (FakeFly, FakeDaily) {
     let fly = FakeFly::start_with(
         FakeFlyConfig {
             token: "bench-fly".into(),
-            apps: vec!["bots".into()],
+            apps,
             // The fake's boot timer starts when the create request arrives.
             boot_delay: lat.create + lat.boot,
             starting_for: Duration::ZERO,
+            bot_lifetime,
             ..FakeFlyConfig::default()
         },
         FakeFlyWarmConfig {
             app_boot: lat.app_boot,
             start_delay: lat.start,
             resume_delay: lat.resume,
+            session_duration: session,
             ..FakeFlyWarmConfig::default()
         },
     )
@@ -1375,32 +1389,9 @@ fn phase_of(m: &providers::testkit::fly_fake::FakeMachine) -> Phase {
 async fn open_loop_case(case: Case, lat: &Latencies, args: &Args, bin: &Path) -> OpenResult {
     let apps = app_names(case.apps(args));
     let session = Duration::from_secs(args.session_secs);
-    let fly = FakeFly::start_with(
-        FakeFlyConfig {
-            token: "bench-fly".into(),
-            apps: apps.clone(),
-            boot_delay: lat.create + lat.boot,
-            starting_for: Duration::ZERO,
-            // `env` handoff: the session runs from the boot, once the app booted.
-            bot_lifetime: case.tier().is_none().then_some(lat.app_boot + session),
-            ..FakeFlyConfig::default()
-        },
-        FakeFlyWarmConfig {
-            app_boot: lat.app_boot,
-            start_delay: lat.start,
-            resume_delay: lat.resume,
-            session_duration: Some(session),
-            ..FakeFlyWarmConfig::default()
-        },
-    )
-    .await;
-    fly.set_create_delay(lat.create);
-    let daily = FakeDaily::start(FakeDailyConfig {
-        api_key: "bench-daily".into(),
-        ..FakeDailyConfig::default()
-    })
-    .await;
-    daily.set_create_delay(lat.room);
+    // `env` handoff: the session runs from the boot, once the app booted.
+    let bot_lifetime = case.tier().is_none().then_some(lat.app_boot + session);
+    let (fly, daily) = warm_fakes_with(lat, apps.clone(), bot_lifetime, Some(session)).await;
     let fly_proxy = limits::start(limits::Api::Fly, fly.root_url()).await;
     let daily_root = format!("http://{}", daily.addr());
     let daily_proxy = limits::start(limits::Api::Daily, daily_root.clone()).await;
