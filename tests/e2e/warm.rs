@@ -178,11 +178,7 @@ async fn http_handoff_cold_start_delivers_the_session_and_ends_the_boot() {
             .wait_for_state(&handle, "destroyed", Duration::from_secs(5))
             .await
     );
-    assert!(
-        env.fly.violations().is_empty(),
-        "{:?}",
-        env.fly.violations()
-    );
+    assert_no_violations(&env);
     env.assert_spec_clean();
 }
 
@@ -268,11 +264,7 @@ async fn hot_reserve_hands_out_a_booted_machine_and_refills() {
     );
     let room_name = room.rsplit('/').next().unwrap();
     assert!(env.daily.rooms().iter().all(|r| r.name != room_name));
-    assert!(
-        env.fly.violations().is_empty(),
-        "{:?}",
-        env.fly.violations()
-    );
+    assert_no_violations(&env);
     env.assert_spec_clean();
 }
 
@@ -296,11 +288,7 @@ async fn suspended_reserve_resumes_from_the_snapshot() {
     );
     assert_delivered(&env, &handle, &resp);
     wait_signalled(&env, &handle).await;
-    assert!(
-        env.fly.violations().is_empty(),
-        "{:?}",
-        env.fly.violations()
-    );
+    assert_no_violations(&env);
     env.assert_spec_clean();
 }
 
@@ -318,11 +306,7 @@ async fn a_resume_that_comes_back_cold_still_serves_the_session() {
     let log = env.fly.boot_log(&handle);
     assert_eq!(log.last().unwrap().kind, BootKind::ColdResume);
     assert_delivered(&env, &handle, &resp);
-    assert!(
-        env.fly.violations().is_empty(),
-        "{:?}",
-        env.fly.violations()
-    );
+    assert_no_violations(&env);
 }
 
 #[tokio::test]
@@ -340,11 +324,7 @@ async fn stopped_reserve_boots_on_claim() {
     assert_eq!(handle, reserve[0].id);
     assert_eq!(env.fly.boots(&handle), 1);
     assert_delivered(&env, &handle, &resp);
-    assert!(
-        env.fly.violations().is_empty(),
-        "{:?}",
-        env.fly.violations()
-    );
+    assert_no_violations(&env);
     env.assert_spec_clean();
 }
 
@@ -372,11 +352,7 @@ async fn a_refused_handoff_moves_on_to_the_next_machine() {
             env.fly.machine(&m.id)
         );
     }
-    assert!(
-        env.fly.violations().is_empty(),
-        "{:?}",
-        env.fly.violations()
-    );
+    assert_no_violations(&env);
 }
 
 #[tokio::test]
@@ -428,11 +404,7 @@ async fn a_lost_lease_or_failed_resume_moves_on() {
         destroyed >= 1,
         "the machine whose start failed is destroyed: {failed:?}"
     );
-    assert!(
-        env.fly.violations().is_empty(),
-        "{:?}",
-        env.fly.violations()
-    );
+    assert_no_violations(&env);
 }
 
 #[tokio::test]
