@@ -10,6 +10,7 @@
 //! most one machine per replica too many, and the reaper removes the surplus.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -232,10 +233,10 @@ impl Reserves {
         // skipped (the wrapper never lets it wait), so a pass takes about one create's time
         // however large the reserve, recycling and readiness keep their cadence, and no
         // machine's name comes from an old listing.
-        let failed = std::sync::atomic::AtomicBool::new(false);
+        let failed = AtomicBool::new(false);
         let empty = (0..set.size).filter(|s| !taken.contains(s));
         let creates = futures_util::stream::iter(empty)
-            .take_while(|_| std::future::ready(!failed.load(std::sync::atomic::Ordering::Relaxed)))
+            .take_while(|_| std::future::ready(!failed.load(Ordering::Relaxed)))
             .map(|slot| self.create(reserve, set, slot, window, &failed))
             .buffer_unordered(CREATE_CONCURRENCY);
         let outcomes: Vec<Created> = creates.collect().await;
@@ -256,7 +257,7 @@ impl Reserves {
         set: &ReserveSet,
         slot: u32,
         window: u64,
-        failed: &std::sync::atomic::AtomicBool,
+        failed: &AtomicBool,
     ) -> Created {
         let name = reserve_machine_name(&self.deployment, slot, &set.fingerprint, window);
         let labels = ReserveLabels {
@@ -283,7 +284,7 @@ impl Reserves {
             Err(ProviderError::Conflict { .. }) => Created::TakenByOthers,
             Err(ProviderError::Throttled { .. }) => Created::NoTokenNow,
             Err(e) => {
-                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                failed.store(true, Ordering::Relaxed);
                 warn!(slot, error = %e, "cannot create a reserve machine; trying again next pass");
                 Created::Failed
             }
