@@ -95,7 +95,13 @@ class WaitingServer(uvicorn.server.Server):
     running sessions) up to SHUTDOWN_TIMEOUT, then the lifespan shutdown."""
 
     def handle_exit(self, sig, frame) -> None:
-        log("-", f"pid={os.getpid()} signal {signal.Signals(sig).name}: shutting down after the running session")
+        # A signal handler runs between two bytecodes of whatever was running, perhaps inside
+        # a print to stdout: printing here again would raise "reentrant call" in that code (it
+        # did, in a session's log line). os.write goes around sys.stdout's buffer; log flushes
+        # every line, so the order holds.
+        name = signal.Signals(sig).name
+        line = f"[pcbase -] pid={os.getpid()} signal {name}: shutting down after the running session"
+        os.write(sys.stdout.fileno(), (line + "\n").encode())
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:
