@@ -31,6 +31,19 @@ const NAME: &str = "fly";
 const LEASE_NONCE: &str = "fly-machine-lease-nonce";
 /// Fly's `/wait` refuses to wait longer than this per call; longer waits loop.
 const MAX_WAIT_SECS: u64 = 60;
+/// Default of `fly.max_open_waits`: 128 long-polls cost about 5 MB of connection buffers.
+pub const DEFAULT_MAX_OPEN_WAITS: usize = 128;
+/// How often a start beyond `fly.max_open_waits` reads its machine (Fly allows 5 reads a
+/// second per machine, burst 10).
+const POLL_EVERY: Duration = Duration::from_millis(500);
+/// At most this many of those reads at once, so that they share the client's idle
+/// connections (32 per host) instead of opening one each.
+const POLLS_AT_ONCE: usize = 32;
+/// At most this many other calls open to Fly at once (long-polls have their own limit). With
+/// Fly's documented limits on, creates are at most 3 per app at a time and this never binds;
+/// without them (`outbound_rate_scale = 0`) a burst of starts would otherwise open a
+/// connection per create.
+const CALLS_AT_ONCE: usize = 64;
 /// Default base URL of the Machines API (`FLY_API_URL`).
 pub const DEFAULT_API_URL: &str = "https://api.machines.dev/v1";
 /// Default address of a machine's bot server on Fly's private network (6PN).
@@ -73,6 +86,11 @@ pub struct FlyConfig {
     /// Fly's `FLY_APP_NAME`. Bots must never run there.
     #[serde(skip)]
     pub own_app: Option<String>,
+    /// At most this many `/wait` long-polls open at once. Each holds an HTTP/1.1 connection
+    /// to Fly for the whole boot (about 40 KB of buffers); a start beyond them reads its
+    /// machine every 500 ms instead, until it is started or a long-poll frees, and so learns
+    /// of its boot up to half a second later. `BOTDISPATCH_FLY_MAX_OPEN_WAITS`, default 128.
+    pub max_open_waits: usize,
 }
 
 impl Default for FlyConfig {
@@ -85,6 +103,7 @@ impl Default for FlyConfig {
             default_region: None,
             machine_url: DEFAULT_MACHINE_URL.to_owned(),
             own_app: None,
+            max_open_waits: DEFAULT_MAX_OPEN_WAITS,
         }
     }
 }
@@ -158,7 +177,8 @@ impl ProviderSettings for FlyConfig {
         env.apply("BOTDISPATCH_FLY_APPS", &mut self.apps)?;
         env.apply("BOTDISPATCH_FLY_API_URL", &mut self.api_url)?;
         env.apply("BOTDISPATCH_FLY_REGION", &mut self.default_region)?;
-        env.apply("BOTDISPATCH_FLY_MACHINE_URL", &mut self.machine_url)
+        env.apply("BOTDISPATCH_FLY_MACHINE_URL", &mut self.machine_url)?;
+        env.apply("BOTDISPATCH_FLY_MAX_OPEN_WAITS", &mut self.max_open_waits)
     }
 
     fn validate(&self, _production: bool) -> Result<(), ConfigError> {
@@ -179,6 +199,12 @@ impl ProviderSettings for FlyConfig {
             8080,
         );
         check_url("fly.machine_url (BOTDISPATCH_FLY_MACHINE_URL)", &example)?;
+        if !(1..=100_000).contains(&self.max_open_waits) {
+            return Err(ConfigError::new(format!(
+                "fly.max_open_waits (BOTDISPATCH_FLY_MAX_OPEN_WAITS) = {} must be between 1 and 100000",
+                self.max_open_waits
+            )));
+        }
         if let Some(region) = &self.default_region {
             if !is_slug(region, 32) {
                 return Err(ConfigError::new(format!(
@@ -253,6 +279,12 @@ pub struct FlyProvider {
     machine_url: String,
     request_timeout: Duration,
     deployment: String,
+    /// Permits for `/wait` long-polls (`fly.max_open_waits`), handed out in arrival order.
+    open_waits: tokio::sync::Semaphore,
+    /// Permits for the machine reads of starts that wait without one ([`POLLS_AT_ONCE`]).
+    polls: tokio::sync::Semaphore,
+    /// Permits for every other call ([`CALLS_AT_ONCE`]).
+    calls: tokio::sync::Semaphore,
 }
 
 /// Fills a machine URL template's placeholders.
@@ -324,6 +356,9 @@ impl FlyProvider {
             machine_url: config.machine_url,
             request_timeout: ctx.request_timeout,
             deployment: ctx.deployment.clone(),
+            open_waits: tokio::sync::Semaphore::new(config.max_open_waits),
+            polls: tokio::sync::Semaphore::new(POLLS_AT_ONCE),
+            calls: tokio::sync::Semaphore::new(CALLS_AT_ONCE),
         })
     }
 
@@ -412,8 +447,10 @@ impl FlyProvider {
         }
     }
 
-    /// Sends a request; any failure becomes the provider error of `what`.
+    /// Sends a request, one of [`CALLS_AT_ONCE`]; any failure becomes the provider error of
+    /// `what`.
     async fn send(&self, req: RequestBuilder, what: &str) -> Result<Response, ProviderError> {
+        let _call = self.calls.acquire().await;
         http::send(req).await.map_err(|f| fail(what, f))
     }
 
@@ -629,6 +666,93 @@ impl FlyProvider {
     }
 
     /// After a wait that Fly ended early (400/404/412): reads the machine to say why.
+    /// `/wait` for `started` until it is, or the deadline passes (Fly answers 408 after at
+    /// most 60 s; the wait is asked again).
+    async fn long_poll_started(
+        &self,
+        launched: &Launched,
+        deadline: Deadline,
+    ) -> Result<(), ProviderError> {
+        let what = "wait for machine";
+        loop {
+            let remaining = deadline.remaining();
+            if remaining.is_zero() {
+                return Err(ProviderError::Timeout { provider: NAME });
+            }
+            // Whole seconds, at least one, never past our own deadline by more than a second.
+            let secs = remaining.as_secs().clamp(1, MAX_WAIT_SECS);
+            let mut query = vec![
+                ("state", "started".to_owned()),
+                ("timeout", secs.to_string()),
+            ];
+            if let Some(version) = &launched.version {
+                query.push(("instance_id", version.clone()));
+            }
+            let req = self
+                .machine_request(Method::GET, &launched.handle, "/wait")?
+                .query(&query)
+                .timeout(Duration::from_secs(secs) + self.request_timeout);
+            // Not one of CALLS_AT_ONCE: the caller holds one of `open_waits`.
+            let sent = http::send(req);
+            let resp = match tokio::time::timeout_at(deadline.instant(), sent).await {
+                Ok(resp) => resp.map_err(|f| fail(what, f))?,
+                Err(_) => return Err(ProviderError::Timeout { provider: NAME }),
+            };
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(());
+            }
+            if status == StatusCode::REQUEST_TIMEOUT {
+                continue;
+            }
+            let error = fail(
+                what,
+                CallFailure::Answer(http::ErrorAnswer::read(resp, FLY_ERRORS).await),
+            );
+            if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                return Err(error);
+            }
+            // 400/404/412: the machine will not become started. Read it to say why.
+            return match self.status(&launched.handle).await {
+                Ok(Some(s)) if s.state == MachineState::Started => Ok(()),
+                _ => Err(self.why_not_started(&launched.handle, error).await),
+            };
+        }
+    }
+
+    /// One read of a waiting machine: `true` once it is started, `false` while it may still
+    /// start (a failed read is tried again at the next poll, within the deadline); an error
+    /// once it never will. A machine that started and already stopped between two reads is
+    /// reported as not started, with its exit.
+    async fn read_started(&self, launched: &Launched) -> Result<bool, ProviderError> {
+        let _permit = self.polls.acquire().await;
+        let machine = match self.get_machine(&launched.handle).await {
+            Ok(machine) => machine,
+            Err(e) if e.is_transient() => {
+                tracing::debug!(handle = %launched.handle, error = %e, "read of a booting machine failed; reading again");
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let Some((machine, (app, _))) = machine.zip(self.locate(&launched.handle)) else {
+            return Err(ProviderError::StartFailed {
+                provider: NAME,
+                message: "machine disappeared while starting".into(),
+            });
+        };
+        let status = self.status_of(app, machine);
+        match status.state {
+            MachineState::Started => Ok(true),
+            MachineState::Starting => Ok(false),
+            MachineState::Ended | MachineState::Failed => Err(ProviderError::StartFailed {
+                provider: NAME,
+                message: status
+                    .detail
+                    .unwrap_or_else(|| format!("machine is {}", status.provider_state)),
+            }),
+        }
+    }
+
     async fn why_not_started(&self, handle: &str, wait_error: ProviderError) -> ProviderError {
         match self.status(handle).await {
             Ok(Some(status)) if status.state.is_terminal() => ProviderError::StartFailed {
@@ -713,54 +837,34 @@ impl MachineProvider for FlyProvider {
         self.locate(handle).is_some()
     }
 
+    /// Waits with a `/wait` long-poll when one of `fly.max_open_waits` is free, else reads
+    /// the machine every [`POLL_EVERY`] until it is started or a long-poll frees (the queue
+    /// for them is first come, first served).
     async fn wait_started(
         &self,
         launched: &Launched,
         deadline: Deadline,
     ) -> Result<(), ProviderError> {
-        let what = "wait for machine";
+        let long_poll = self.open_waits.acquire();
+        tokio::pin!(long_poll);
+        let mut next_read = tokio::time::Instant::now() + POLL_EVERY;
         loop {
-            let remaining = deadline.remaining();
-            if remaining.is_zero() {
-                return Err(ProviderError::Timeout { provider: NAME });
+            tokio::select! {
+                biased;
+                permit = &mut long_poll => {
+                    let _permit = permit.expect("the semaphore is never closed");
+                    return self.long_poll_started(launched, deadline).await;
+                }
+                () = tokio::time::sleep_until(next_read.min(deadline.instant())) => {
+                    if deadline.remaining().is_zero() {
+                        return Err(ProviderError::Timeout { provider: NAME });
+                    }
+                    if self.read_started(launched).await? {
+                        return Ok(());
+                    }
+                    next_read = tokio::time::Instant::now() + POLL_EVERY;
+                }
             }
-            // Whole seconds, at least one, never past our own deadline by more than a second.
-            let secs = remaining.as_secs().clamp(1, MAX_WAIT_SECS);
-            let mut query = vec![
-                ("state", "started".to_owned()),
-                ("timeout", secs.to_string()),
-            ];
-            if let Some(version) = &launched.version {
-                query.push(("instance_id", version.clone()));
-            }
-            let req = self
-                .machine_request(Method::GET, &launched.handle, "/wait")?
-                .query(&query)
-                .timeout(Duration::from_secs(secs) + self.request_timeout);
-            let resp = match tokio::time::timeout_at(deadline.instant(), self.send(req, what)).await
-            {
-                Ok(resp) => resp?,
-                Err(_) => return Err(ProviderError::Timeout { provider: NAME }),
-            };
-            let status = resp.status();
-            if status.is_success() {
-                return Ok(());
-            }
-            if status == StatusCode::REQUEST_TIMEOUT {
-                continue;
-            }
-            let error = fail(
-                what,
-                CallFailure::Answer(http::ErrorAnswer::read(resp, FLY_ERRORS).await),
-            );
-            if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-                return Err(error);
-            }
-            // 400/404/412: the machine will not become started. Read it to say why.
-            return match self.status(&launched.handle).await {
-                Ok(Some(s)) if s.state == MachineState::Started => Ok(()),
-                _ => Err(self.why_not_started(&launched.handle, error).await),
-            };
         }
     }
 

@@ -502,3 +502,59 @@ async fn start_latency_is_the_slower_of_room_and_machine_not_the_sum() {
         "{elapsed:?} looks sequential"
     );
 }
+
+/// `fly.max_open_waits`: at most that many `/wait` long-polls are open at once (each holds an
+/// HTTP/1.1 connection, and its buffers, for the whole boot); a start beyond them reads its
+/// machine every half second until it is started or a long-poll frees. Every start still
+/// answers ready, each within a poll of its boot.
+#[tokio::test]
+async fn starts_beyond_the_open_wait_limit_poll_their_machine() {
+    const STARTS: usize = 10;
+    let boot = Duration::from_millis(1200);
+    let mut opts = Options::default();
+    opts.fly.boot_delay = boot;
+    opts.fly.starting_for = Duration::ZERO;
+    opts.env
+        .push(("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0".to_owned()));
+    opts.env
+        .push(("BOTDISPATCH_FLY_MAX_OPEN_WAITS", "3".to_owned()));
+    let env = TestEnv::with(opts).await;
+    let started = Instant::now();
+    let answers = futures_util::future::join_all((0..STARTS).map(|i| {
+        let env = &env;
+        async move {
+            let answer = env.post_start(&format!("user{i}"), start_body()).await;
+            (answer, started.elapsed())
+        }
+    }))
+    .await;
+    for ((status, resp), _) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{resp}");
+        assert_eq!(resp["status"], "ready", "{resp}");
+    }
+    let slowest = answers.iter().map(|(_, t)| *t).max().unwrap();
+    println!(
+        "{STARTS} starts, boot {boot:?}: open waits at most {}, slowest answer {slowest:?}",
+        env.fly.open_waits_peak()
+    );
+    assert!(
+        (1..=3).contains(&env.fly.open_waits_peak()),
+        "open waits at most {}",
+        env.fly.open_waits_peak()
+    );
+    let polls = env
+        .fly
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.method == "GET"
+                && r.path.starts_with(&format!("/v1/apps/{FLY_APP}/machines/"))
+                && !r.path.ends_with("/wait")
+        })
+        .count();
+    assert!(polls >= STARTS - 3, "{polls} machine reads");
+    // Within a poll (0.5 s) of the boot, with room for a slow machine.
+    assert!(slowest < boot + Duration::from_millis(2500), "{slowest:?}");
+    assert_eq!(env.fly.live_machines().len(), STARTS);
+    env.assert_spec_clean();
+}

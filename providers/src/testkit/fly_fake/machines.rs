@@ -524,6 +524,7 @@ impl Shared {
     }
 
     async fn wait(&self, app: &str, id: &str, request: &Incoming<'_>) -> Reply {
+        let _open = self.open_wait();
         let mut wanted: Vec<&str> = request
             .query_all("state")
             .flat_map(|s| s.split(','))

@@ -341,6 +341,8 @@ impl FakeFly {
             core: FakeCore::default(),
             state: std::sync::Mutex::new(FlyState::default()),
             changes,
+            open_waits: Default::default(),
+            open_waits_peak: Default::default(),
         };
         FakeFly {
             server: FakeServer::start(shared, handle).await,
@@ -540,6 +542,14 @@ impl FakeFly {
                 Ok(Err(_)) | Err(_) => return false,
             }
         }
+    }
+
+    /// The most `/wait` requests that were open at once (each holds a client's connection
+    /// while it waits).
+    pub fn open_waits_peak(&self) -> usize {
+        self.server
+            .open_waits_peak
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Every API request answered so far, oldest first.

@@ -2,6 +2,7 @@
 //! (its readiness and running sessions), state transitions with their `MachineEvent`s, and
 //! process exits.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -32,6 +33,9 @@ pub(super) struct Shared {
     pub(super) state: Mutex<FlyState>,
     /// Bumped on every machine state change; waiters re-check when it moves.
     pub(super) changes: watch::Sender<u64>,
+    /// `/wait` requests being answered now, and the most there ever were at once.
+    pub(super) open_waits: AtomicUsize,
+    pub(super) open_waits_peak: AtomicUsize,
 }
 
 impl Shared {
@@ -41,6 +45,22 @@ impl Shared {
 
     pub(super) fn notify(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Counts a `/wait` as open until the returned guard drops.
+    pub(super) fn open_wait(&self) -> OpenWait<'_> {
+        let now = self.open_waits.fetch_add(1, Ordering::SeqCst) + 1;
+        self.open_waits_peak.fetch_max(now, Ordering::SeqCst);
+        OpenWait(self)
+    }
+}
+
+/// One open `/wait` (see [`Shared::open_wait`]).
+pub(super) struct OpenWait<'a>(&'a Shared);
+
+impl Drop for OpenWait<'_> {
+    fn drop(&mut self) {
+        self.0.open_waits.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
