@@ -558,3 +558,30 @@ async fn starts_beyond_the_open_wait_limit_poll_their_machine() {
     assert_eq!(env.fly.live_machines().len(), STARTS);
     env.assert_spec_clean();
 }
+
+/// Without rate limits (`outbound_rate_scale = 0`, load tests), a burst of starts is not a
+/// connection to Fly per create: at most 64 calls are open at once besides the long-polls,
+/// and every start still answers ready.
+#[tokio::test]
+async fn a_burst_of_creates_keeps_to_64_calls_open_at_once() {
+    const STARTS: usize = 80;
+    let mut opts = Options::default();
+    opts.fly.boot_delay = Duration::from_millis(200);
+    opts.fly.starting_for = Duration::ZERO;
+    opts.env
+        .push(("BOTDISPATCH_OUTBOUND_RATE_SCALE", "0".to_owned()));
+    opts.env
+        .push(("BOTDISPATCH_MAX_STARTS_IN_FLIGHT", STARTS.to_string()));
+    let env = TestEnv::with(opts).await;
+    env.fly.set_create_delay(Duration::from_millis(400));
+    let users: Vec<String> = (0..STARTS).map(|i| format!("user{i}")).collect();
+    let answers =
+        futures_util::future::join_all(users.iter().map(|u| env.post_start(u, start_body()))).await;
+    for (status, resp) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{resp}");
+    }
+    let peak = env.fly.open_calls_peak();
+    println!("{STARTS} starts: at most {peak} calls open at Fly besides waits");
+    assert!((32..=64).contains(&peak), "{peak} calls open at once");
+    assert_eq!(env.fly.live_machines().len(), STARTS);
+}

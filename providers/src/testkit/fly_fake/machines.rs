@@ -221,6 +221,10 @@ impl Shared {
     }
 
     async fn execute(self: &Arc<Self>, request: &Incoming<'_>) -> Reply {
+        let _open = match request.route.target {
+            Target::Machine(_, MachineOp::Wait) => None,
+            _ => Some(self.open_calls.open()),
+        };
         let app = request.route.app.as_str();
         let body = request.body;
         let answer = match &request.route.target {
@@ -524,7 +528,7 @@ impl Shared {
     }
 
     async fn wait(&self, app: &str, id: &str, request: &Incoming<'_>) -> Reply {
-        let _open = self.open_wait();
+        let _open = self.open_waits.open();
         let mut wanted: Vec<&str> = request
             .query_all("state")
             .flat_map(|s| s.split(','))

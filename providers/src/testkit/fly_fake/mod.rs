@@ -342,7 +342,7 @@ impl FakeFly {
             state: std::sync::Mutex::new(FlyState::default()),
             changes,
             open_waits: Default::default(),
-            open_waits_peak: Default::default(),
+            open_calls: Default::default(),
         };
         FakeFly {
             server: FakeServer::start(shared, handle).await,
@@ -547,9 +547,12 @@ impl FakeFly {
     /// The most `/wait` requests that were open at once (each holds a client's connection
     /// while it waits).
     pub fn open_waits_peak(&self) -> usize {
-        self.server
-            .open_waits_peak
-            .load(std::sync::atomic::Ordering::SeqCst)
+        self.server.open_waits.peak()
+    }
+
+    /// The most other API requests that were being answered at once.
+    pub fn open_calls_peak(&self) -> usize {
+        self.server.open_calls.peak()
     }
 
     /// Every API request answered so far, oldest first.

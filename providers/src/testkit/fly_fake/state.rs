@@ -33,9 +33,10 @@ pub(super) struct Shared {
     pub(super) state: Mutex<FlyState>,
     /// Bumped on every machine state change; waiters re-check when it moves.
     pub(super) changes: watch::Sender<u64>,
-    /// `/wait` requests being answered now, and the most there ever were at once.
-    pub(super) open_waits: AtomicUsize,
-    pub(super) open_waits_peak: AtomicUsize,
+    /// `/wait` requests being answered.
+    pub(super) open_waits: Gauge,
+    /// Every other request being answered.
+    pub(super) open_calls: Gauge,
 }
 
 impl Shared {
@@ -46,21 +47,34 @@ impl Shared {
     pub(super) fn notify(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
+}
 
-    /// Counts a `/wait` as open until the returned guard drops.
-    pub(super) fn open_wait(&self) -> OpenWait<'_> {
-        let now = self.open_waits.fetch_add(1, Ordering::SeqCst) + 1;
-        self.open_waits_peak.fetch_max(now, Ordering::SeqCst);
-        OpenWait(self)
+/// How many requests of a kind are being answered, and the most there ever were at once.
+#[derive(Debug, Default)]
+pub(super) struct Gauge {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Gauge {
+    /// Counts one more until the returned guard drops.
+    pub(super) fn open(&self) -> Open<'_> {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        Open(self)
+    }
+
+    pub(super) fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
     }
 }
 
-/// One open `/wait` (see [`Shared::open_wait`]).
-pub(super) struct OpenWait<'a>(&'a Shared);
+/// One request counted by a [`Gauge`].
+pub(super) struct Open<'a>(&'a Gauge);
 
-impl Drop for OpenWait<'_> {
+impl Drop for Open<'_> {
     fn drop(&mut self) {
-        self.0.open_waits.fetch_sub(1, Ordering::SeqCst);
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
