@@ -451,7 +451,7 @@ impl FlyProvider {
     /// `what`.
     async fn send(&self, req: RequestBuilder, what: &str) -> Result<Response, ProviderError> {
         let _call = self.calls.acquire().await;
-        http::send(req).await.map_err(|f| fail(what, f))
+        send_held(req, what).await
     }
 
     async fn json<T: serde::de::DeserializeOwned>(
@@ -547,11 +547,20 @@ impl FlyProvider {
 
     /// Creates the machine named `name` in its app ([`FlyProvider::app_for`]); a taken name
     /// is a [`ProviderError::Conflict`].
-    async fn create(&self, body: Value, name: &str) -> Result<Launched, ProviderError> {
+    /// Creates machine `name` from the body `body` builds once one of [`CALLS_AT_ONCE`] is
+    /// free (a burst of starts waiting for one holds no request bodies).
+    async fn create(
+        &self,
+        name: &str,
+        body: impl FnOnce() -> Result<Value, ProviderError>,
+    ) -> Result<Launched, ProviderError> {
         let what = "create machine";
         let app = self.app_for(name);
-        let req = self.app_request(app, Method::POST, "/machines").json(&body);
-        let resp = self.send(req, what).await?;
+        let _call = self.calls.acquire().await;
+        let req = self
+            .app_request(app, Method::POST, "/machines")
+            .json(&body()?);
+        let resp = send_held(req, what).await?;
         if resp.status() == StatusCode::CONFLICT {
             return Err(ProviderError::Conflict {
                 provider: NAME,
@@ -693,9 +702,9 @@ impl FlyProvider {
                 .query(&query)
                 .timeout(Duration::from_secs(secs) + self.request_timeout);
             // Not one of CALLS_AT_ONCE: the caller holds one of `open_waits`.
-            let sent = http::send(req);
+            let sent = send_held(req, what);
             let resp = match tokio::time::timeout_at(deadline.instant(), sent).await {
-                Ok(resp) => resp.map_err(|f| fail(what, f))?,
+                Ok(resp) => resp?,
                 Err(_) => return Err(ProviderError::Timeout { provider: NAME }),
             };
             let status = resp.status();
@@ -781,6 +790,12 @@ fn leased_elsewhere(what: &str) -> ProviderError {
     }
 }
 
+/// Sends a request for a caller that holds a permit for it (one of `calls` or `open_waits`);
+/// any failure becomes the provider error of `what`.
+async fn send_held(req: RequestBuilder, what: &str) -> Result<Response, ProviderError> {
+    http::send(req).await.map_err(|f| fail(what, f))
+}
+
 /// The provider error of a failed call of `what`.
 fn fail(what: &str, failure: CallFailure) -> ProviderError {
     ProviderError::from_call(NAME, what, failure)
@@ -817,13 +832,15 @@ impl MachineProvider for FlyProvider {
         template: &MachineTemplate,
         session: &SessionBinding,
     ) -> Result<Launched, ProviderError> {
-        let body = self.create_body(
-            template,
-            &session.name,
-            session.machine_env(template),
-            session.labels.to_map(),
-        )?;
-        self.create(body, &session.name).await
+        self.create(&session.name, || {
+            self.create_body(
+                template,
+                &session.name,
+                session.machine_env(template),
+                session.labels.to_map(),
+            )
+        })
+        .await
     }
 
     /// The app the create of machine `name` goes to ([`FlyProvider::app_for`]).
@@ -1037,24 +1054,28 @@ impl Reserve for FlyProvider {
         labels: &ReserveLabels,
         env: &BTreeMap<String, String>,
     ) -> Result<Launched, ProviderError> {
-        let machine_env = template
-            .env
-            .iter()
-            .chain(env)
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let mut body =
-            self.create_body(template, name, machine_env, labels.to_map(&self.deployment))?;
-        if labels.tier == Tier::Stopped {
-            body["skip_launch"] = json!(true);
-        }
-        if labels.recycle {
-            // Kept (stopped) when its bot exits, to be started again from its image; the root
-            // filesystem is never persisted, so every start is as clean as a new machine.
-            body["config"]["auto_destroy"] = json!(false);
-            body["config"]["rootfs"] = json!({ "persist": "never" });
-        }
-        self.create(body, name).await
+        self.create(name, || {
+            let machine_env = template
+                .env
+                .iter()
+                .chain(env)
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let mut body =
+                self.create_body(template, name, machine_env, labels.to_map(&self.deployment))?;
+            if labels.tier == Tier::Stopped {
+                body["skip_launch"] = json!(true);
+            }
+            if labels.recycle {
+                // Kept (stopped) when its bot exits, to be started again from its image; the
+                // root filesystem is never persisted, so every start is as clean as a new
+                // machine.
+                body["config"]["auto_destroy"] = json!(false);
+                body["config"]["rootfs"] = json!({ "persist": "never" });
+            }
+            Ok(body)
+        })
+        .await
     }
 
     /// One listing of the deployment's machines (Fly's filters cannot ask for "reserve or

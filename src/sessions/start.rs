@@ -129,7 +129,7 @@ impl Sessions {
             Ok(_) => created.keep(),
             Err(e) => {
                 tracing::warn!(error = %e, "start failed; cleaning up");
-                created.clean_up().await;
+                Box::pin(created.clean_up()).await;
             }
         }
         metrics::starting(-1.0);
@@ -168,17 +168,16 @@ impl Sessions {
         let deadlines = self.deadlines();
         let room = self.choose_room(plan);
         let tokens = self.mint_tokens(plan, room.as_ref(), deadlines.session_end)?;
+        // Each way a start can go is boxed: a task holds only the one it takes (an `env`
+        // start's future is a fifth of the largest, and a thousand starts may wait at once).
         // An idempotent retry whose machine exists already answers with that session.
         if plan.idempotent {
-            if let Some(started) = self.resume(plan, &tokens, &deadlines, cancel).await? {
+            if let Some(started) = Box::pin(self.resume(plan, &tokens, &deadlines, cancel)).await? {
                 return Ok(started);
             }
         }
         match plan.template.handoff_port {
-            None => {
-                self.start_env(plan, &tokens, &deadlines, cancel, created)
-                    .await
-            }
+            None => Box::pin(self.start_env(plan, &tokens, &deadlines, cancel, created)).await,
             Some(port) => {
                 let start = super::http::HttpStart {
                     sessions: Arc::clone(self),
@@ -188,7 +187,7 @@ impl Sessions {
                     tokens,
                     deadlines,
                 };
-                start.run(cancel, created).await
+                Box::pin(start.run(cancel, created)).await
             }
         }
     }
