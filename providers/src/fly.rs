@@ -731,8 +731,9 @@ impl FlyProvider {
 
     /// One read of a waiting machine: `true` once it is started, `false` while it may still
     /// start (a failed read is tried again at the next poll, within the deadline); an error
-    /// once it never will. A machine that started and already stopped between two reads is
-    /// reported as not started, with its exit.
+    /// once it never will: gone, `failed`, or being destroyed (a cold machine whose bot exited
+    /// is, by `auto_destroy`). `stopped` and `suspended` are read again: a machine just
+    /// asked to start may still show the state it starts from.
     async fn read_started(&self, launched: &Launched) -> Result<bool, ProviderError> {
         let _permit = self.polls.acquire().await;
         let machine = match self.get_machine(&launched.handle).await {
@@ -750,15 +751,15 @@ impl FlyProvider {
             });
         };
         let status = self.status_of(app, machine);
-        match status.state {
-            MachineState::Started => Ok(true),
-            MachineState::Starting => Ok(false),
-            MachineState::Ended | MachineState::Failed => Err(ProviderError::StartFailed {
+        match status.provider_state.as_str() {
+            "started" => Ok(true),
+            "failed" | "destroying" | "destroyed" => Err(ProviderError::StartFailed {
                 provider: NAME,
                 message: status
                     .detail
                     .unwrap_or_else(|| format!("machine is {}", status.provider_state)),
             }),
+            _ => Ok(false),
         }
     }
 

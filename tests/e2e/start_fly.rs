@@ -585,3 +585,64 @@ async fn a_burst_of_creates_keeps_to_64_calls_open_at_once() {
     assert!((32..=64).contains(&peak), "{peak} calls open at once");
     assert_eq!(env.fly.live_machines().len(), STARTS);
 }
+
+/// A start that reads its machine instead of long-polling learns of a failed boot at its next
+/// read, not at the start deadline, and leaves nothing behind.
+#[tokio::test]
+async fn a_polled_machine_that_fails_fails_its_start_at_once() {
+    let mut opts = Options::default();
+    opts.fly.boot_delay = Duration::from_millis(100);
+    opts.fly.starting_for = Duration::from_secs(30);
+    opts.env
+        .push(("BOTDISPATCH_FLY_MAX_OPEN_WAITS", "1".to_owned()));
+    opts.env
+        .push(("BOTDISPATCH_START_TIMEOUT_SECS", "20".to_owned()));
+    let env = TestEnv::with(opts).await;
+    // Alice's start holds the only long-poll while her machine boots.
+    let mut alice = Box::pin(env.post_start("alice", start_body()));
+    tokio::select! {
+        answer = &mut alice => panic!("alice answered {answer:?}"),
+        () = async {
+            while env.fly.open_waits_peak() == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        } => {}
+    }
+    let alices = env.fly.machines()[0].id.clone();
+    let starts = futures_util::future::join_all(
+        ["bob", "carol"].map(|who| env.post_start(who, start_body())),
+    );
+    let fail = async {
+        let t = Instant::now();
+        loop {
+            let booting: Vec<_> = env
+                .fly
+                .machines()
+                .into_iter()
+                .filter(|m| m.id != alices && m.state == "starting")
+                .collect();
+            if booting.len() == 2 {
+                for m in booting {
+                    assert!(env.fly.fail_machine(&m.id));
+                }
+                return Instant::now();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "2 more machines booting"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (answers, failed_at) = tokio::join!(starts, fail);
+    let answered_in = failed_at.elapsed();
+    for (status, err) in &answers {
+        assert_eq!(*status, StatusCode::BAD_GATEWAY, "{err}");
+        assert_eq!(err["error"], "bot_start_failed", "{err}");
+    }
+    assert!(answered_in < Duration::from_secs(3), "{answered_in:?}");
+    assert_eq!(env.fly.open_waits_peak(), 1);
+    // Alice goes away: her start is cancelled and cleaned up like the failed ones.
+    drop(alice);
+    env.assert_nothing_left_within(Duration::from_secs(5)).await;
+}
