@@ -1394,4 +1394,26 @@ mod tests {
         let s = machine("destroyed", json!([])).into_status("default");
         assert_eq!(s.state, MachineState::Failed);
     }
+
+    #[test]
+    fn max_open_waits_is_read_from_the_env_and_must_be_positive() {
+        let with = |value: &str| {
+            let value = value.to_owned();
+            let lookup = move |k: &str| match k {
+                "FLY_API_TOKEN" => Some("t".to_owned()),
+                "BOTDISPATCH_FLY_APP" => Some("bots".to_owned()),
+                "BOTDISPATCH_FLY_MAX_OPEN_WAITS" => Some(value.clone()),
+                _ => None,
+            };
+            let mut config = FlyConfig::default();
+            config.apply_env(&Env::new(&lookup))?;
+            config.validate(true).map(|()| config.max_open_waits)
+        };
+        assert_eq!(FlyConfig::default().max_open_waits, DEFAULT_MAX_OPEN_WAITS);
+        assert_eq!(with("16").unwrap(), 16);
+        let zero = with("0").unwrap_err().0;
+        assert!(zero.contains("fly.max_open_waits"), "{zero}");
+        let word = with("many").unwrap_err().0;
+        assert!(word.contains("BOTDISPATCH_FLY_MAX_OPEN_WAITS"), "{word}");
+    }
 }
