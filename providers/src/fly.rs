@@ -546,9 +546,8 @@ impl FlyProvider {
     }
 
     /// Creates the machine named `name` in its app ([`FlyProvider::app_for`]); a taken name
-    /// is a [`ProviderError::Conflict`].
-    /// Creates machine `name` from the body `body` builds once one of [`CALLS_AT_ONCE`] is
-    /// free (a burst of starts waiting for one holds no request bodies).
+    /// is a [`ProviderError::Conflict`]. The body is built once one of [`CALLS_AT_ONCE`] is
+    /// free, so a burst of starts waiting for one holds no request bodies.
     async fn create(
         &self,
         name: &str,
@@ -674,7 +673,6 @@ impl FlyProvider {
         }
     }
 
-    /// After a wait that Fly ended early (400/404/412): reads the machine to say why.
     /// `/wait` for `started` until it is, or the deadline passes (Fly answers 408 after at
     /// most 60 s; the wait is asked again).
     async fn long_poll_started(
@@ -739,7 +737,11 @@ impl FlyProvider {
         let machine = match self.get_machine(&launched.handle).await {
             Ok(machine) => machine,
             Err(e) if e.is_transient() => {
-                tracing::debug!(handle = %launched.handle, error = %e, "read of a booting machine failed; reading again");
+                tracing::debug!(
+                    handle = %launched.handle,
+                    error = %e,
+                    "read of a booting machine failed; reading again"
+                );
                 return Ok(false);
             }
             Err(e) => return Err(e),
@@ -763,6 +765,7 @@ impl FlyProvider {
         }
     }
 
+    /// After a wait that Fly ended early (400/404/412): reads the machine to say why.
     async fn why_not_started(&self, handle: &str, wait_error: ProviderError) -> ProviderError {
         match self.status(handle).await {
             Ok(Some(status)) if status.state.is_terminal() => ProviderError::StartFailed {

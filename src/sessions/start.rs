@@ -168,8 +168,9 @@ impl Sessions {
         let deadlines = self.deadlines();
         let room = self.choose_room(plan);
         let tokens = self.mint_tokens(plan, room.as_ref(), deadlines.session_end)?;
-        // Each way a start can go is boxed: a task holds only the one it takes (an `env`
-        // start's future is a fifth of the largest, and a thousand starts may wait at once).
+        // Each way a start can go is boxed, so a task holds only the one it takes: an `env`
+        // start's future is about 1 KB, the task's was 4.7 KB unboxed (release build), and a
+        // thousand starts may wait at once.
         // An idempotent retry whose machine exists already answers with that session.
         if plan.idempotent {
             if let Some(started) = Box::pin(self.resume(plan, &tokens, &deadlines, cancel)).await? {
