@@ -1059,14 +1059,12 @@ impl Reserve for FlyProvider {
         env: &BTreeMap<String, String>,
     ) -> Result<Launched, ProviderError> {
         self.create(name, || {
-            let machine_env = template
-                .env
-                .iter()
-                .chain(env)
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            let mut body =
-                self.create_body(template, name, machine_env, labels.to_map(&self.deployment))?;
+            let mut body = self.create_body(
+                template,
+                name,
+                template.env_with(env),
+                labels.to_map(&self.deployment),
+            )?;
             if labels.tier == Tier::Stopped {
                 body["skip_launch"] = json!(true);
             }

@@ -621,13 +621,7 @@ impl Reserve for LocalProvider {
         env: &BTreeMap<String, String>,
     ) -> Result<Launched, ProviderError> {
         let port = Some(free_port()?);
-        let machine_env = template
-            .env
-            .iter()
-            .chain(env)
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let command = Self::command(template, machine_env, port)?;
+        let command = Self::command(template, template.env_with(env), port)?;
         let spawn = labels.tier != Tier::Stopped;
         self.add(name, command, port, labels.to_map(&self.deployment), spawn)
     }

@@ -191,6 +191,19 @@ impl MachineTemplate {
         let digest = Sha256::digest(text.as_bytes());
         digest[..5].iter().map(|b| format!("{b:02x}")).collect()
     }
+
+    /// A machine's whole env: this static env and `extra` (a session's contract, a reserve
+    /// machine's handoff secret), `extra` winning a name both have.
+    pub fn env_with<'a>(
+        &'a self,
+        extra: &'a BTreeMap<String, String>,
+    ) -> BTreeMap<&'a str, &'a str> {
+        self.env
+            .iter()
+            .chain(extra)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
 }
 
 /// What ties a machine to one session.
@@ -211,12 +224,7 @@ impl SessionBinding {
     /// The machine's whole env: the template's static env and the session's contract (the
     /// contract wins; configuration validation keeps the two apart).
     pub fn machine_env<'a>(&'a self, template: &'a MachineTemplate) -> BTreeMap<&'a str, &'a str> {
-        template
-            .env
-            .iter()
-            .chain(&self.env)
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect()
+        template.env_with(&self.env)
     }
 
     /// The env names only, for logs.

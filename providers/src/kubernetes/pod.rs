@@ -330,11 +330,7 @@ impl PodSettings {
         }
         let pod_name = pod_name(name)?;
         let env: Vec<EnvVar> = template
-            .env
-            .iter()
-            .chain(env)
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect::<BTreeMap<_, _>>()
+            .env_with(env)
             .into_iter()
             .map(|(k, v)| plain_env(k, v))
             .collect();
